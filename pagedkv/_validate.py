@@ -1,0 +1,84 @@
+"""Argument checks shared by every public entry point of pagedkv.
+
+Both backends see only arguments that passed these checks, so type errors and range errors
+are raised once, here, with the same message whichever backend runs. Must not import torch.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+from .errors import InvalidArgument, InvalidType
+
+#: Largest sequence id (ids are stored as int64 in the C++ core).
+MAX_SEQ_ID = 2**63 - 1
+#: Largest count of pages, tokens per page or tokens per call (int32 in kernel metadata).
+MAX_COUNT = 2**31 - 1
+
+
+def as_int(name: str, value: object, lo: int, hi: int) -> int:
+    """``value`` as a Python int in ``[lo, hi]``; bools, floats and strings are rejected."""
+    if isinstance(value, (bool, np.bool_)):
+        raise InvalidType(name, value, "an int")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise InvalidType(name, value, "an int") from None
+    if not lo <= number <= hi:
+        raise InvalidArgument(name, number, f"an int in [{lo}, {hi}]")
+    return number
+
+
+def seq_id(value: object, name: str = "seq_id") -> int:
+    return as_int(name, value, 0, MAX_SEQ_ID)
+
+
+def count(name: str, value: object) -> int:
+    return as_int(name, value, 1, MAX_COUNT)
+
+
+def int_array(name: str, value: object, lo: int, hi: int) -> np.ndarray:
+    """A 1-D sequence of ints as a contiguous int64 array with every element in ``[lo, hi]``."""
+    if isinstance(value, np.ndarray):
+        arr = value
+    else:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            raise InvalidType(name, value, "a 1-D sequence of ints")
+        try:
+            arr = np.asarray(value)
+        except (OverflowError, ValueError):
+            arr = np.asarray(value, dtype=object)
+        if arr.size == 0:
+            arr = arr.astype(np.int64)
+    if arr.ndim != 1:
+        raise InvalidArgument(name, f"array of shape {arr.shape}", "a 1-D sequence of ints")
+    if arr.dtype.kind not in "iu":
+        bad = next((v for v in arr.tolist() if isinstance(v, bool) or not isinstance(v, int)), None)
+        if arr.dtype.kind == "O" and bad is None:
+            big = next(v for v in arr.tolist() if not lo <= v <= hi)
+            raise InvalidArgument(name, big, f"a sequence of ints in [{lo}, {hi}]")
+        raise InvalidType(name, bad if bad is not None else value, f"a 1-D sequence of ints (dtype {arr.dtype})")
+    if arr.dtype.kind == "u" and arr.size and int(arr.max()) > hi:
+        raise InvalidArgument(name, int(arr.max()), f"a sequence of ints in [{lo}, {hi}]")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    if arr.size:
+        low, high = int(arr.min()), int(arr.max())
+        if low < lo or high > hi:
+            raise InvalidArgument(name, low if low < lo else high, f"a sequence of ints in [{lo}, {hi}]")
+    return arr
+
+
+def seq_ids(value: object, name: str = "seq_ids") -> np.ndarray:
+    return int_array(name, value, 0, MAX_SEQ_ID)
+
+
+def counts(name: str, value: object, size: int) -> np.ndarray:
+    """Per-sequence token counts: one int for all ``size`` sequences, or one per sequence."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return np.full(size, count(name, value), dtype=np.int64)
+    arr = int_array(name, value, 1, MAX_COUNT)
+    if arr.shape[0] != size:
+        raise InvalidArgument(name, f"{arr.shape[0]} counts", f"one count per sequence ({size})")
+    return arr
