@@ -1,0 +1,24 @@
+"""Property-testing tools for block managers, shipped to users (requires ``hypothesis``).
+
+A user's test of their own engine's allocator is three lines::
+
+    from pagedkv import BlockManager
+    from pagedkv.testing import block_manager_machine
+    TestMyAllocator = block_manager_machine(lambda: BlockManager(num_pages=16, page_size=4)).TestCase
+
+The machine drives allocate / append / append_batch / fork / free through the public API and
+checks, after every step, the invariants documented in ``machine.py``: among them a shadow KV
+store that catches copy-on-write and slot-mapping bugs. ``import pagedkv`` never imports this
+package (nor hypothesis).
+"""
+
+from .machine import BlockManagerMachine, block_manager_machine
+from .strategies import block_manager_configs, operations, token_counts
+
+__all__ = [
+    "BlockManagerMachine",
+    "block_manager_machine",
+    "block_manager_configs",
+    "operations",
+    "token_counts",
+]

@@ -1,0 +1,27 @@
+import subprocess
+import sys
+
+
+def test_import_pagedkv_pulls_no_heavy_modules():
+    code = (
+        "import sys, pagedkv, pagedkv.cli\n"
+        "heavy = [m for m in ('torch', 'triton', 'hypothesis', 'matplotlib') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"import pagedkv imported {out.stdout.strip()}"
+
+
+def test_backend_is_reported():
+    import pagedkv
+
+    assert pagedkv.backend in ("cpp", "python")
+    assert pagedkv.BlockManager(4, 4).backend == pagedkv.backend
+
+
+def test_unknown_backend_fails_loudly():
+    code = "import pagedkv"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PAGEDKV_IMPL": "fortran", "PATH": ""})
+    assert out.returncode != 0
+    assert "fortran" in out.stderr and "BackendUnavailable" in out.stderr

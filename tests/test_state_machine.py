@@ -1,0 +1,25 @@
+"""The shipped state machine, run against the default backend (PAGEDKV_IMPL selects it)."""
+
+from hypothesis import settings
+
+from pagedkv import BlockManager
+from pagedkv.testing import block_manager_machine
+
+
+def _bound(machine, steps=30):
+    machine.TestCase.settings = settings(settings.default, stateful_step_count=steps)
+    return machine.TestCase
+
+
+TestOddPageSize = _bound(block_manager_machine(lambda: BlockManager(num_pages=12, page_size=3)))
+TestTokenPages = _bound(block_manager_machine(lambda: BlockManager(num_pages=24, page_size=1)))
+TestWatermark = _bound(block_manager_machine(lambda: BlockManager(num_pages=10, page_size=4, watermark=0.2)))
+TestBigPages = _bound(block_manager_machine(lambda: BlockManager(num_pages=6, page_size=16), max_seqs=5))
+
+
+def test_machine_requires_a_factory():
+    from pagedkv.testing import BlockManagerMachine
+    import pytest
+
+    with pytest.raises(TypeError, match="factory"):
+        BlockManagerMachine()
