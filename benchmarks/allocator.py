@@ -1,0 +1,108 @@
+"""Block manager microbenchmarks for both backends; prints a table and writes JSON Lines.
+
+Cases (issue 2):
+  decode      B sequences with a 512-token prompt decode 256 steps, page 16, one new token
+              each; every step calls append_batch (slot mapping + copies) and page_tables
+              (padded int32 table + seq_lens), the arrays a kernel launch needs. Reported as
+              ns per sequence-step.
+  prefill     allocate one 512-token sequence (µs per call).
+  free        free one 512-token sequence (µs per call).
+
+Usage: python benchmarks/allocator.py [--backends cpp python] [--batch-sizes 64 256 1024]
+       [--steps 256] [--out results/allocator.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, write_records  # noqa: E402
+
+from pagedkv import BlockManager  # noqa: E402
+from pagedkv._backend import resolve  # noqa: E402
+from pagedkv.errors import BackendUnavailable  # noqa: E402
+
+PAGE_SIZE = 16
+
+
+def bench_decode(backend: str, batch: int, prompt: int, steps: int, repeats: int) -> dict:
+    pages = batch * (-(-(prompt + steps) // PAGE_SIZE)) + 16
+    best = []
+    for _ in range(repeats):
+        mgr = BlockManager(pages, PAGE_SIZE, backend=backend)
+        seq_ids = np.arange(batch, dtype=np.int64)
+        for s in range(batch):
+            mgr.allocate(s, prompt)
+        start = time.perf_counter_ns()
+        for _ in range(steps):
+            plan = mgr.append_batch(seq_ids, 1)
+            tables = mgr.page_tables(seq_ids)
+        elapsed = time.perf_counter_ns() - start
+        assert plan.slot_mapping.shape == (batch,) and tables.page_table.shape[0] == batch
+        mgr.check_invariants()
+        best.append(elapsed / (steps * batch))
+    return {"case": "decode", "batch_size": batch, "prompt_len": prompt, "steps": steps,
+            "ns_per_seq_step": min(best), "ns_per_seq_step_median": statistics.median(best)}
+
+
+def bench_prefill_free(backend: str, prompt: int, count: int) -> list[dict]:
+    pages = count * (-(-prompt // PAGE_SIZE))
+    mgr = BlockManager(pages, PAGE_SIZE, backend=backend)
+    start = time.perf_counter_ns()
+    for s in range(count):
+        mgr.allocate(s, prompt)
+    alloc_ns = (time.perf_counter_ns() - start) / count
+    start = time.perf_counter_ns()
+    for s in range(count):
+        mgr.free(s)
+    free_ns = (time.perf_counter_ns() - start) / count
+    mgr.check_invariants()
+    return [
+        {"case": "prefill", "prompt_len": prompt, "calls": count, "us_per_call": alloc_ns / 1e3},
+        {"case": "free", "prompt_len": prompt, "calls": count, "us_per_call": free_ns / 1e3},
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", default=["cpp", "python"], choices=["cpp", "python"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256, 1024])
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3, help="best of N runs per decode point")
+    parser.add_argument("--out", default="results/allocator.jsonl")
+    args = parser.parse_args(argv)
+
+    env = environment()
+    records = []
+    for backend in args.backends:
+        try:
+            resolve(backend)
+        except BackendUnavailable as exc:
+            print(f"skipping {backend}: {exc}", file=sys.stderr)
+            continue
+        for batch in args.batch_sizes:
+            records.append(bench_decode(backend, batch, args.prompt_len, args.steps, args.repeats) | {"backend": backend})
+        for rec in bench_prefill_free(backend, args.prompt_len, 2000):
+            records.append(rec | {"backend": backend})
+
+    print(f"{'backend':8} {'case':8} {'B':>6} {'figure':>24}")
+    for r in records:
+        if r["case"] == "decode":
+            figure = f"{r['ns_per_seq_step']:.1f} ns/seq-step"
+        else:
+            figure = f"{r['us_per_call']:.2f} us/call"
+        print(f"{r['backend']:8} {r['case']:8} {r.get('batch_size', ''):>6} {figure:>24}")
+    write_records(args.out, [r | {"env": env} for r in records])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
