@@ -249,5 +249,27 @@ class BlockManager:
             f"watermark={self.watermark}, backend={self.backend!r})"
         )
 
+    @classmethod
+    def for_budget(cls, spec, budget_bytes: int, page_size: int, **kwargs) -> "BlockManager":
+        """A manager with as many pages as ``budget_bytes`` of KV cache holds.
+
+        Args:
+            spec: ``pagedkv.spec.KVCacheSpec`` of the model (one page = ``page_size`` tokens of
+                K and V in every layer, ``spec.page_bytes(page_size)`` bytes).
+            budget_bytes: bytes for the KV cache, e.g. ``pagedkv.spec.gpu_budget_bytes(0.9)``
+                (a fraction of the GPU's free memory) or ``kv_budget_bytes(...)``.
+            page_size: tokens per page.
+            **kwargs: passed to ``BlockManager`` (``watermark``, ``backend``).
+
+        Returns:
+            ``BlockManager(num_pages_for_budget(spec, budget_bytes, page_size), page_size, ...)``.
+
+        Raises:
+            InvalidArgument: the budget holds less than one page, or a bad argument.
+        """
+        from .spec import num_pages_for_budget  # NOTE: lazy, so the facade's import stays minimal
+
+        return cls(num_pages_for_budget(spec, budget_bytes, page_size), page_size, **kwargs)
+
 
 __all__ = ["BlockManager", "StepPlan", "PageTables", "CSR", "NULL_PAGE"]
