@@ -1,0 +1,279 @@
+// nanobind bindings of the block manager core: the module pagedkv._core.
+//
+// The only file of csrc/ that sees Python. Every fallible method returns either its result or a
+// `Failure` object (status code + fields); pagedkv/_cpp.py turns a Failure into the typed error
+// of pagedkv/errors.py, so no message is written here. Batch inputs are numpy int64 arrays
+// (validated by the facade); batch outputs are numpy arrays that own the C++ buffers they wrap
+// (no copy). The GIL stays held: the core has no locks, so calls from Python threads are
+// serialised by it.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <memory>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+#include "block_manager.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using pagedkv::BlockManager;
+using pagedkv::Failure;
+
+// 1-D contiguous int64 on the CPU (what pagedkv._validate.int_array produces).
+using Int64Array = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+// A numpy array that takes ownership of `values` (no copy); `shape` must match its size.
+template <typename T>
+nb::object to_numpy(std::vector<T>&& values, std::initializer_list<size_t> shape) {
+  auto heap = std::make_unique<std::vector<T>>(std::move(values));
+  T* data = heap->data();
+  nb::capsule owner(heap.get(), [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  heap.release();
+  return nb::cast(nb::ndarray<nb::numpy, T>(data, shape, owner));
+}
+
+template <typename T>
+nb::object to_numpy(pagedkv::Buffer<T>&& values, std::initializer_list<size_t> shape) {
+  std::unique_ptr<T[]> data(values.release());
+  nb::capsule owner(data.get(), [](void* p) noexcept { delete[] static_cast<T*>(p); });
+  T* ptr = data.release();
+  return nb::cast(nb::ndarray<nb::numpy, T>(ptr, shape, owner));
+}
+
+nb::object failure(const Failure& f) { return nb::cast(f); }
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+  m.doc() = "C++ core of the pagedkv block manager (use pagedkv.BlockManager, not this module).";
+
+  // Codes of Failure.status / .argument / .invariant, by name, for pagedkv/_cpp.py.
+  nb::dict status, argument, invariant;
+  status["ok"] = int(pagedkv::Status::ok);
+  status["out_of_pages"] = int(pagedkv::Status::out_of_pages);
+  status["unknown_sequence"] = int(pagedkv::Status::unknown_sequence);
+  status["sequence_exists"] = int(pagedkv::Status::sequence_exists);
+  status["duplicate_sequence"] = int(pagedkv::Status::duplicate_sequence);
+  status["invalid_argument"] = int(pagedkv::Status::invalid_argument);
+  status["int32_overflow"] = int(pagedkv::Status::int32_overflow);
+  status["invariant_violation"] = int(pagedkv::Status::invariant_violation);
+  using pagedkv::Arg;
+  argument["num_pages"] = int(Arg::num_pages);
+  argument["page_size"] = int(Arg::page_size);
+  argument["watermark_pages"] = int(Arg::watermark_pages);
+  argument["seq_id"] = int(Arg::seq_id);
+  argument["num_tokens"] = int(Arg::num_tokens);
+  argument["num_tokens_size"] = int(Arg::num_tokens_size);
+  argument["page_id"] = int(Arg::page_id);
+  argument["start"] = int(Arg::start);
+  argument["start_range"] = int(Arg::start_range);
+  argument["stop"] = int(Arg::stop);
+  argument["max_pages"] = int(Arg::max_pages);
+  argument["max_pages_range"] = int(Arg::max_pages_range);
+  argument["child_id"] = int(Arg::child_id);
+  using pagedkv::Invariant;
+  invariant["pages_cover_tokens"] = int(Invariant::pages_cover_tokens);
+  invariant["page_in_range"] = int(Invariant::page_in_range);
+  invariant["ref_count"] = int(Invariant::ref_count);
+  invariant["free_list_unique"] = int(Invariant::free_list_unique);
+  invariant["free_page_unreferenced"] = int(Invariant::free_page_unreferenced);
+  invariant["conservation"] = int(Invariant::conservation);
+  invariant["free_list_links"] = int(Invariant::free_list_links);
+  invariant["free_list_size"] = int(Invariant::free_list_size);
+  m.attr("STATUS") = status;
+  m.attr("ARGUMENT") = argument;
+  m.attr("INVARIANT") = invariant;
+  m.attr("MAX_COUNT") = pagedkv::kMaxCount;
+
+  nb::class_<Failure>(m, "Failure", "An expected failure: a status code and its fields.")
+      .def_prop_ro("status", [](const Failure& f) { return int(f.status); })
+      .def_prop_ro("argument", [](const Failure& f) { return int(f.argument); })
+      .def_prop_ro("invariant", [](const Failure& f) { return int(f.invariant); })
+      .def_prop_ro("values",
+                   [](const Failure& f) {
+                     return nb::make_tuple(f.values[0], f.values[1], f.values[2], f.values[3]);
+                   })
+      .def("__repr__", [](const Failure& f) {
+        return nb::str("Failure(status={}, argument={}, invariant={}, values=({}, {}, {}, {}))")
+            .format(int(f.status), int(f.argument), int(f.invariant), f.values[0], f.values[1],
+                    f.values[2], f.values[3]);
+      });
+
+  m.def(
+      "check_config",
+      [](int64_t num_pages, int64_t page_size, int64_t watermark_pages) -> nb::object {
+        Failure f = BlockManager::check_config(num_pages, page_size, watermark_pages);
+        return f.ok() ? nb::none() : failure(f);
+      },
+      "num_pages"_a, "page_size"_a, "watermark_pages"_a,
+      "None when BlockManager(num_pages, page_size, watermark_pages) is valid, else a Failure.");
+
+  nb::class_<BlockManager>(m, "BlockManager")
+      .def(
+          "__init__",
+          [](BlockManager* self, int64_t num_pages, int64_t page_size, int64_t watermark_pages) {
+            // Last line of defence for direct use of _core; pagedkv/_cpp.py calls check_config
+            // first and raises the typed error.
+            if (!BlockManager::check_config(num_pages, page_size, watermark_pages).ok())
+              throw std::invalid_argument("invalid BlockManager configuration (see check_config)");
+            new (self) BlockManager(num_pages, page_size, watermark_pages);
+          },
+          "num_pages"_a, "page_size"_a, "watermark_pages"_a)
+      .def_prop_ro("num_pages", &BlockManager::num_pages)
+      .def_prop_ro("page_size", &BlockManager::page_size)
+      .def_prop_ro("watermark_pages", &BlockManager::watermark_pages)
+      .def_prop_ro("num_free_pages", &BlockManager::num_free_pages)
+      .def_prop_ro("num_sequences", &BlockManager::num_sequences)
+      .def("has_sequence", &BlockManager::has_sequence, "seq_id"_a)
+      .def(
+          "page_table",
+          [](const BlockManager& self, int64_t seq_id) -> nb::object {
+            std::vector<int32_t> pages;
+            Failure f = self.page_table(seq_id, pages);
+            if (!f.ok()) return failure(f);
+            nb::list out;
+            for (int32_t page : pages) out.append(page);
+            return std::move(out);
+          },
+          "seq_id"_a)
+      .def(
+          "num_tokens",
+          [](const BlockManager& self, int64_t seq_id) -> nb::object {
+            int64_t n = 0;
+            Failure f = self.num_tokens(seq_id, n);
+            return f.ok() ? nb::int_(n) : failure(f);
+          },
+          "seq_id"_a)
+      .def(
+          "ref_count",
+          [](const BlockManager& self, int64_t page_id) -> nb::object {
+            int64_t n = 0;
+            Failure f = self.ref_count(page_id, n);
+            return f.ok() ? nb::int_(n) : failure(f);
+          },
+          "page_id"_a)
+      .def("can_allocate", &BlockManager::can_allocate, "num_tokens"_a)
+      .def(
+          "can_append",
+          [](BlockManager& self, int64_t seq_id, int64_t num_tokens) -> nb::object {
+            bool ok = false;
+            Failure f = self.can_append(seq_id, num_tokens, ok);
+            return f.ok() ? nb::bool_(ok) : failure(f);
+          },
+          "seq_id"_a, "num_tokens"_a)
+      .def(
+          "allocate",
+          [](BlockManager& self, int64_t seq_id, int64_t num_tokens) -> nb::object {
+            Failure f = self.allocate(seq_id, num_tokens);
+            return f.ok() ? nb::int_(0) : failure(f);  // 0 tokens found in the prefix cache
+          },
+          "seq_id"_a, "num_tokens"_a)
+      .def(
+          "append",
+          [](BlockManager& self, int64_t seq_id, int64_t num_tokens) -> nb::object {
+            std::vector<int32_t> copies;
+            Failure f = self.append(seq_id, num_tokens, copies);
+            if (!f.ok()) return failure(f);
+            nb::list out;
+            for (size_t i = 0; i + 1 < copies.size(); i += 2)
+              out.append(nb::make_tuple(copies[i], copies[i + 1]));
+            return std::move(out);
+          },
+          "seq_id"_a, "num_tokens"_a)
+      .def(
+          "append_batch",
+          [](BlockManager& self, Int64Array seq_ids, Int64Array num_tokens) -> nb::object {
+            pagedkv::StepPlan plan;
+            Failure f = self.append_batch(seq_ids.data(), seq_ids.shape(0), num_tokens.data(),
+                                          num_tokens.shape(0), plan);
+            if (!f.ok()) return failure(f);
+            const size_t num_slots = plan.slot_mapping.size();
+            const size_t num_copies = plan.copies.size() / 2;
+            nb::object slots = to_numpy(std::move(plan.slot_mapping), {num_slots});
+            nb::object copies = to_numpy(std::move(plan.copies), {num_copies, 2});
+            return nb::make_tuple(slots, copies);
+          },
+          "seq_ids"_a, "num_tokens"_a)
+      .def(
+          "fork",
+          [](BlockManager& self, int64_t parent_id, int64_t child_id) -> nb::object {
+            Failure f = self.fork(parent_id, child_id);
+            return f.ok() ? nb::none() : failure(f);
+          },
+          "parent_id"_a, "child_id"_a)
+      .def(
+          "free",
+          [](BlockManager& self, int64_t seq_id) -> nb::object {
+            Failure f = self.free(seq_id);
+            return f.ok() ? nb::none() : failure(f);
+          },
+          "seq_id"_a)
+      .def(
+          "slots",
+          [](const BlockManager& self, int64_t seq_id, int64_t start, int64_t stop) -> nb::object {
+            std::vector<int64_t> out;
+            Failure f = self.slots(seq_id, start, stop, out);
+            if (!f.ok()) return failure(f);
+            const size_t n = out.size();
+            return to_numpy(std::move(out), {n});
+          },
+          "seq_id"_a, "start"_a, "stop"_a)
+      .def(
+          "page_tables",
+          [](BlockManager& self, Int64Array seq_ids, nb::handle max_pages) -> nb::object {
+            // NOTE: a handle rather than std::optional<int64_t>: nanobind's optional caster
+            // costs about a microsecond per call for None, on a per-step path.
+            const bool has_max_pages = !max_pages.is_none();
+            const int64_t width = has_max_pages ? nb::cast<int64_t>(max_pages) : 0;
+            pagedkv::PageTables out;
+            Failure f = self.page_tables(seq_ids.data(), seq_ids.shape(0), width, has_max_pages,
+                                         out);
+            if (!f.ok()) return failure(f);
+            const size_t batch = out.seq_lens.size();
+            nb::object table = to_numpy(std::move(out.page_table),
+                                        {batch, static_cast<size_t>(out.width)});
+            nb::object lens = to_numpy(std::move(out.seq_lens), {batch});
+            return nb::make_tuple(table, lens);
+          },
+          "seq_ids"_a, "max_pages"_a.none())
+      .def(
+          "csr",
+          [](BlockManager& self, Int64Array seq_ids) -> nb::object {
+            pagedkv::CSR out;
+            Failure f = self.csr(seq_ids.data(), seq_ids.shape(0), out);
+            if (!f.ok()) return failure(f);
+            const size_t batch = out.last_page_len.size();
+            const size_t total = out.indices.size();
+            nb::object indptr = to_numpy(std::move(out.indptr), {batch + 1});
+            nb::object indices = to_numpy(std::move(out.indices), {total});
+            nb::object last = to_numpy(std::move(out.last_page_len), {batch});
+            return nb::make_tuple(indptr, indices, last);
+          },
+          "seq_ids"_a)
+      .def("check_invariants",
+           [](const BlockManager& self) -> nb::object {
+             Failure f = self.check_invariants();
+             return f.ok() ? nb::none() : failure(f);
+           })
+      .def(
+          "snapshot",
+          [](const BlockManager& self) {
+            pagedkv::Snapshot s = self.snapshot();
+            const size_t num_free = s.free.size(), num_pages = s.ref_count.size();
+            const size_t num_seqs = s.seq_ids.size(), num_entries = s.pages.size();
+            return nb::make_tuple(to_numpy(std::move(s.free), {num_free}),
+                                  to_numpy(std::move(s.ref_count), {num_pages}),
+                                  to_numpy(std::move(s.seq_ids), {num_seqs}),
+                                  to_numpy(std::move(s.num_tokens), {num_seqs}),
+                                  to_numpy(std::move(s.indptr), {num_seqs + 1}),
+                                  to_numpy(std::move(s.pages), {num_entries}));
+          },
+          "(free, ref_count, seq_ids, num_tokens, indptr, pages) as numpy arrays.")
+      .def("debug_set_ref_count", &BlockManager::debug_set_ref_count, "page_id"_a, "value"_a)
+      .def("debug_set_page", &BlockManager::debug_set_page, "seq_id"_a, "index"_a, "page_id"_a);
+}
