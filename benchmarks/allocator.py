@@ -7,6 +7,10 @@ Cases (issue 2):
               ns per sequence-step.
   prefill     allocate one 512-token sequence (µs per call).
   free        free one 512-token sequence (µs per call).
+  prefix      prefix caching on: allocate 512-token prompts that share a 384-token system
+              prefix, free each after use (µs per sequence, hit rate).
+  long_match  prefix caching on: the prefix match of a cached 100k-token prompt (ms per
+              allocate, all but the last page hit).
 
 Usage: python benchmarks/allocator.py [--backends cpp python] [--batch-sizes 64 256 1024]
        [--steps 256] [--out results/allocator.jsonl]
@@ -70,6 +74,40 @@ def bench_prefill_free(backend: str, prompt: int, count: int) -> list[dict]:
     ]
 
 
+def bench_prefix(backend: str, count: int, prompt: int = 512, shared: int = 384) -> dict:
+    rng = np.random.default_rng(0)
+    system = rng.integers(0, 32000, shared).tolist()
+    prompts = [system + rng.integers(0, 32000, prompt - shared).tolist() for _ in range(count)]
+    pages = 64 * (-(-prompt // PAGE_SIZE))
+    mgr = BlockManager(pages, PAGE_SIZE, enable_prefix_caching=True, backend=backend)
+    start = time.perf_counter_ns()
+    for s, tokens in enumerate(prompts):
+        mgr.allocate(s, token_ids=tokens)
+        if s >= 32:
+            mgr.free(s - 32)
+    elapsed = time.perf_counter_ns() - start
+    mgr.check_invariants()
+    stats = mgr.prefix_cache_stats()
+    return {"case": "prefix", "prompt_len": prompt, "shared_len": shared, "calls": count,
+            "us_per_call": elapsed / count / 1e3, "hit_rate": stats.hit_rate}
+
+
+def bench_long_match(backend: str, length: int = 100_000, repeats: int = 5) -> dict:
+    tokens = np.random.default_rng(1).integers(0, 32000, length)
+    pages = 2 * (-(-length // PAGE_SIZE)) + 2
+    mgr = BlockManager(pages, PAGE_SIZE, enable_prefix_caching=True, backend=backend)
+    mgr.allocate(0, token_ids=tokens)
+    times = []
+    for r in range(1, repeats + 1):
+        start = time.perf_counter_ns()
+        got = mgr.allocate(r, token_ids=tokens)
+        times.append(time.perf_counter_ns() - start)
+        mgr.free(r)
+        assert got.num_cached_tokens == length - 1
+    mgr.check_invariants()
+    return {"case": "long_match", "prompt_len": length, "calls": repeats, "ms_per_call": min(times) / 1e6}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["cpp", "python"], choices=["cpp", "python"])
@@ -92,14 +130,20 @@ def main(argv: list[str] | None = None) -> int:
             records.append(bench_decode(backend, batch, args.prompt_len, args.steps, args.repeats) | {"backend": backend})
         for rec in bench_prefill_free(backend, args.prompt_len, 2000):
             records.append(rec | {"backend": backend})
+        records.append(bench_prefix(backend, 500) | {"backend": backend})
+        records.append(bench_long_match(backend) | {"backend": backend})
 
-    print(f"{'backend':8} {'case':8} {'B':>6} {'figure':>24}")
+    print(f"{'backend':8} {'case':10} {'B':>6} {'figure':>36}")
     for r in records:
         if r["case"] == "decode":
             figure = f"{r['ns_per_seq_step']:.1f} ns/seq-step"
+        elif r["case"] == "long_match":
+            figure = f"{r['ms_per_call']:.2f} ms/call"
+        elif r["case"] == "prefix":
+            figure = f"{r['us_per_call']:.2f} us/call, hit rate {r['hit_rate']:.3f}"
         else:
             figure = f"{r['us_per_call']:.2f} us/call"
-        print(f"{r['backend']:8} {r['case']:8} {r.get('batch_size', ''):>6} {figure:>24}")
+        print(f"{r['backend']:8} {r['case']:10} {r.get('batch_size', ''):>6} {figure:>36}")
     write_records(args.out, [r | {"env": env} for r in records])
     return 0
 

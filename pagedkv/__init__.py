@@ -4,7 +4,7 @@
 """
 
 from . import _backend
-from .block_manager import CSR, NULL_PAGE, BlockManager, PageTables, StepPlan
+from .block_manager import CSR, NULL_PAGE, Allocation, BlockManager, PageTables, PrefixCacheStats, StepPlan, SwapPlan
 from .errors import (
     BackendUnavailable,
     DuplicateSequence,
@@ -14,6 +14,7 @@ from .errors import (
     OutOfPages,
     PagedKVError,
     SequenceExists,
+    SequenceSwapped,
     UnknownSequence,
 )
 
@@ -24,7 +25,10 @@ backend = _backend.resolve()
 
 __all__ = [
     "BlockManager",
+    "Allocation",
     "StepPlan",
+    "SwapPlan",
+    "PrefixCacheStats",
     "PageTables",
     "CSR",
     "NULL_PAGE",
@@ -32,6 +36,7 @@ __all__ = [
     "OutOfPages",
     "UnknownSequence",
     "SequenceExists",
+    "SequenceSwapped",
     "DuplicateSequence",
     "InvalidArgument",
     "InvalidType",

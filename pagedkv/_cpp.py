@@ -102,7 +102,12 @@ class CppBlockManager:
 
     __slots__ = ("_core",)
 
-    def __init__(self, num_pages: int, page_size: int, watermark_pages: int = 0):
+    def __init__(self, num_pages: int, page_size: int, watermark_pages: int = 0,
+                 enable_prefix_caching: bool = False, num_cpu_pages: int = 0, hash_bits: int = 64):
+        # TEMPORARY shim until the C++ core gains prefix caching / CPU tier (issue 3 port).
+        if enable_prefix_caching or num_cpu_pages:
+            from .errors import BackendUnavailable
+            raise BackendUnavailable("cpp", "prefix caching and the CPU tier are not in the C++ core yet")
         failure = _core.check_config(num_pages, page_size, watermark_pages)
         if failure is not None:
             raise _error(failure)
@@ -160,19 +165,19 @@ class CppBlockManager:
         return out
 
     # --------------------------------------------------------------- mutators
-    def allocate(self, seq_id: int, num_tokens: int) -> int:
+    def allocate(self, seq_id: int, num_tokens: int, token_ids=None, salt: int = 0):
         out = self._core.allocate(seq_id, num_tokens)
         if out.__class__ is _Failure:
             raise _error(out)
-        return out
+        return out, []
 
-    def append(self, seq_id: int, num_tokens: int) -> list[tuple[int, int]]:
+    def append(self, seq_id: int, num_tokens: int, token_ids=None) -> list[tuple[int, int]]:
         out = self._core.append(seq_id, num_tokens)
         if out.__class__ is _Failure:
             raise _error(out)
         return out
 
-    def append_batch(self, seq_ids: np.ndarray, num_tokens: np.ndarray):
+    def append_batch(self, seq_ids: np.ndarray, num_tokens: np.ndarray, token_ids=None):
         out = self._core.append_batch(seq_ids, num_tokens)
         if out.__class__ is _Failure:
             raise _error(out)

@@ -4,8 +4,13 @@ This module owns the allocation semantics. The C++ core in ``csrc/`` must behave
 page id for page id and error for error; ``tests/test_parity.py`` drives both in lockstep.
 
 Arguments reaching this class are already type-checked by the facade in ``block_manager.py``;
-what is checked here is state (unknown or existing sequences, free pages). Every method checks
-everything before it changes anything, so a failing call leaves the manager as it was.
+what is checked here is state (unknown or existing sequences, free pages, residence). Every
+method checks everything before it changes anything, so a failing call leaves the manager as
+it was.
+
+Free pages live in two queues. ``_free`` holds pages without cached content; ``_evictable``
+holds unreferenced pages whose content is still indexed by the prefix cache, least recently
+freed first. New pages come from ``_free`` first and only then evict the oldest cached page.
 
 Must not import torch, triton or hypothesis.
 """
@@ -13,14 +18,15 @@ Must not import torch, triton or hypothesis.
 from __future__ import annotations
 
 from array import array
-from collections import deque
+from collections import OrderedDict, deque
 
 import numpy as np
 
+from ._hashing import page_hash
 from .errors import DuplicateSequence, InvalidArgument, InvariantViolation, OutOfPages
-from .errors import SequenceExists, UnknownSequence
+from .errors import SequenceExists, SequenceSwapped, UnknownSequence
 
-#: Page id written in padded page-table entries (and, later, in released window entries).
+#: Page id written in padded page-table entries and in entries released by a sliding window.
 NULL_PAGE = -1
 
 
@@ -28,26 +34,75 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class _CacheKey:
+    """What a cached page holds, compared in full on every hit (so a hash collision is a miss).
+
+    ``parent`` is the (page id, generation) of the previous page of the prefix, or (-1, 0);
+    a page's generation changes whenever its cached content is dropped, so a key can never
+    point at a parent page that was evicted and refilled with other tokens.
+    """
+
+    __slots__ = ("tokens", "salt", "parent")
+
+    def __init__(self, tokens: tuple, salt: int, parent: tuple[int, int]):
+        self.tokens, self.salt, self.parent = tokens, salt, parent
+
+    def matches(self, tokens: tuple, salt: int, parent: tuple[int, int]) -> bool:
+        return self.tokens == tokens and self.salt == salt and self.parent == parent
+
+
 class ReferenceBlockManager:
     """Reference implementation; see ``pagedkv.BlockManager`` for the public documentation."""
 
-    def __init__(self, num_pages: int, page_size: int, watermark_pages: int = 0):
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        watermark_pages: int = 0,
+        enable_prefix_caching: bool = False,
+        num_cpu_pages: int = 0,
+        hash_bits: int = 64,
+    ):
         self.num_pages = num_pages
         self.page_size = page_size
         self.watermark_pages = watermark_pages
-        # NOTE: the free queue hands out pages from its head and takes freed pages at its tail,
-        # so the least recently freed page is reused first. A new manager's queue is 0..N-1.
+        self.enable_prefix_caching = enable_prefix_caching
+        self.num_cpu_pages = num_cpu_pages
+        # NOTE: hash_bits < 64 truncates page hashes; tests use it to force collisions.
+        self._hash_mask = (1 << hash_bits) - 1
+        # NOTE: queues hand out pages from their head and take freed pages at their tail, so the
+        # least recently freed page is reused first. A new manager's queue is 0..N-1.
         self._free: deque[int] = deque(range(num_pages))
+        self._evictable: OrderedDict[int, None] = OrderedDict()
         self._ref_count = [0] * num_pages
+        # prefix cache: page -> hash / key / generation, and hash -> page
+        self._page_hash: list[int | None] = [None] * num_pages
+        self._page_key: list[_CacheKey | None] = [None] * num_pages
+        self._page_gen = [0] * num_pages
+        self._index: dict[int, int] = {}
+        self._stats = {"queries": 0, "hits": 0, "query_tokens": 0, "hit_tokens": 0}
+        # CPU tier
+        self._cpu_free: deque[int] = deque(range(num_cpu_pages))
+        self._cpu_ref_count = [0] * num_cpu_pages
         # NOTE: page tables are array('i') rather than lists so that padded numpy page tables
         # are built from their bytes, not element by element (the batch path runs every step).
         self._tables: dict[int, array] = {}
         self._num_tokens: dict[int, int] = {}
+        self._swapped: set[int] = set()
+        # per sequence, with prefix caching: salt, hash of its last full page, and the token ids
+        # of its partly filled last page (None once an append came without token ids)
+        self._seq_salt: dict[int, int] = {}
+        self._seq_hash: dict[int, int] = {}
+        self._seq_tail: dict[int, list[int] | None] = {}
 
     # ----------------------------------------------------------------- queries
     @property
     def num_free_pages(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_free_cpu_pages(self) -> int:
+        return len(self._cpu_free)
 
     @property
     def num_sequences(self) -> int:
@@ -55,6 +110,10 @@ class ReferenceBlockManager:
 
     def has_sequence(self, seq_id: int) -> bool:
         return seq_id in self._tables
+
+    def is_swapped(self, seq_id: int) -> bool:
+        self._table(seq_id)
+        return seq_id in self._swapped
 
     def page_table(self, seq_id: int) -> list[int]:
         return list(self._table(seq_id))
@@ -66,34 +125,69 @@ class ReferenceBlockManager:
     def ref_count(self, page_id: int) -> int:
         return self._ref_count[page_id]
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return _cdiv(num_tokens, self.page_size) <= len(self._free) - self.watermark_pages
+    def prefix_cache_stats(self) -> dict:
+        return dict(self._stats, num_cached_pages=len(self._index), num_evictable_pages=len(self._evictable))
+
+    def can_allocate(self, num_tokens: int, token_ids: list[int] | None = None, salt: int = 0) -> bool:
+        need = self._plan_allocate(num_tokens, token_ids, salt)[0]
+        return need <= self.num_free_pages - self.watermark_pages
 
     def can_append(self, seq_id: int, num_tokens: int) -> bool:
-        return self._pages_to_append(seq_id, num_tokens, {}) <= len(self._free)
+        self._resident_table(seq_id)
+        return self._pages_to_append(seq_id, num_tokens, {}) <= self.num_free_pages
 
     # --------------------------------------------------------------- mutators
-    def allocate(self, seq_id: int, num_tokens: int) -> int:
+    def allocate(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None, salt: int = 0):
+        """Returns (tokens found cached, copy-on-write copies)."""
         if seq_id in self._tables:
             raise SequenceExists(seq_id)
-        need = _cdiv(num_tokens, self.page_size)
-        available = len(self._free) - self.watermark_pages
+        need, hits, num_cached, hashes = self._plan_allocate(num_tokens, token_ids, salt)
+        available = self.num_free_pages - self.watermark_pages
         if need > available:
             raise OutOfPages(need, max(available, 0), self.num_pages)
-        table = array("i", (self._take_free_page() for _ in range(need)))
+        if token_ids is not None and self.enable_prefix_caching:
+            self._stats["queries"] += 1
+            self._stats["query_tokens"] += num_tokens
+            if num_cached:
+                self._stats["hits"] += 1
+                self._stats["hit_tokens"] += num_cached
+        table = array("i")
+        for page in hits:
+            self._take_cached_page(page)
+            table.append(page)
+        copies: list[tuple[int, int]] = []
+        if num_cached < len(hits) * self.page_size:
+            # NOTE: the whole prompt was cached, but the engine must still compute the last
+            # token, which it writes into the last hit page: that page is copied, not shared.
+            src = table[-1]
+            dst = self._take_free_page()
+            table[-1] = dst
+            self._release(src)
+            copies.append((src, dst))
+        while len(table) < _cdiv(num_tokens, self.page_size):
+            table.append(self._take_free_page())
         self._tables[seq_id] = table
         self._num_tokens[seq_id] = num_tokens
-        return 0  # tokens found in the prefix cache (always 0 without prefix caching)
+        if token_ids is not None and self.enable_prefix_caching:
+            self._seq_salt[seq_id] = salt
+            num_full = num_tokens // self.page_size
+            ps = self.page_size
+            for i in range(len(hits), num_full):
+                self._cache_page(table, i, hashes[i], token_ids[i * ps : (i + 1) * ps], salt)
+            self._seq_hash[seq_id] = hashes[num_full - 1] if num_full else 0
+            self._seq_tail[seq_id] = list(token_ids[num_full * self.page_size :])
+        return num_cached, copies
 
-    def append(self, seq_id: int, num_tokens: int) -> list[tuple[int, int]]:
+    def append(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None) -> list[tuple[int, int]]:
+        self._resident_table(seq_id)
         need = self._pages_to_append(seq_id, num_tokens, {})
-        if need > len(self._free):
-            raise OutOfPages(need, len(self._free), self.num_pages)
+        if need > self.num_free_pages:
+            raise OutOfPages(need, self.num_free_pages, self.num_pages)
         copies: list[tuple[int, int]] = []
-        self._grow(seq_id, num_tokens, copies)
+        self._grow(seq_id, num_tokens, copies, token_ids)
         return copies
 
-    def append_batch(self, seq_ids: np.ndarray, num_tokens: np.ndarray):
+    def append_batch(self, seq_ids: np.ndarray, num_tokens: np.ndarray, token_ids: np.ndarray | None = None):
         seq_ids, num_tokens = seq_ids.tolist(), num_tokens.tolist()
         seen: set[int] = set()
         cow_drops: dict[int, int] = {}
@@ -102,56 +196,138 @@ class ReferenceBlockManager:
             if seq_id in seen:
                 raise DuplicateSequence("seq_ids", seq_id)
             seen.add(seq_id)
+            self._resident_table(seq_id)
             need += self._pages_to_append(seq_id, n, cow_drops)
-        if need > len(self._free):
-            raise OutOfPages(need, len(self._free), self.num_pages)
+        if need > self.num_free_pages:
+            raise OutOfPages(need, self.num_free_pages, self.num_pages)
         slots = np.empty(sum(num_tokens), dtype=np.int64)
         copies: list[tuple[int, int]] = []
+        tokens = token_ids.tolist() if token_ids is not None else None
         ps = self.page_size
         out = 0
         for seq_id, n in zip(seq_ids, num_tokens):
             start = self._num_tokens[seq_id]
-            table = self._grow(seq_id, n, copies)
+            table = self._grow(seq_id, n, copies, tokens[out : out + n] if tokens is not None else None)
             for pos in range(start, start + n):
                 slots[out] = table[pos // ps] * ps + pos % ps
                 out += 1
         return slots, np.array(copies, dtype=np.int32).reshape(-1, 2)
 
     def fork(self, parent_id: int, child_id: int) -> None:
-        parent = self._table(parent_id)
+        parent = self._resident_table(parent_id)
         if child_id in self._tables:
             raise SequenceExists(child_id)
         for page in parent:
-            self._ref_count[page] += 1
+            if page != NULL_PAGE:
+                self._ref_count[page] += 1
         self._tables[child_id] = array("i", parent)
         self._num_tokens[child_id] = self._num_tokens[parent_id]
+        if parent_id in self._seq_salt:
+            self._seq_salt[child_id] = self._seq_salt[parent_id]
+            self._seq_hash[child_id] = self._seq_hash[parent_id]
+            tail = self._seq_tail[parent_id]
+            self._seq_tail[child_id] = None if tail is None else list(tail)
 
     def free(self, seq_id: int) -> None:
         table = self._table(seq_id)
-        # NOTE: a sequence's pages are released last page first, so that when they are reused
-        # in queue order the tail of a freed sequence goes before its head (the head is the
-        # part most likely to be shared again, which matters once pages are cached).
-        for page in reversed(table):
-            self._ref_count[page] -= 1
-            if self._ref_count[page] == 0:
-                self._free.append(page)
-        del self._tables[seq_id]
-        del self._num_tokens[seq_id]
+        if seq_id in self._swapped:
+            for page in reversed(table):
+                if page != NULL_PAGE:
+                    self._release_cpu(page)
+            self._swapped.discard(seq_id)
+        else:
+            # NOTE: a sequence's pages are released last page first, so that when they are
+            # reused in queue order the tail of a freed sequence goes before its head (the head
+            # is the part most likely to be shared again by a prefix-cache hit).
+            for page in reversed(table):
+                if page != NULL_PAGE:
+                    self._release(page)
+        self._forget(seq_id)
+
+    def release_window(self, seq_id: int, window: int) -> int:
+        """Release pages wholly before the last ``window`` tokens; returns pages released."""
+        table = self._resident_table(seq_id)
+        keep_from = self._num_tokens[seq_id] - window  # first position inside the window
+        released = 0
+        for i in range(max(keep_from, 0) // self.page_size):
+            if table[i] != NULL_PAGE:
+                self._release(table[i])
+                table[i] = NULL_PAGE
+                released += 1
+        return released
+
+    def reset_prefix_cache(self) -> None:
+        for page in list(self._index.values()):
+            self._uncache(page)
+        # NOTE: cached free pages become plain free pages, keeping their LRU order.
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+
+    # ----------------------------------------------------------------- CPU tier
+    def can_swap_out(self, seq_ids: np.ndarray) -> bool:
+        return len(self._pages_to_move(seq_ids.tolist(), to_cpu=True)) <= len(self._cpu_free)
+
+    def can_swap_in(self, seq_ids: np.ndarray) -> bool:
+        moved = len(self._pages_to_move(seq_ids.tolist(), to_cpu=False))
+        return moved <= self.num_free_pages - self.watermark_pages
+
+    def swap_out(self, seq_ids: np.ndarray) -> np.ndarray:
+        seq_ids = seq_ids.tolist()
+        moved = self._pages_to_move(seq_ids, to_cpu=True)
+        if len(moved) > len(self._cpu_free):
+            raise OutOfPages(len(moved), len(self._cpu_free), self.num_cpu_pages, pool="cpu")
+        mapping = {page: self._cpu_free.popleft() for page in moved}
+        for page, cpu in mapping.items():
+            self._cpu_ref_count[cpu] = 0
+        for seq_id in seq_ids:
+            table = self._tables[seq_id]
+            for i, page in enumerate(table):
+                if page != NULL_PAGE:
+                    table[i] = mapping[page]
+                    self._cpu_ref_count[table[i]] += 1
+            for page in reversed(self._old_pages(table, mapping)):
+                self._release(page)
+            self._swapped.add(seq_id)
+        return np.array(list(mapping.items()), dtype=np.int32).reshape(-1, 2)
+
+    def swap_in(self, seq_ids: np.ndarray) -> np.ndarray:
+        seq_ids = seq_ids.tolist()
+        moved = self._pages_to_move(seq_ids, to_cpu=False)
+        available = self.num_free_pages - self.watermark_pages
+        if len(moved) > available:
+            raise OutOfPages(len(moved), max(available, 0), self.num_pages)
+        mapping = {cpu: self._take_free_page() for cpu in moved}
+        for cpu, page in mapping.items():
+            self._ref_count[page] = 0
+        for seq_id in seq_ids:
+            table = self._tables[seq_id]
+            for i, cpu in enumerate(table):
+                if cpu != NULL_PAGE:
+                    table[i] = mapping[cpu]
+                    self._ref_count[table[i]] += 1
+            for cpu in reversed(self._old_pages(table, mapping)):
+                self._release_cpu(cpu)
+            self._swapped.discard(seq_id)
+            # NOTE: pages brought back are not in the prefix cache, so later pages of this
+            # sequence cannot be chained onto them and are not cached either.
+        return np.array(list(mapping.items()), dtype=np.int32).reshape(-1, 2)
 
     # ------------------------------------------------------------ batch views
     def slots(self, seq_id: int, start: int, stop: int) -> np.ndarray:
-        table = self._table(seq_id)
+        table = self._resident_table(seq_id)
         n = self._num_tokens[seq_id]
         if stop > n:
             raise InvalidArgument("stop", stop, f"at most num_tokens({seq_id}) = {n}")
         if start > stop:
             raise InvalidArgument("start", start, f"at most stop = {stop}")
         ps = self.page_size
+        if start < stop and table[start // ps] == NULL_PAGE:
+            raise InvalidArgument("start", start, "a position whose page was not released by the window")
         return np.array([table[p // ps] * ps + p % ps for p in range(start, stop)], dtype=np.int64)
 
     def page_tables(self, seq_ids: np.ndarray, max_pages: int | None):
         seq_ids = seq_ids.tolist()
-        tables = [self._table(s) for s in seq_ids]
+        tables = [self._resident_table(s) for s in seq_ids]
         width = max((len(t) for t in tables), default=0)
         if max_pages is not None:
             if max_pages < width:
@@ -165,7 +341,7 @@ class ReferenceBlockManager:
 
     def csr(self, seq_ids: np.ndarray):
         seq_ids = seq_ids.tolist()
-        tables = [self._table(s) for s in seq_ids]
+        tables = [self._resident_table(s) for s in seq_ids]
         lens = np.array([len(t) for t in tables], dtype=np.int32)
         indptr = np.zeros(len(tables) + 1, dtype=np.int32)
         np.cumsum(lens, out=indptr[1:])
@@ -178,6 +354,7 @@ class ReferenceBlockManager:
     def check_invariants(self) -> None:
         n = self.num_pages
         refs = [0] * n
+        cpu_refs = [0] * self.num_cpu_pages
         for seq_id, table in self._tables.items():
             tokens = self._num_tokens[seq_id]
             if len(table) != _cdiv(tokens, self.page_size):
@@ -185,36 +362,58 @@ class ReferenceBlockManager:
                     "pages_cover_tokens",
                     f"sequence {seq_id} holds {tokens} tokens in {len(table)} pages of {self.page_size}",
                 )
+            on_cpu = seq_id in self._swapped
+            limit, counts = (self.num_cpu_pages, cpu_refs) if on_cpu else (n, refs)
             for page in table:
-                if not 0 <= page < n:
-                    raise InvariantViolation("page_in_range", f"sequence {seq_id} holds page {page} of {n}")
-                refs[page] += 1
-        if refs != self._ref_count:
-            bad = next(p for p in range(n) if refs[p] != self._ref_count[p])
-            raise InvariantViolation(
-                "ref_count",
-                f"page {bad} has ref_count {self._ref_count[bad]} but {refs[bad]} page-table entries",
-            )
+                if page == NULL_PAGE:
+                    continue
+                if not 0 <= page < limit:
+                    raise InvariantViolation("page_in_range", f"sequence {seq_id} holds page {page} of {limit}")
+                counts[page] += 1
+        for name, want, have in (("ref_count", refs, self._ref_count), ("cpu_ref_count", cpu_refs, self._cpu_ref_count)):
+            if want != have:
+                bad = next(p for p in range(len(want)) if want[p] != have[p])
+                raise InvariantViolation(name, f"page {bad} has {name} {have[bad]} but {want[bad]} page-table entries")
         on_free = [False] * n
-        for page in self._free:
-            if not 0 <= page < n or on_free[page]:
-                raise InvariantViolation("free_list_unique", f"page {page} is on the free list twice or out of range")
-            on_free[page] = True
-            if refs[page]:
-                raise InvariantViolation("free_page_unreferenced", f"free page {page} has ref_count {refs[page]}")
+        for queue, cached in ((self._free, False), (self._evictable, True)):
+            for page in queue:
+                if not 0 <= page < n or on_free[page]:
+                    raise InvariantViolation("free_list_unique", f"page {page} is on a free queue twice or out of range")
+                on_free[page] = True
+                if refs[page]:
+                    raise InvariantViolation("free_page_unreferenced", f"free page {page} has ref_count {refs[page]}")
+                if (self._page_hash[page] is not None) != cached:
+                    raise InvariantViolation(
+                        "free_queue_cached", f"page {page} on the {'evictable' if cached else 'free'} queue has hash {self._page_hash[page]}"
+                    )
         used = sum(1 for r in refs if r)
-        if used + len(self._free) != n:
+        if used + self.num_free_pages != n:
+            raise InvariantViolation("conservation", f"{self.num_free_pages} free + {used} referenced pages != {n} total")
+        cpu_used = sum(1 for r in cpu_refs if r)
+        if cpu_used + len(self._cpu_free) != self.num_cpu_pages or len(set(self._cpu_free)) != len(self._cpu_free):
             raise InvariantViolation(
-                "conservation", f"{len(self._free)} free + {used} referenced pages != {n} total"
+                "cpu_conservation", f"{len(self._cpu_free)} free + {cpu_used} referenced cpu pages != {self.num_cpu_pages}"
             )
+        for h, page in self._index.items():
+            if self._page_hash[page] != h:
+                raise InvariantViolation("hash_index", f"index maps hash {h:#x} to page {page}, which carries {self._page_hash[page]}")
+        num_hashed = sum(1 for h in self._page_hash if h is not None)
+        if num_hashed != len(self._index):
+            raise InvariantViolation("hash_index", f"{num_hashed} pages carry a hash but the index has {len(self._index)} entries")
 
     def snapshot(self) -> dict:
         """Complete observable state, for parity and atomicity tests."""
         return {
             "free": list(self._free),
+            "evictable": list(self._evictable),
             "ref_count": list(self._ref_count),
+            "cpu_free": list(self._cpu_free),
+            "cpu_ref_count": list(self._cpu_ref_count),
             "tables": {s: list(t) for s, t in sorted(self._tables.items())},
             "num_tokens": dict(sorted(self._num_tokens.items())),
+            "swapped": sorted(self._swapped),
+            "index": dict(sorted(self._index.items())),
+            "stats": dict(self._stats),
         }
 
     # ---------------------------------------------------------------- helpers
@@ -224,13 +423,121 @@ class ReferenceBlockManager:
         except KeyError:
             raise UnknownSequence(seq_id) from None
 
+    def _resident_table(self, seq_id: int) -> array:
+        table = self._table(seq_id)
+        if seq_id in self._swapped:
+            raise SequenceSwapped(seq_id, True)
+        return table
+
+    def _forget(self, seq_id: int) -> None:
+        del self._tables[seq_id]
+        del self._num_tokens[seq_id]
+        for per_seq in (self._seq_salt, self._seq_hash, self._seq_tail):
+            per_seq.pop(seq_id, None)
+
+    def _plan_allocate(self, num_tokens: int, token_ids, salt: int):
+        """(pages taken from the free queues, hit pages, tokens cached, page hashes) for a prompt."""
+        ps = self.page_size
+        pages = _cdiv(num_tokens, ps)
+        if token_ids is None or not self.enable_prefix_caching:
+            return pages, [], 0, []
+        hashes: list[int] = []
+        hits: list[int] = []
+        parent_hash, parent = 0, (-1, 0)
+        for i in range(num_tokens // ps):
+            block = tuple(token_ids[i * ps : (i + 1) * ps])
+            parent_hash = page_hash(parent_hash, block, salt) & self._hash_mask
+            hashes.append(parent_hash)
+            if len(hits) == i:
+                page = self._index.get(parent_hash)
+                if page is not None and self._page_key[page].matches(block, salt, parent):
+                    hits.append(page)
+                    parent = (page, self._page_gen[page])
+        num_cached = min(len(hits) * ps, num_tokens - 1)
+        copy = 1 if num_cached < len(hits) * ps else 0
+        evictable_hits = sum(1 for page in hits if self._ref_count[page] == 0)
+        return pages - len(hits) + copy + evictable_hits, hits, num_cached, hashes
+
+    def _cache_page(self, table: array, i: int, h: int, block, salt: int) -> None:
+        """Index the full page ``table[i]`` under ``h`` if its parent page is cached."""
+        page = table[i]
+        if i == 0:
+            parent = (-1, 0)
+        else:
+            prev = table[i - 1]
+            if prev == NULL_PAGE or self._page_hash[prev] is None:
+                return
+            parent = (prev, self._page_gen[prev])
+        # NOTE: the first page indexed under a hash keeps it; an identical or colliding page
+        # computed later is simply not cached.
+        if h in self._index or self._page_hash[page] is not None:
+            return
+        self._index[h] = page
+        self._page_hash[page] = h
+        self._page_key[page] = _CacheKey(tuple(block), salt, parent)
+
+    def _uncache(self, page: int) -> None:
+        del self._index[self._page_hash[page]]
+        self._page_hash[page] = None
+        self._page_key[page] = None
+        self._page_gen[page] += 1
+
+    def _take_free_page(self) -> int:
+        if self._free:
+            page = self._free.popleft()
+        else:
+            page, _ = self._evictable.popitem(last=False)
+            self._uncache(page)
+        self._ref_count[page] = 1
+        return page
+
+    def _take_cached_page(self, page: int) -> None:
+        if self._ref_count[page] == 0:
+            del self._evictable[page]  # NOTE: O(1) removal from the middle of the LRU queue
+        self._ref_count[page] += 1
+
+    def _release(self, page: int) -> None:
+        self._ref_count[page] -= 1
+        if self._ref_count[page] == 0:
+            if self._page_hash[page] is None:
+                self._free.append(page)
+            else:
+                self._evictable[page] = None
+
+    def _release_cpu(self, page: int) -> None:
+        self._cpu_ref_count[page] -= 1
+        if self._cpu_ref_count[page] == 0:
+            self._cpu_free.append(page)
+
+    def _pages_to_move(self, seq_ids: list[int], to_cpu: bool) -> list[int]:
+        """Distinct pages of ``seq_ids`` in first-seen order; checks ids and residence."""
+        seen: set[int] = set()
+        moved: dict[int, None] = {}
+        for seq_id in seq_ids:
+            if seq_id in seen:
+                raise DuplicateSequence("seq_ids", seq_id)
+            seen.add(seq_id)
+            table = self._table(seq_id)
+            if (seq_id in self._swapped) == to_cpu:
+                raise SequenceSwapped(seq_id, to_cpu)
+            for page in table:
+                if page != NULL_PAGE:
+                    moved[page] = None
+        return list(moved)
+
+    @staticmethod
+    def _old_pages(table: array, mapping: dict[int, int]) -> list[int]:
+        """The pre-move page of each (non-null) entry of a table already rewritten by ``mapping``."""
+        back = {new: old for old, new in mapping.items()}
+        return [back[p] for p in table if p != NULL_PAGE]
+
     def _pages_to_append(self, seq_id: int, num_tokens: int, cow_drops: dict[int, int]) -> int:
-        """Pages that appending ``num_tokens`` to ``seq_id`` takes from the free queue.
+        """Pages that appending ``num_tokens`` to ``seq_id`` takes from the free queues.
 
         ``cow_drops`` counts copy-on-write releases planned earlier in the same batch, so that a
         page shared by two sequences of one batch is copied only for the first of them.
         """
-        table = self._table(seq_id)
+        table = self._tables[seq_id]
         current = self._num_tokens[seq_id]
         need = _cdiv(current + num_tokens, self.page_size) - len(table)
         if current % self.page_size:
@@ -240,12 +547,7 @@ class ReferenceBlockManager:
                 need += 1
         return need
 
-    def _take_free_page(self) -> int:
-        page = self._free.popleft()
-        self._ref_count[page] = 1
-        return page
-
-    def _grow(self, seq_id: int, num_tokens: int, copies: list[tuple[int, int]]) -> array:
+    def _grow(self, seq_id: int, num_tokens: int, copies: list[tuple[int, int]], token_ids) -> array:
         """Add ``num_tokens`` to a sequence whose page needs were already checked."""
         table = self._tables[seq_id]
         current = self._num_tokens[seq_id]
@@ -254,10 +556,30 @@ class ReferenceBlockManager:
             # new tokens go to a fresh copy and the cache must copy src -> dst before writing.
             src = table[-1]
             dst = self._take_free_page()
-            self._ref_count[src] -= 1
+            self._release(src)
             table[-1] = dst
             copies.append((src, dst))
         for _ in range(_cdiv(current + num_tokens, self.page_size) - len(table)):
             table.append(self._take_free_page())
         self._num_tokens[seq_id] = current + num_tokens
+        if seq_id in self._seq_tail:
+            self._extend_cached_tokens(seq_id, table, current, token_ids)
         return table
+
+    def _extend_cached_tokens(self, seq_id: int, table: array, start: int, token_ids) -> None:
+        """Track appended token ids; index each page they fill (prefix caching only)."""
+        tail = self._seq_tail[seq_id]
+        if tail is None:
+            return
+        if token_ids is None:
+            self._seq_tail[seq_id] = None  # tokens unknown from here on: cache no more pages
+            return
+        ps = self.page_size
+        tail.extend(token_ids)
+        first_page = start // ps
+        while len(tail) >= ps:
+            h = page_hash(self._seq_hash[seq_id], tail[:ps], self._seq_salt[seq_id]) & self._hash_mask
+            self._cache_page(table, first_page, h, tail[:ps], self._seq_salt[seq_id])
+            self._seq_hash[seq_id] = h
+            del tail[:ps]
+            first_page += 1

@@ -16,6 +16,8 @@ from .errors import InvalidArgument, InvalidType
 MAX_SEQ_ID = 2**63 - 1
 #: Largest count of pages, tokens per page or tokens per call (int32 in kernel metadata).
 MAX_COUNT = 2**31 - 1
+#: Largest token id accepted for prefix caching.
+MAX_TOKEN_ID = 2**31 - 1
 
 
 def as_int(name: str, value: object, lo: int, hi: int) -> int:

@@ -16,7 +16,57 @@ import numpy as np
 from . import _backend
 from . import _validate as check
 from ._reference import NULL_PAGE
+from ._hashing import salt_hash
 from .errors import InvalidArgument, InvalidType
+
+
+class Allocation(NamedTuple):
+    """Result of ``allocate``.
+
+    Attributes:
+        num_cached_tokens: prompt tokens whose KV is already in the cache (prefix-cache hit);
+            the engine computes only positions ``[num_cached_tokens, num_tokens)``.
+        copies: (src_page, dst_page) copies to execute before writing (a hit that ends inside a
+            page copies that page rather than sharing it).
+    """
+
+    num_cached_tokens: int
+    copies: list
+
+
+class SwapPlan(NamedTuple):
+    """Page copies for ``swap_out`` / ``swap_in``.
+
+    Attributes:
+        copies: int32 ``[num_pages_moved, 2]``; (src_page, dst_page) pairs. For ``"out"`` src is a
+            GPU page and dst a CPU page; for ``"in"`` the reverse.
+        direction: ``"out"`` (GPU -> CPU) or ``"in"`` (CPU -> GPU).
+    """
+
+    copies: np.ndarray
+    direction: str
+
+
+class PrefixCacheStats(NamedTuple):
+    """Prefix-cache counters since construction (``reset_prefix_cache`` keeps them).
+
+    Attributes:
+        queries: allocations that gave token ids; hits: those that found >= 1 cached token.
+        query_tokens / hit_tokens: prompt tokens asked for / found cached.
+        num_cached_pages: pages indexed now; num_evictable_pages: cached pages with no owner.
+    """
+
+    queries: int
+    hits: int
+    query_tokens: int
+    hit_tokens: int
+    num_cached_pages: int
+    num_evictable_pages: int
+
+    @property
+    def hit_rate(self) -> float:
+        """Fraction of queried prompt tokens found cached (0.0 before any query)."""
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
 
 
 class StepPlan(NamedTuple):
@@ -67,8 +117,11 @@ class BlockManager:
         num_pages: physical pages in the pool (>= 1).
         page_size: tokens per page (any int >= 1).
         watermark: fraction of pages in ``[0, 1)`` kept free when admitting *new* sequences
-            (``allocate``); appends to running sequences may use them. The number of reserved
-            pages is ``floor(watermark * num_pages)``.
+            (``allocate``, ``swap_in``); appends to running sequences may use them. The number
+            of reserved pages is ``floor(watermark * num_pages)``.
+        enable_prefix_caching: index full pages by a chained hash of their token ids so later
+            prompts with the same prefix reuse them (see the README's prefix-caching contract).
+        num_cpu_pages: pages in the CPU offload tier (``swap_out`` / ``swap_in``); 0 = none.
         backend: ``"cpp"`` or ``"python"``; default ``$PAGEDKV_IMPL`` or the best one built.
 
     Raises:
@@ -78,17 +131,31 @@ class BlockManager:
     Every method that fails leaves the manager exactly as it was.
     """
 
-    def __init__(self, num_pages: int, page_size: int, *, watermark: float = 0.0, backend: str | None = None):
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        *,
+        watermark: float = 0.0,
+        enable_prefix_caching: bool = False,
+        num_cpu_pages: int = 0,
+        backend: str | None = None,
+        _hash_bits: int = 64,
+    ):
         num_pages = check.count("num_pages", num_pages)
         page_size = check.count("page_size", page_size)
         if isinstance(watermark, bool) or not isinstance(watermark, (int, float, np.floating, np.integer)):
             raise InvalidType("watermark", watermark, "a float in [0, 1)")
         if not 0.0 <= float(watermark) < 1.0:  # NaN fails this too
             raise InvalidArgument("watermark", watermark, "a float in [0, 1)")
+        if not isinstance(enable_prefix_caching, (bool, np.bool_)):
+            raise InvalidType("enable_prefix_caching", enable_prefix_caching, "a bool")
+        num_cpu_pages = check.as_int("num_cpu_pages", num_cpu_pages, 0, check.MAX_COUNT)
+        hash_bits = check.as_int("_hash_bits", _hash_bits, 1, 64)
         self._backend = _backend.resolve(backend)
         self.watermark = float(watermark)
         self._impl = _backend.implementation(self._backend)(
-            num_pages, page_size, math.floor(self.watermark * num_pages)
+            num_pages, page_size, math.floor(self.watermark * num_pages), bool(enable_prefix_caching), num_cpu_pages, hash_bits
         )
 
     # ------------------------------------------------------------------ facts
@@ -118,6 +185,29 @@ class BlockManager:
     def num_sequences(self) -> int:
         return self._impl.num_sequences
 
+    @property
+    def enable_prefix_caching(self) -> bool:
+        return self._impl.enable_prefix_caching
+
+    @property
+    def num_cpu_pages(self) -> int:
+        return self._impl.num_cpu_pages
+
+    @property
+    def num_free_cpu_pages(self) -> int:
+        return self._impl.num_free_cpu_pages
+
+    def is_swapped(self, seq_id: int) -> bool:
+        """Whether ``seq_id`` is swapped out to the CPU tier. Raises UnknownSequence."""
+        return self._impl.is_swapped(check.seq_id(seq_id))
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Hit counters and the number of cached / evictable pages."""
+        st = self._impl.prefix_cache_stats()
+        return PrefixCacheStats(
+            st["queries"], st["hits"], st["query_tokens"], st["hit_tokens"], st["num_cached_pages"], st["num_evictable_pages"]
+        )
+
     def __contains__(self, seq_id: object) -> bool:
         return self._impl.has_sequence(check.seq_id(seq_id))
 
@@ -138,54 +228,104 @@ class BlockManager:
         return self._impl.ref_count(check.as_int("page_id", page_id, 0, self._impl.num_pages - 1))
 
     # ------------------------------------------------------------- admission
-    def can_allocate(self, num_tokens: int) -> bool:
-        """Whether ``allocate(new_id, num_tokens)`` would succeed now (watermark included)."""
-        return self._impl.can_allocate(check.count("num_tokens", num_tokens))
+    def _prompt(self, num_tokens, token_ids, cache_salt):
+        """Checked (num_tokens, token_ids list or None, salt hash) of an allocation."""
+        if cache_salt is not None and not isinstance(cache_salt, (str, bytes)):
+            raise InvalidType("cache_salt", cache_salt, "a str, bytes or None")
+        if token_ids is None:
+            if num_tokens is None:
+                raise InvalidArgument("num_tokens", None, "an int >= 1 when token_ids is not given")
+            return check.count("num_tokens", num_tokens), None, salt_hash(cache_salt)
+        tokens = check.int_array("token_ids", token_ids, 0, check.MAX_TOKEN_ID)
+        if tokens.shape[0] == 0:
+            raise InvalidArgument("token_ids", "[]", "at least one token id")
+        if num_tokens is not None and check.count("num_tokens", num_tokens) != tokens.shape[0]:
+            raise InvalidArgument("num_tokens", num_tokens, f"len(token_ids) = {tokens.shape[0]}")
+        return tokens.shape[0], tokens.tolist(), salt_hash(cache_salt)
 
-    def allocate(self, seq_id: int, num_tokens: int) -> int:
-        """Create sequence ``seq_id`` holding ``num_tokens`` tokens.
+    def can_allocate(self, num_tokens: int | None = None, *, token_ids=None, cache_salt=None) -> bool:
+        """Whether ``allocate(new_id, ...)`` with these arguments would succeed now.
+
+        Counts prefix-cache hits the same way ``allocate`` does, and the watermark.
+        """
+        return self._impl.can_allocate(*self._prompt(num_tokens, token_ids, cache_salt))
+
+    def allocate(self, seq_id: int, num_tokens: int | None = None, *, token_ids=None, cache_salt=None) -> Allocation:
+        """Create sequence ``seq_id`` holding a prompt of ``num_tokens`` tokens.
+
+        Args:
+            seq_id: new sequence id (int >= 0).
+            num_tokens: prompt length; may be omitted when ``token_ids`` is given.
+            token_ids: the prompt's token ids (ints in ``[0, 2**31)``); with prefix caching on,
+                the longest run of cached full pages matching the prompt is reused and the
+                prompt's own full pages become matchable.
+            cache_salt: tenant key (str/bytes): prompts under different salts share nothing.
 
         Returns:
-            Tokens found in the prefix cache (0 without prefix caching).
+            ``Allocation(num_cached_tokens, copies)``; ``num_cached_tokens`` is at most
+            ``num_tokens - 1`` so the engine always computes the last prompt token.
 
         Raises:
             SequenceExists: ``seq_id`` is live.
-            OutOfPages: fewer than ``ceil(num_tokens / page_size)`` pages free above the
-                watermark.
+            OutOfPages: not enough free pages above the watermark (hits on cached free pages
+                count as taken).
         """
-        return self._impl.allocate(check.seq_id(seq_id), check.count("num_tokens", num_tokens))
+        seq_id = check.seq_id(seq_id)
+        return Allocation(*self._impl.allocate(seq_id, *self._prompt(num_tokens, token_ids, cache_salt)))
+
+    def _appended(self, num_tokens, token_ids):
+        if token_ids is None:
+            return check.count("num_tokens", 1 if num_tokens is None else num_tokens), None
+        tokens = check.int_array("token_ids", token_ids, 0, check.MAX_TOKEN_ID)
+        n = tokens.shape[0] if num_tokens is None else check.count("num_tokens", num_tokens)
+        if n != tokens.shape[0] or n == 0:
+            raise InvalidArgument("token_ids", f"{tokens.shape[0]} token ids", f"one token id per new token ({n})")
+        return n, tokens.tolist()
 
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
         """Whether ``append(seq_id, num_tokens)`` would succeed now (copy-on-write included)."""
         return self._impl.can_append(check.seq_id(seq_id), check.count("num_tokens", num_tokens))
 
-    def append(self, seq_id: int, num_tokens: int = 1) -> list[tuple[int, int]]:
-        """Grow ``seq_id`` by ``num_tokens`` tokens.
+    def append(self, seq_id: int, num_tokens: int | None = None, *, token_ids=None) -> list[tuple[int, int]]:
+        """Grow ``seq_id`` by ``num_tokens`` tokens (default 1, or ``len(token_ids)``).
+
+        Args:
+            token_ids: the new tokens' ids; with prefix caching, each page they fill becomes
+                matchable. Without them the sequence's later pages are never cached.
 
         Returns:
             Copy-on-write copies ``[(src_page, dst_page)]`` the cache must execute before writing
             the new tokens: non-empty when the last page was shared and partly filled.
 
         Raises:
-            UnknownSequence, OutOfPages.
+            UnknownSequence, SequenceSwapped, OutOfPages.
         """
-        return self._impl.append(check.seq_id(seq_id), check.count("num_tokens", num_tokens))
+        seq_id = check.seq_id(seq_id)
+        return self._impl.append(seq_id, *self._appended(num_tokens, token_ids))
 
-    def append_batch(self, seq_ids, num_tokens=1) -> StepPlan:
+    def append_batch(self, seq_ids, num_tokens=1, *, token_ids=None) -> StepPlan:
         """Grow every sequence of a decode or chunked-prefill step, all or nothing.
 
         Args:
             seq_ids: 1-D ints (list or numpy array), distinct.
             num_tokens: one int for all, or one int >= 1 per sequence.
+            token_ids: optional ``[sum(num_tokens)]`` ints, the new tokens in call order (for
+                prefix caching).
 
         Returns:
             ``StepPlan(slot_mapping int64 [sum(num_tokens)], copies int32 [K, 2])``.
 
         Raises:
-            DuplicateSequence, UnknownSequence, OutOfPages (nothing changed).
+            DuplicateSequence, UnknownSequence, SequenceSwapped, OutOfPages (nothing changed).
         """
         ids = check.seq_ids(seq_ids)
-        slots, copies = self._impl.append_batch(ids, check.counts("num_tokens", num_tokens, ids.shape[0]))
+        counts = check.counts("num_tokens", num_tokens, ids.shape[0])
+        tokens = None
+        if token_ids is not None:
+            tokens = check.int_array("token_ids", token_ids, 0, check.MAX_TOKEN_ID)
+            if tokens.shape[0] != int(counts.sum()):
+                raise InvalidArgument("token_ids", f"{tokens.shape[0]} token ids", f"sum(num_tokens) = {int(counts.sum())}")
+        slots, copies = self._impl.append_batch(ids, counts, tokens)
         return StepPlan(slots, copies)
 
     def fork(self, parent_id: int, child_id: int) -> None:
@@ -197,8 +337,60 @@ class BlockManager:
         self._impl.fork(check.seq_id(parent_id, "parent_id"), check.seq_id(child_id, "child_id"))
 
     def free(self, seq_id: int) -> None:
-        """Drop ``seq_id``; pages whose ref_count reaches 0 return to the free queue tail."""
+        """Drop ``seq_id`` (on the GPU or swapped out).
+
+        Pages whose ref_count reaches 0 return to a free queue tail, last page first: cached
+        pages to the evictable LRU queue (still matchable until evicted), others to the free
+        queue.
+        """
         self._impl.free(check.seq_id(seq_id))
+
+    def release_window(self, seq_id: int, window: int) -> int:
+        """Sliding window: release the pages that lie wholly before the last ``window`` tokens.
+
+        Released entries keep their position in the page table and read ``NULL_PAGE`` (-1).
+
+        Returns:
+            Pages released by this call.
+        """
+        seq_id = check.seq_id(seq_id)
+        return self._impl.release_window(seq_id, check.count("window", window))
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached page; cached free pages become plain free pages (LRU order kept)."""
+        self._impl.reset_prefix_cache()
+
+    # --------------------------------------------------------------- CPU tier
+    def can_swap_out(self, seq_ids) -> bool:
+        """Whether ``swap_out(seq_ids)`` would succeed (enough free CPU pages)."""
+        return self._impl.can_swap_out(check.seq_ids(seq_ids))
+
+    def can_swap_in(self, seq_ids) -> bool:
+        """Whether ``swap_in(seq_ids)`` would succeed (enough GPU pages above the watermark)."""
+        return self._impl.can_swap_in(check.seq_ids(seq_ids))
+
+    def swap_out(self, seq_ids) -> SwapPlan:
+        """Move sequences' pages to CPU pages, all or nothing.
+
+        A page shared by several of ``seq_ids`` is moved once and stays shared; a page also held
+        by a sequence left on the GPU is copied and stays there for it.
+
+        Returns:
+            ``SwapPlan(copies int32 [K, 2] (gpu_page, cpu_page), "out")``.
+
+        Raises:
+            DuplicateSequence, UnknownSequence, SequenceSwapped (already out), OutOfPages
+            (``pool="cpu"``).
+        """
+        return SwapPlan(self._impl.swap_out(check.seq_ids(seq_ids)), "out")
+
+    def swap_in(self, seq_ids) -> SwapPlan:
+        """Bring swapped-out sequences back to GPU pages, all or nothing.
+
+        Returns:
+            ``SwapPlan(copies int32 [K, 2] (cpu_page, gpu_page), "in")``.
+        """
+        return SwapPlan(self._impl.swap_in(check.seq_ids(seq_ids)), "in")
 
     # ------------------------------------------------------------ batch views
     def slots(self, seq_id: int, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -249,6 +441,7 @@ class BlockManager:
             f"watermark={self.watermark}, backend={self.backend!r})"
         )
 
+
     @classmethod
     def for_budget(cls, spec, budget_bytes: int, page_size: int, **kwargs) -> "BlockManager":
         """A manager with as many pages as ``budget_bytes`` of KV cache holds.
@@ -272,4 +465,4 @@ class BlockManager:
         return cls(num_pages_for_budget(spec, budget_bytes, page_size), page_size, **kwargs)
 
 
-__all__ = ["BlockManager", "StepPlan", "PageTables", "CSR", "NULL_PAGE"]
+__all__ = ["BlockManager", "Allocation", "StepPlan", "SwapPlan", "PageTables", "CSR", "PrefixCacheStats", "NULL_PAGE"]

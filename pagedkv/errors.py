@@ -63,6 +63,20 @@ class SequenceExists(PagedKVError, ValueError):
         return f"sequence {self.seq_id!r} already exists; free it first or pick another id"
 
 
+class SequenceSwapped(PagedKVError, ValueError):
+    """The sequence is in the wrong tier for the call (``on_cpu`` says where it is)."""
+
+    def __init__(self, seq_id: int, on_cpu: bool):
+        super().__init__(seq_id, on_cpu)
+        self.seq_id = seq_id
+        self.on_cpu = on_cpu
+
+    def __str__(self) -> str:
+        if self.on_cpu:
+            return f"sequence {self.seq_id!r} is swapped out to CPU pages; swap_in([{self.seq_id!r}]) before using it"
+        return f"sequence {self.seq_id!r} is on the GPU, not swapped out; only swapped-out sequences can be swapped in"
+
+
 class InvalidArgument(PagedKVError, ValueError):
     """An argument has a bad value. Names the argument, the value and what was expected."""
 

@@ -21,7 +21,7 @@ from pagedkv import (
 
 def test_new_manager_hands_out_pages_in_order():
     mgr = BlockManager(num_pages=8, page_size=4)
-    assert mgr.allocate(0, 9) == 0  # no prefix cache: nothing found cached
+    assert mgr.allocate(0, 9) == (0, [])  # no prefix cache: nothing cached, nothing copied
     assert mgr.page_table(0) == [0, 1, 2]
     assert mgr.num_tokens(0) == 9
     assert mgr.num_free_pages == 5

@@ -1,9 +1,10 @@
 """The shipped state machine, run against the default backend (PAGEDKV_IMPL selects it)."""
 
+import pytest
 from hypothesis import settings
 
 from pagedkv import BlockManager
-from pagedkv.testing import block_manager_machine
+from pagedkv.testing import BlockManagerMachine, block_manager_machine
 
 
 def _bound(machine, steps=30):
@@ -15,11 +16,19 @@ TestOddPageSize = _bound(block_manager_machine(lambda: BlockManager(num_pages=12
 TestTokenPages = _bound(block_manager_machine(lambda: BlockManager(num_pages=24, page_size=1)))
 TestWatermark = _bound(block_manager_machine(lambda: BlockManager(num_pages=10, page_size=4, watermark=0.2)))
 TestBigPages = _bound(block_manager_machine(lambda: BlockManager(num_pages=6, page_size=16), max_seqs=5))
+TestPrefixCache = _bound(
+    block_manager_machine(lambda: BlockManager(num_pages=14, page_size=4, enable_prefix_caching=True))
+)
+TestPrefixCacheCollisions = _bound(
+    block_manager_machine(lambda: BlockManager(num_pages=14, page_size=2, enable_prefix_caching=True, _hash_bits=2))
+)
+TestEverything = _bound(
+    block_manager_machine(
+        lambda: BlockManager(num_pages=12, page_size=3, enable_prefix_caching=True, num_cpu_pages=8, watermark=0.1)
+    )
+)
 
 
 def test_machine_requires_a_factory():
-    from pagedkv.testing import BlockManagerMachine
-    import pytest
-
     with pytest.raises(TypeError, match="factory"):
         BlockManagerMachine()

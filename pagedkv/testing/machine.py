@@ -5,22 +5,31 @@ Invariants checked after every step:
 * ``check_invariants()`` holds;
 * conservation: free pages + distinct referenced pages == ``num_pages``, and (when the manager
   has ``ref_count``) the sum of ref counts == the number of page-table entries;
-* ``can_allocate`` / ``can_append`` agree with whether the call then succeeds, and a call that
-  fails leaves every page table and the free count as they were;
-* a **shadow KV store**: every token written gets a unique value at its slot, after the copy-on-
-  write copies returned by the call are executed; reading every live sequence back through its
-  page table yields exactly that sequence's token history;
+* ``can_allocate`` / ``can_append`` / ``can_swap_*`` agree with whether the call then succeeds,
+  and a call that fails leaves every page table and the free counts as they were;
+* a **shadow KV store**: every token written gets a value at its slot, after the copies
+  returned by the call are executed; reading every live sequence back through its page table
+  yields exactly that sequence's history. Tokens with known ids get the value
+  ``(salt, prefix up to and including the token)`` — what a real KV entry depends on — so a
+  prefix-cache hit must read back exactly the prompt it claims to match, under its own salt;
+  other tokens get unique ints;
 * freeing every sequence returns the manager to a state equivalent to a new one.
+
+Managers with ``enable_prefix_caching``, ``num_cpu_pages > 0`` or ``release_window`` also get
+rules for prompts from a tiny vocabulary (so hits happen), swaps, and sliding windows.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from ..errors import OutOfPages, PagedKVError, SequenceExists, UnknownSequence
+from ..errors import OutOfPages, PagedKVError, SequenceExists, SequenceSwapped, UnknownSequence
+
+_RELEASED = object()  # history entry of a position whose page a sliding window released
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
@@ -28,7 +37,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     factory: Callable[[], object] | None = None
     max_seqs = 8
-    max_tokens = 40
 
     def __init__(self) -> None:
         super().__init__()
@@ -37,14 +45,21 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.mgr = self.factory()
         self.page_size = self.mgr.page_size
         self.num_pages = self.mgr.num_pages
-        self.history: dict[int, list[int]] = {}  # seq_id -> value of each token, in order
-        self.store: dict[int, int] = {}  # slot -> value (the shadow KV cache)
+        self.caching = bool(getattr(self.mgr, "enable_prefix_caching", False))
+        self.has_cpu = getattr(self.mgr, "num_cpu_pages", 0) > 0
+        self.history: dict[int, list] = {}  # seq_id -> value of each token, in order
+        self.prompt: dict[int, tuple | None] = {}  # seq_id -> (salt, token ids) while known
+        self.swapped: set[int] = set()
+        self.store: dict[int, object] = {}  # GPU slot -> value (the shadow KV cache)
+        self.cpu_store: dict[int, object] = {}  # CPU slot -> value
         self.next_value = 0
         self.next_seq = 0
 
     # ------------------------------------------------------------- helpers
-    def _live(self, index: int) -> int:
-        ids = sorted(self.history)
+    def _resident(self) -> list[int]:
+        return sorted(s for s in self.history if s not in self.swapped)
+
+    def _pick(self, ids: list[int], index: int) -> int:
         return ids[index % len(ids)]
 
     def _fresh_values(self, n: int) -> list[int]:
@@ -55,21 +70,40 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def _slot(self, table: list[int], pos: int) -> int:
         return table[pos // self.page_size] * self.page_size + pos % self.page_size
 
-    def _copy_pages(self, copies) -> None:
+    def _copy_pages(self, copies, src_store=None, dst_store=None) -> None:
+        src_store = self.store if src_store is None else src_store
+        dst_store = self.store if dst_store is None else dst_store
         ps = self.page_size
         for src, dst in copies:
             for i in range(ps):
-                if src * ps + i in self.store:
-                    self.store[dst * ps + i] = self.store[src * ps + i]
+                if src * ps + i in src_store:
+                    dst_store[dst * ps + i] = src_store[src * ps + i]
+                else:
+                    dst_store.pop(dst * ps + i, None)
 
-    def _write(self, seq_id: int, slots, values: list[int]) -> None:
+    def _write(self, seq_id: int, slots, values: list) -> None:
         assert len(slots) == len(values), f"{len(slots)} slots for {len(values)} new tokens"
         for slot, value in zip(slots, values):
             self.store[int(slot)] = value
         self.history[seq_id].extend(values)
 
+    def _new_values(self, seq_id: int, token_ids: list[int] | None, n: int) -> list:
+        """Values of ``n`` appended tokens; prefix-keyed while the sequence's ids are known."""
+        known = self.prompt.get(seq_id)
+        if token_ids is None or known is None:
+            self.prompt[seq_id] = None
+            return self._fresh_values(n)
+        salt, prefix = known
+        values = []
+        for token in token_ids:
+            prefix = prefix + (token,)
+            values.append((salt, prefix))
+        self.prompt[seq_id] = (salt, prefix)
+        return values
+
     def _state(self):
-        return (self.mgr.num_free_pages, {s: self.mgr.page_table(s) for s in self.history})
+        free_cpu = getattr(self.mgr, "num_free_cpu_pages", 0)
+        return (self.mgr.num_free_pages, free_cpu, {s: self.mgr.page_table(s) for s in self.history})
 
     def _expect_out_of_pages(self, call) -> None:
         before = self._state()
@@ -92,28 +126,59 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.mgr.allocate(seq_id, num_tokens)
         self.next_seq += 1
         self.history[seq_id] = []
+        self.prompt[seq_id] = None
         table = self.mgr.page_table(seq_id)
         assert self.mgr.num_tokens(seq_id) == num_tokens
         self._write(seq_id, [self._slot(table, p) for p in range(num_tokens)], self._fresh_values(num_tokens))
 
-    @precondition(lambda self: self.history)
-    @rule(index=st.integers(0, 64), num_tokens=st.integers(1, 8))
-    def append(self, index: int, num_tokens: int) -> None:
-        seq_id = self._live(index)
+    @precondition(lambda self: self.caching and len(self.history) < self.max_seqs)
+    @rule(
+        prefix=st.sampled_from([(), (1, 2, 3, 4, 5, 6, 7, 8), (1, 2, 3, 4, 5, 6, 7, 9, 1, 1, 1, 1)]),
+        suffix=st.lists(st.integers(0, 2), max_size=12),
+        salt=st.sampled_from([None, "tenant-b"]),
+    )
+    def allocate_prompt(self, prefix, suffix, salt) -> None:
+        """Prompts over a tiny vocabulary and shared prefixes, so prefix-cache hits happen."""
+        tokens = list(prefix) + suffix or [0]
+        seq_id = self.next_seq
+        if not self.mgr.can_allocate(token_ids=tokens, cache_salt=salt):
+            self._expect_out_of_pages(lambda: self.mgr.allocate(seq_id, token_ids=tokens, cache_salt=salt))
+            return
+        cached, copies = self.mgr.allocate(seq_id, token_ids=tokens, cache_salt=salt)
+        event("prefix cache hit" if cached else "prefix cache miss")
+        self.next_seq += 1
+        assert 0 <= cached < len(tokens) and cached % self.page_size in (0, self.page_size - 1)
+        self._copy_pages(copies)
+        self.history[seq_id] = []
+        self.prompt[seq_id] = (salt, ())
+        values = self._new_values(seq_id, tokens, len(tokens))
+        table = self.mgr.page_table(seq_id)
+        # the cached positions are not written: they must already hold this prompt's values
+        self.history[seq_id].extend(values[:cached])
+        self._write(seq_id, [self._slot(table, p) for p in range(cached, len(tokens))], values[cached:])
+
+    @precondition(lambda self: self._resident())
+    @rule(index=st.integers(0, 64), num_tokens=st.integers(1, 8), with_ids=st.booleans())
+    def append(self, index: int, num_tokens: int, with_ids: bool) -> None:
+        seq_id = self._pick(self._resident(), index)
         if not self.mgr.can_append(seq_id, num_tokens):
             self._expect_out_of_pages(lambda: self.mgr.append(seq_id, num_tokens))
             return
         start = self.mgr.num_tokens(seq_id)
-        copies = self.mgr.append(seq_id, num_tokens)
+        token_ids = [(start + i) % 3 for i in range(num_tokens)] if with_ids and self.caching else None
+        copies = self.mgr.append(seq_id, num_tokens, token_ids=token_ids) if token_ids else self.mgr.append(seq_id, num_tokens)
+        if copies:
+            event("copy-on-write in append")
         self._copy_pages(copies)
         table = self.mgr.page_table(seq_id)
         slots = [self._slot(table, p) for p in range(start, start + num_tokens)]
-        self._write(seq_id, slots, self._fresh_values(num_tokens))
+        self._write(seq_id, slots, self._new_values(seq_id, token_ids, num_tokens))
 
-    @precondition(lambda self: self.history)
+    @precondition(lambda self: self._resident())
     @rule(indices=st.lists(st.integers(0, 64), min_size=1, max_size=6), counts=st.lists(st.integers(1, 4), min_size=6, max_size=6))
     def append_batch(self, indices: list[int], counts: list[int]) -> None:
-        seq_ids = list(dict.fromkeys(self._live(i) for i in indices))
+        resident = self._resident()
+        seq_ids = list(dict.fromkeys(self._pick(resident, i) for i in indices))
         counts = counts[: len(seq_ids)]
         before = self._state()
         try:
@@ -126,32 +191,82 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert len(slots) == sum(counts)
         offset = 0
         for seq_id, n in zip(seq_ids, counts):
-            self._write(seq_id, slots[offset : offset + n], self._fresh_values(n))
+            self._write(seq_id, slots[offset : offset + n], self._new_values(seq_id, None, n))
             offset += n
 
-    @precondition(lambda self: self.history and len(self.history) < self.max_seqs)
+    @precondition(lambda self: self._resident() and len(self.history) < self.max_seqs)
     @rule(index=st.integers(0, 64))
     def fork(self, index: int) -> None:
-        parent = self._live(index)
+        parent = self._pick(self._resident(), index)
         child = self.next_seq
         self.next_seq += 1
         self.mgr.fork(parent, child)
         self.history[child] = list(self.history[parent])
+        self.prompt[child] = self.prompt[parent]
         assert self.mgr.page_table(child) == self.mgr.page_table(parent)
 
     @precondition(lambda self: self.history)
     @rule(index=st.integers(0, 64))
     def free(self, index: int) -> None:
-        seq_id = self._live(index)
+        seq_id = self._pick(sorted(self.history), index)
         self.mgr.free(seq_id)
         del self.history[seq_id]
+        self.prompt.pop(seq_id, None)
+        self.swapped.discard(seq_id)
+
+    @precondition(lambda self: self.has_cpu and self._resident())
+    @rule(indices=st.lists(st.integers(0, 64), min_size=1, max_size=3))
+    def swap_out(self, indices: list[int]) -> None:
+        resident = self._resident()
+        seq_ids = list(dict.fromkeys(self._pick(resident, i) for i in indices))
+        if not self.mgr.can_swap_out(seq_ids):
+            self._expect_out_of_pages(lambda: self.mgr.swap_out(seq_ids))
+            return
+        plan = self.mgr.swap_out(seq_ids)
+        event("swap_out")
+        assert plan.direction == "out"
+        self._copy_pages(plan.copies.tolist(), self.store, self.cpu_store)
+        self.swapped.update(seq_ids)
+
+    @precondition(lambda self: self.has_cpu and self.swapped)
+    @rule(indices=st.lists(st.integers(0, 64), min_size=1, max_size=3))
+    def swap_in(self, indices: list[int]) -> None:
+        out = sorted(self.swapped)
+        seq_ids = list(dict.fromkeys(self._pick(out, i) for i in indices))
+        if not self.mgr.can_swap_in(seq_ids):
+            self._expect_out_of_pages(lambda: self.mgr.swap_in(seq_ids))
+            return
+        plan = self.mgr.swap_in(seq_ids)
+        assert plan.direction == "in"
+        self._copy_pages(plan.copies.tolist(), self.cpu_store, self.store)
+        self.swapped.difference_update(seq_ids)
+
+    @precondition(lambda self: hasattr(self.mgr, "release_window") and self._resident())
+    @rule(index=st.integers(0, 64), window=st.integers(1, 12))
+    def release_window(self, index: int, window: int) -> None:
+        seq_id = self._pick(self._resident(), index)
+        self.mgr.release_window(seq_id, window)
+        table = self.mgr.page_table(seq_id)
+        history = self.history[seq_id]
+        ps = self.page_size
+        keep_from = len(history) - window
+        for j, page in enumerate(table):
+            if (j + 1) * ps <= keep_from:
+                assert page == -1, f"page {j} lies wholly outside the window but was kept"
+            elif page == -1:
+                assert history[j * ps] is _RELEASED, f"page {j} holds a token inside the window but was released"
+            if page == -1:
+                history[j * ps : (j + 1) * ps] = [_RELEASED] * len(history[j * ps : (j + 1) * ps])
 
     @rule(data=st.data())
     def misuse(self, data) -> None:
         """Calls that must fail with a typed error and change nothing."""
         before = self._state()
         unknown = self.next_seq + 1000
-        choice = data.draw(st.sampled_from(["free", "append", "fork_unknown", "allocate_existing", "fork_existing"]))
+        choices = ["free", "append", "fork_unknown", "allocate_existing", "fork_existing"]
+        if self.swapped:
+            choices.append("append_swapped")
+        choice = data.draw(st.sampled_from(choices))
         expected: type[PagedKVError] = UnknownSequence
         if choice == "free":
             call = lambda: self.mgr.free(unknown)  # noqa: E731
@@ -159,13 +274,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
             call = lambda: self.mgr.append(unknown, 1)  # noqa: E731
         elif choice == "fork_unknown":
             call = lambda: self.mgr.fork(unknown, unknown + 1)  # noqa: E731
-        elif self.history:
-            existing = min(self.history)
+        elif choice == "append_swapped":
+            expected = SequenceSwapped
+            call = lambda: self.mgr.append(min(self.swapped), 1)  # noqa: E731
+        elif choice == "allocate_existing" and self.history:
             expected = SequenceExists
-            if choice == "allocate_existing":
-                call = lambda: self.mgr.allocate(existing, 1)  # noqa: E731
-            else:
-                call = lambda: self.mgr.fork(existing, existing)  # noqa: E731
+            call = lambda: self.mgr.allocate(min(self.history), 1)  # noqa: E731
+        elif choice == "fork_existing" and self._resident():
+            expected = SequenceExists
+            call = lambda: self.mgr.fork(self._resident()[0], self._resident()[0])  # noqa: E731
         else:
             return
         try:
@@ -181,14 +298,17 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for seq_id in list(self.history):
             self.mgr.free(seq_id)
         self.history.clear()
-        self.store.clear()
+        self.prompt.clear()
+        self.swapped.clear()
         assert self.mgr.num_free_pages == self.num_pages, "freeing every sequence leaked pages"
+        if self.has_cpu:
+            assert self.mgr.num_free_cpu_pages == self.mgr.num_cpu_pages, "freeing every sequence leaked CPU pages"
         if hasattr(self.mgr, "ref_count"):
             assert all(self.mgr.ref_count(p) == 0 for p in range(self.num_pages))
-        whole = self.num_pages * self.page_size
         # equivalent to new: the whole pool above the watermark can be admitted again
         watermark_pages = getattr(self.mgr, "watermark_pages", 0)
-        assert self.mgr.can_allocate(whole - watermark_pages * self.page_size) or watermark_pages == self.num_pages
+        if watermark_pages < self.num_pages:
+            assert self.mgr.can_allocate((self.num_pages - watermark_pages) * self.page_size)
 
     # ----------------------------------------------------------- invariants
     @invariant()
@@ -197,7 +317,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @invariant()
     def pages_are_conserved(self) -> None:
-        tables = [self.mgr.page_table(s) for s in self.history]
+        tables = [[p for p in self.mgr.page_table(s) if p != -1] for s in self._resident()]
         referenced = {p for t in tables for p in t}
         assert self.mgr.num_free_pages + len(referenced) == self.num_pages, (
             f"{self.mgr.num_free_pages} free + {len(referenced)} referenced != {self.num_pages}"
@@ -210,9 +330,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def shadow_store_reads_back_each_history(self) -> None:
         for seq_id, values in self.history.items():
             table = self.mgr.page_table(seq_id)
+            store = self.cpu_store if seq_id in self.swapped else self.store
             assert self.mgr.num_tokens(seq_id) == len(values)
-            got = [self.store.get(self._slot(table, p)) for p in range(len(values))]
-            assert got == values, f"sequence {seq_id} reads back {got}, wrote {values}"
+            want = [v for v in values if v is not _RELEASED]
+            got = [store.get(self._slot(table, p)) for p, v in enumerate(values) if v is not _RELEASED]
+            assert got == want, f"sequence {seq_id} reads back {got}, wrote {want}"
 
 
 def block_manager_machine(factory: Callable[[], object], *, max_seqs: int = 8) -> type[BlockManagerMachine]:
