@@ -1,0 +1,341 @@
+"""Request workloads for the simulator: built-in synthetic ones and a CSV trace loader.
+
+A ``Workload`` is three aligned arrays: prompt length, output length (tokens) and arrival time
+(seconds). The built-in generators are seeded and match published mean lengths:
+
+* ``sharegpt``: prompt mean 161.31, output mean 337.99 tokens (the vLLM paper's ShareGPT).
+* ``alpaca``: prompt mean 19.31, output mean 58.45 tokens (the vLLM paper's Alpaca).
+
+Only the means are published facts. The shapes are choices, documented in ``LogNormalLengths``
+and in ``SHAREGPT`` / ``ALPACA``. Imports numpy only.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+
+from . import _validate as check
+from .errors import InvalidArgument, InvalidType
+
+
+@dataclass(frozen=True, slots=True)
+class LogNormalLengths:
+    """Token lengths ``ceil(X)``, ``X`` log-normal with shape ``sigma`` and ``X <= cap`` (redrawn above).
+
+    The log-scale location ``mu`` is solved so that the mean of the integer lengths is ``mean``:
+    ``E[X | X <= cap] + 0.5 = mean``, with
+    ``E[X | X <= b] = exp(mu + sigma²/2) Φ((ln b − mu − sigma²)/sigma) / Φ((ln b − mu)/sigma)``
+    (the ``+ 0.5`` is the mean effect of rounding up).
+    """
+
+    mean: float
+    sigma: float
+    cap: int
+
+    def __post_init__(self):
+        if not (isinstance(self.mean, (int, float)) and 1.5 <= self.mean < self.cap):
+            raise InvalidArgument("mean", self.mean, f"a number in [1.5, cap = {self.cap})")
+        if not (isinstance(self.sigma, (int, float)) and 0 < self.sigma <= 4):
+            raise InvalidArgument("sigma", self.sigma, "a number in (0, 4]")
+
+    @property
+    def mu(self) -> float:
+        s, log_cap = self.sigma, math.log(self.cap)
+
+        def phi(z: float) -> float:
+            return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
+        def mean_of(mu: float) -> float:
+            return math.exp(mu + s * s / 2) * phi((log_cap - mu - s * s) / s) / phi((log_cap - mu) / s) + 0.5
+
+        lo, hi = -10.0, log_cap + 10.0 * s
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if mean_of(mid) < self.mean else (lo, mid)
+        return (lo + hi) / 2
+
+    def sample(self, rng: np.random.Generator, num: int) -> np.ndarray:
+        """``num`` lengths, int64 ``[num]``, each in ``[1, cap]``."""
+        mu = self.mu
+        x = rng.lognormal(mu, self.sigma, num)
+        bad = x > self.cap
+        while bad.any():  # NOTE: redraw (not clip) so the cap leaves no spike at cap
+            x[bad] = rng.lognormal(mu, self.sigma, int(bad.sum()))
+            bad = x > self.cap
+        return np.maximum(np.ceil(x), 1).astype(np.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class SyntheticSpec:
+    """A named synthetic workload: independent prompt and output length distributions."""
+
+    name: str
+    prompt: LogNormalLengths
+    output: LogNormalLengths
+
+
+# NOTE: ShareGPT conversations are heavy-tailed in both prompt and output; the shapes (sigma)
+# are our choice, not published. The caps follow the common ShareGPT filtering for 2048-token
+# models (prompt <= 1024, prompt + output <= 2048), so every request fits max_len = 2048.
+SHAREGPT = SyntheticSpec(
+    "sharegpt",
+    prompt=LogNormalLengths(mean=161.31, sigma=1.2, cap=1024),
+    output=LogNormalLengths(mean=337.99, sigma=1.0, cap=1024),
+)
+# NOTE: Alpaca instructions are short and their answers moderately spread: smaller sigmas.
+ALPACA = SyntheticSpec(
+    "alpaca",
+    prompt=LogNormalLengths(mean=19.31, sigma=0.6, cap=1024),
+    output=LogNormalLengths(mean=58.45, sigma=0.9, cap=1024),
+)
+BUILTIN = {spec.name: spec for spec in (SHAREGPT, ALPACA)}
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Workload:
+    """A list of requests.
+
+    Attributes:
+        name: where it came from (built-in name or file name).
+        prompt_lens: int64 ``[N]``, each >= 1.
+        output_lens: int64 ``[N]``, each >= 1 (tokens to generate).
+        arrivals: float64 ``[N]``, seconds from the start, non-decreasing, >= 0.
+        num_skipped: bad trace rows skipped while loading (0 for synthetic workloads).
+    """
+
+    name: str
+    prompt_lens: np.ndarray
+    output_lens: np.ndarray
+    arrivals: np.ndarray = field(default=None)
+    num_skipped: int = 0
+
+    def __post_init__(self):
+        p = _lengths("prompt_lens", self.prompt_lens)
+        o = _lengths("output_lens", self.output_lens)
+        if p.shape != o.shape:
+            raise InvalidArgument("output_lens", f"{o.shape[0]} lengths", f"one per prompt ({p.shape[0]})")
+        a = np.zeros(p.shape[0]) if self.arrivals is None else np.asarray(self.arrivals, dtype=np.float64)
+        if a.shape != p.shape:
+            raise InvalidArgument("arrivals", f"{a.shape[0]} times", f"one per request ({p.shape[0]})")
+        if a.size and (not np.all(np.isfinite(a)) or a.min() < 0 or np.any(np.diff(a) < 0)):
+            raise InvalidArgument("arrivals", "unsorted, negative or non-finite times", "non-decreasing seconds >= 0")
+        object.__setattr__(self, "prompt_lens", p)
+        object.__setattr__(self, "output_lens", o)
+        object.__setattr__(self, "arrivals", a)
+
+    def __len__(self) -> int:
+        return int(self.prompt_lens.shape[0])
+
+    @property
+    def final_lens(self) -> np.ndarray:
+        """``prompt + output`` per request, int64 ``[N]``."""
+        return self.prompt_lens + self.output_lens
+
+    def with_arrivals(self, arrivals) -> Workload:
+        """The same requests arriving at ``arrivals`` (float64 seconds ``[N]``)."""
+        return Workload(self.name, self.prompt_lens, self.output_lens, arrivals, self.num_skipped)
+
+    def head(self, num_requests: int) -> Workload:
+        """The first ``num_requests`` requests (all of them when fewer)."""
+        n = check.as_int("num_requests", num_requests, 1, check.MAX_COUNT)
+        return Workload(self.name, self.prompt_lens[:n], self.output_lens[:n], self.arrivals[:n], self.num_skipped)
+
+    def describe(self) -> dict:
+        """Summary statistics (count, means, medians, maxima, span of arrivals) as plain numbers."""
+        p, o = self.prompt_lens, self.output_lens
+        return {
+            "name": self.name, "num_requests": len(self), "num_skipped": self.num_skipped,
+            "prompt_mean": float(p.mean()), "prompt_p50": float(np.median(p)), "prompt_max": int(p.max()),
+            "output_mean": float(o.mean()), "output_p50": float(np.median(o)), "output_max": int(o.max()),
+            "arrival_span_s": float(self.arrivals[-1] - self.arrivals[0]),
+        }
+
+    def __repr__(self) -> str:
+        return f"Workload({self.name!r}, {len(self)} requests)"
+
+
+def _lengths(name: str, value) -> np.ndarray:
+    arr = check.int_array(name, value, 1, check.MAX_COUNT)
+    if arr.size == 0:
+        raise InvalidArgument(name, "an empty array", "at least one request")
+    return arr
+
+
+def poisson_arrivals(num_requests: int, rate: float, seed: int = 0) -> np.ndarray:
+    """Arrival times of a Poisson process: float64 ``[N]`` seconds, the first at 0.
+
+    Args:
+        rate: requests per second, > 0.
+        seed: the arrival stream is independent of the length stream of the same seed.
+    """
+    n = check.count("num_requests", num_requests)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate < math.inf:
+        raise InvalidArgument("rate", rate, "a positive number of requests per second")
+    gaps = np.random.default_rng([check.as_int("seed", seed, 0, 2**63 - 1), 1]).exponential(1.0 / rate, n)
+    gaps[0] = 0.0
+    return np.cumsum(gaps)
+
+
+def synthetic(name: str = "sharegpt", num_requests: int = 1000, *, seed: int = 0,
+              rate: float | None = None) -> Workload:
+    """A built-in synthetic workload.
+
+    Args:
+        name: ``"sharegpt"`` or ``"alpaca"`` (see ``SHAREGPT``, ``ALPACA``).
+        num_requests: requests to draw, >= 1.
+        seed: lengths are a pure function of (name, seed, num_requests); any seed >= 0.
+        rate: Poisson arrivals at this many requests per second; ``None``: all arrive at 0.
+
+    Raises:
+        InvalidArgument: unknown name or bad numbers.
+    """
+    if name not in BUILTIN:
+        raise InvalidArgument("workload", name, f"one of {tuple(BUILTIN)}")
+    spec = BUILTIN[name]
+    n = check.count("num_requests", num_requests)
+    rng = np.random.default_rng([check.as_int("seed", seed, 0, 2**63 - 1), 0])
+    prompts = spec.prompt.sample(rng, n)
+    outputs = spec.output.sample(rng, n)
+    arrivals = None if rate is None else poisson_arrivals(n, rate, seed)
+    return Workload(name, prompts, outputs, arrivals)
+
+
+def fixed(num_requests: int, prompt_len: int, output_len: int, *, rate: float | None = None,
+          seed: int = 0) -> Workload:
+    """``num_requests`` identical requests (for analytic checks)."""
+    n = check.count("num_requests", num_requests)
+    p = np.full(n, check.count("prompt_len", prompt_len), dtype=np.int64)
+    o = np.full(n, check.count("output_len", output_len), dtype=np.int64)
+    return Workload(f"fixed-{prompt_len}+{output_len}", p, o, None if rate is None else poisson_arrivals(n, rate, seed))
+
+
+#: Column names recognised without being told (case-insensitive), in order of preference.
+PROMPT_COLUMNS = ("prompt_len", "prompt_tokens", "input_len", "input_tokens", "num_prompt_tokens",
+                  "ContextTokens", "context_tokens")
+OUTPUT_COLUMNS = ("output_len", "output_tokens", "num_output_tokens", "completion_tokens",
+                  "GeneratedTokens", "generated_tokens")
+ARRIVAL_COLUMNS = ("arrival", "arrival_time", "timestamp", "time")
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def load_csv(path: str | PathLike, *, prompt_column: str | None = None, output_column: str | None = None,
+             arrival_column: str | None = None, skip_bad_rows: bool = False) -> Workload:
+    """Load a trace with one request per row.
+
+    Args:
+        path: a CSV file with a header row.
+        prompt_column, output_column: names of the prompt and output length columns; default
+            the first header found in ``PROMPT_COLUMNS`` / ``OUTPUT_COLUMNS`` (case-insensitive),
+            so the Azure LLM inference trace (``ContextTokens``, ``GeneratedTokens``) loads as is.
+        arrival_column: arrival times, in seconds or as ISO datetimes; default the first header
+            in ``ARRIVAL_COLUMNS`` (Azure's ``TIMESTAMP``), else every request arrives at 0.
+            Times are shifted to start at 0; rows are stably sorted by time.
+        skip_bad_rows: skip rows whose lengths are missing, non-numeric, fractional or < 1 (or
+            whose time does not parse) and count them in ``Workload.num_skipped``; default raise.
+
+    Returns:
+        A ``Workload`` named after the file.
+
+    Raises:
+        InvalidArgument: no such column (lists the headers), a bad row (names its line, column
+            and value), or no usable rows.
+        OSError: the file cannot be read.
+    """
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8-sig") as f:  # NOTE: -sig drops a leading BOM
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header:
+            raise InvalidArgument("path", str(path), "a CSV file with a header row")
+        header = [h.strip() for h in header]
+        cols = {
+            "prompt_column": _column(header, prompt_column, PROMPT_COLUMNS, "prompt_column", True),
+            "output_column": _column(header, output_column, OUTPUT_COLUMNS, "output_column", True),
+            "arrival_column": _column(header, arrival_column, ARRIVAL_COLUMNS, "arrival_column", False),
+        }
+        ip, io, ia = cols["prompt_column"], cols["output_column"], cols["arrival_column"]
+        prompts, outputs, times = [], [], []
+        skipped = 0
+        for row in reader:
+            if not row or all(not cell.strip() for cell in row):
+                continue  # blank line
+            try:
+                p = _count_cell(row, ip, header, path, reader.line_num)
+                o = _count_cell(row, io, header, path, reader.line_num)
+                t = _time_cell(row, ia, header, path, reader.line_num) if ia is not None else 0.0
+            except InvalidArgument:
+                if not skip_bad_rows:
+                    raise
+                skipped += 1
+                continue
+            prompts.append(p)
+            outputs.append(o)
+            times.append(t)
+    if not prompts:
+        raise InvalidArgument("path", str(path), f"a CSV with at least one usable request row ({skipped} skipped)")
+    t = np.asarray(times, dtype=np.float64)
+    order = np.argsort(t, kind="stable")
+    t = t[order] - t.min()
+    return Workload(path.name, np.asarray(prompts, dtype=np.int64)[order],
+                    np.asarray(outputs, dtype=np.int64)[order], t, skipped)
+
+
+def _column(header: list[str], name: str | None, known: tuple[str, ...], arg: str, required: bool) -> int | None:
+    lower = [h.lower() for h in header]
+    if name is not None:
+        if not isinstance(name, str):
+            raise InvalidType(arg, name, "a column name")
+        if name.lower() in lower:
+            return lower.index(name.lower())
+        raise InvalidArgument(arg, name, f"one of the CSV columns {header}")
+    for candidate in known:
+        if candidate.lower() in lower:
+            return lower.index(candidate.lower())
+    if required:
+        raise InvalidArgument(arg, None, f"a column name: none of {known} is in the CSV columns {header}")
+    return None
+
+
+def _cell(row: list[str], index: int, header: list[str], path: Path, line: int) -> str:
+    if index >= len(row) or not row[index].strip():
+        raise InvalidArgument(f"{path.name} line {line} column {header[index]!r}", "", "a value (it is missing)")
+    return row[index].strip()
+
+
+def _count_cell(row: list[str], index: int, header: list[str], path: Path, line: int) -> int:
+    raw = _cell(row, index, header, path, line)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value == int(value) and value >= 1):
+        raise InvalidArgument(f"{path.name} line {line} column {header[index]!r}", raw, "a whole number of tokens >= 1")
+    return int(value)
+
+
+def _time_cell(row: list[str], index: int, header: list[str], path: Path, line: int) -> float:
+    raw = _cell(row, index, header, path, line)
+    try:
+        value = float(raw)
+    except ValueError:
+        try:  # NOTE: Azure writes 7 fractional digits, which datetime parses only from 3.11 on
+            value = datetime.fromisoformat(_FRACTION.sub(r"\1", raw)).timestamp()
+        except ValueError:
+            value = math.nan
+    if not math.isfinite(value):
+        raise InvalidArgument(f"{path.name} line {line} column {header[index]!r}", raw,
+                              "a time in seconds or an ISO date-time")
+    return value
+
+
+__all__ = ["Workload", "LogNormalLengths", "SyntheticSpec", "SHAREGPT", "ALPACA", "BUILTIN",
+           "synthetic", "fixed", "poisson_arrivals", "load_csv"]

@@ -1,0 +1,95 @@
+"""``pagedkv frag``: the table, the JSON report, the PNG, traces, budgets and errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pagedkv.cli import main
+
+AZURE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "azure_llm_inference_2023_conv.csv"
+SMALL = ["--num-requests", "40", "--page-sizes", "16,64", "--policies", "max,oracle"]
+
+
+def frag(tmp_path, *args):
+    return main(["frag", *SMALL, "--out", str(tmp_path), *args])
+
+
+def test_table_and_json_report(tmp_path, capsys):
+    assert frag(tmp_path, "--no-plot") == 0
+    out = capsys.readouterr().out
+    for label in ("Max", "Oracle", "page 16", "page 64", "tokens%"):
+        assert label in out
+    report = json.loads((tmp_path / "frag.json").read_text())
+    assert [p["label"] for p in report["points"]] == ["Max", "Oracle", "page 16", "page 64"]
+    assert report["budget"]["num_slots"] == 15_700 and report["workload"]["num_requests"] == 40
+    for point in report["points"]:
+        assert sum(point["breakdown"].values()) == pytest.approx(1.0)
+        assert point["completed"] == 40 and point["elapsed_s"] > 0
+    paged = [p for p in report["points"] if p["kind"] == "paged"]
+    assert paged[0]["tail_waste"]["mean"] < paged[1]["tail_waste"]["mean"]
+    assert not (tmp_path / "frag.png").exists()
+
+
+def test_json_flag_prints_the_report(tmp_path, capsys):
+    assert frag(tmp_path, "--no-plot", "--json") == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "frag.json").read_text())
+
+
+def test_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert frag(tmp_path) == 0
+    assert (tmp_path / "frag.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parallel_samples_report_the_memory_saved(tmp_path, capsys):
+    assert main(["frag", "--workload", "alpaca", "--num-requests", "60", "--page-sizes", "16",
+                 "--policies", "oracle", "--parallel-samples", "3", "--no-plot", "--out", str(tmp_path)]) == 0
+    assert "saved%" in capsys.readouterr().out
+    points = json.loads((tmp_path / "frag.json").read_text())["points"]
+    assert points[0]["sharing_saving"] is None and 0 < points[1]["sharing_saving"] < 1
+
+
+def test_trace_with_named_columns_and_bad_rows(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    trace.write_text("a,b\n10,20\n30,oops\n15,5\n")
+    args = ["frag", "--trace", str(trace), "--prompt-column", "a", "--output-column", "b",
+            "--page-sizes", "16", "--policies", "", "--no-plot", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "line 3" in err and "'b'" in err and "oops" in err
+    assert main(args + ["--skip-bad-rows"]) == 0
+    assert "1 bad rows skipped" in capsys.readouterr().out
+    report = json.loads((tmp_path / "frag.json").read_text())
+    assert report["workload"]["num_skipped"] == 1 and report["points"][0]["completed"] == 2
+
+
+def test_model_and_gpu_budget(tmp_path):
+    spec = pytest.importorskip("pagedkv.spec")
+    assert frag(tmp_path, "--no-plot", "--model", "opt-13b", "--gpu", "a100-40gb") == 0
+    report = json.loads((tmp_path / "frag.json").read_text())
+    model, gpu = spec.model_preset("opt-13b"), spec.gpu_preset("a100-40gb")
+    budget = spec.kv_budget_bytes(gpu.memory_bytes, spec.weights_bytes(model.num_params, model.weights_dtype), 0.9)
+    assert report["budget"]["num_slots"] == budget // model.spec.bytes_per_token
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policies", "greedy"], "--policies"),
+    (["--model", "opt-13b"], "--model/--gpu"),
+    (["--slots", "0"], "--slots"),
+    (["--page-sizes", "", "--policies", ""], "at least one configuration"),
+    (["--max-len", "0"], "--max-len"),
+])
+def test_bad_options_are_typed_errors(tmp_path, capsys, args, message):
+    assert main(["frag", "--num-requests", "5", "--no-plot", "--out", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not AZURE.exists(), reason="Azure trace not present at ../shared/traces")
+def test_azure_trace_head(tmp_path):
+    assert main(["frag", "--trace", str(AZURE), "--num-requests", "100", "--max-len", "16384",
+                 "--page-sizes", "16", "--policies", "oracle", "--no-plot", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "frag.json").read_text())
+    assert report["workload"]["name"] == AZURE.name
+    assert all(p["completed"] + sum(p["rejected"].values()) == 100 for p in report["points"])
