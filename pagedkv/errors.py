@@ -41,6 +41,29 @@ class OutOfPages(PagedKVError, MemoryError):
         )
 
 
+class NoContiguousSpace(OutOfPages):
+    """A contiguous allocator found no hole large enough, however many slots are free in total.
+
+    Fields: ``requested`` contiguous slots, ``free`` slots in the largest usable hole (the room
+    this request could get), ``total`` slots in the pool, and ``num_free_slots`` free in all.
+    """
+
+    def __init__(self, requested: int, free: int, total: int, num_free_slots: int):
+        PagedKVError.__init__(self, requested, free, total, num_free_slots)
+        self.requested = requested
+        self.free = free
+        self.total = total
+        self.pool = "slot"
+        self.num_free_slots = num_free_slots
+
+    def __str__(self) -> str:
+        return (
+            f"requested {self.requested} contiguous slots but the largest usable hole holds "
+            f"{self.free} ({self.num_free_slots} of {self.total} slots are free, split into holes); "
+            "free a sequence or reserve less"
+        )
+
+
 class UnknownSequence(PagedKVError, KeyError):
     """The sequence id is not live in this manager."""
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _validate as check
 from .block_manager import Allocation, StepPlan
-from .errors import DuplicateSequence, InvalidArgument, InvariantViolation, OutOfPages
+from .errors import DuplicateSequence, InvalidArgument, InvariantViolation, NoContiguousSpace
 from .errors import SequenceExists, UnknownSequence
 
 #: Reservation policies (see ``reservation``).
@@ -234,7 +234,7 @@ class StaticAllocator:
         Raises:
             SequenceExists: ``seq_id`` is live.
             InvalidArgument: ``final_tokens < num_tokens`` or a length above ``max_len``.
-            OutOfPages: no hole holds the reservation (``requested`` slots; ``free`` is the
+            NoContiguousSpace (an OutOfPages): no hole holds the reservation (``requested`` slots; ``free`` is the
                 largest hole, ``total`` the pool), even when the free slots add up to enough.
         """
         seq_id = check.seq_id(seq_id)
@@ -245,7 +245,7 @@ class StaticAllocator:
         block = self._block_size(size)
         start = self._find(block)
         if start is None:
-            raise OutOfPages(block, self.largest_hole, self._num_slots, "contiguous slot")
+            raise NoContiguousSpace(block, self.largest_hole, self._num_slots, self.num_free_slots)
         self._take(start, block)
         self._regions[seq_id] = [start, size, block, num_tokens]
         self._num_reserved += size
@@ -267,14 +267,14 @@ class StaticAllocator:
             ``[]``: contiguous regions are never shared, so there is nothing to copy.
 
         Raises:
-            UnknownSequence. OutOfPages: the region is full and cannot grow in place.
+            UnknownSequence. NoContiguousSpace (an OutOfPages): the region is full and cannot grow in place.
         """
         region = self._region(check.seq_id(seq_id))
         num_tokens = check.count("num_tokens", num_tokens)
         extra = self._growth(region, num_tokens)
         if extra is None:
-            raise OutOfPages(region[3] + num_tokens - region[1], self._room_after(region),
-                             self._num_slots, "contiguous slot")
+            raise NoContiguousSpace(region[3] + num_tokens - region[1], self._room_after(region),
+                                    self._num_slots, self.num_free_slots)
         self._grow(region, num_tokens, extra)
         return []
 
@@ -302,8 +302,8 @@ class StaticAllocator:
             if region[3] + n > region[1]:
                 extra = self._growth(region, n)
                 if extra is None:
-                    raise OutOfPages(region[3] + n - region[1], self._room_after(region),
-                                     self._num_slots, "contiguous slot")
+                    raise NoContiguousSpace(region[3] + n - region[1], self._room_after(region),
+                                            self._num_slots, self.num_free_slots)
                 plan.append((region, n, extra))
             else:
                 plan.append((region, n, 0))

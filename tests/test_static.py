@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pagedkv import BlockManager, DuplicateSequence, InvalidArgument, InvalidType, OutOfPages
+from pagedkv.errors import NoContiguousSpace
 from pagedkv import SequenceExists, UnknownSequence
 from pagedkv.static import Allocator, StaticAllocator, next_pow2, reservation
 
@@ -81,6 +82,7 @@ def test_external_fragmentation_is_real():
     with pytest.raises(OutOfPages) as info:
         alloc.allocate(9, 30)
     assert (info.value.requested, info.value.free, info.value.total) == (30, 20, 100)
+    assert isinstance(info.value, NoContiguousSpace) and info.value.num_free_slots == 40
     assert alloc.snapshot() == before
 
 
@@ -186,8 +188,10 @@ def test_typed_errors_name_the_argument():
     with pytest.raises(DuplicateSequence):
         alloc.append_batch([0, 0], 1)
     assert alloc.num_tokens(0) == 10
-    err = OutOfPages(3, 1, 8, "contiguous slot")
-    assert str(pickle.loads(pickle.dumps(err))) == str(err)
+    err = NoContiguousSpace(3, 1, 8, 5)
+    again = pickle.loads(pickle.dumps(err))
+    assert str(again) == str(err) and again.num_free_slots == 5 and isinstance(again, OutOfPages)
+    assert "largest usable hole holds 1 (5 of 8 slots are free" in str(err)
 
 
 def test_both_allocators_satisfy_the_protocol():
