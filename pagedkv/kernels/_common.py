@@ -1,0 +1,248 @@
+"""Shared pieces of the Triton launchers: tensor checks, tile choices, split-KV heuristic.
+
+Every launcher validates its tensors here so that a bad call raises a typed error from
+``pagedkv.errors`` naming the tensor (``q must be of shape [num_seqs, num_heads, head_dim] =
+[4, num_heads, 128], got [4, 32]``) instead of a Triton compile error or a silent wrong answer.
+
+Imports torch only (``PagedKVCache`` validates with it on machines without triton);
+``pagedkv/__init__.py`` never imports this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..errors import InvalidArgument, InvalidType
+
+#: Floating dtypes the KV cache and the attention kernels accept.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Index dtypes accepted for slot mappings and copy plans.
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+# NOTE: every decode split handles at least this many tokens; below it the merge step and
+# the extra partial-output traffic cost more than the parallelism gains.
+MIN_TOKENS_PER_SPLIT = 256
+#: Upper bound on the split-KV count (also bounds the merge kernel's tile).
+MAX_SPLITS = 64
+# NOTE: split-KV aims for about this many programs per SM so that enough loads are in flight
+# to cover HBM latency. Untuned on hardware so far (see benchmarks/attention.py).
+PROGRAMS_PER_SM = 4
+
+
+def is_interpreting() -> bool:
+    """Whether ``@triton.jit`` kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# --------------------------------------------------------------------------- checks
+def _dims_text(names: str, shape: tuple) -> str:
+    labels = [n.strip() for n in names.strip("[]").split(",")]
+    known = ", ".join(label if size is None else str(size) for label, size in zip(labels, shape))
+    return f"of shape {names} = [{known}]"
+
+
+def check_tensor(
+    name: str,
+    value: object,
+    names: str,
+    shape: tuple,
+    *,
+    dtypes: tuple | None = None,
+    like: tuple[str, torch.Tensor] | None = None,
+    device: torch.device | None = None,
+    contiguous: bool = False,
+) -> torch.Tensor:
+    """Check one tensor argument and return it.
+
+    Args:
+        name: the argument's name, used in the error.
+        value: the argument.
+        names: dimension names, e.g. ``"[num_seqs, num_heads, head_dim]"``.
+        shape: expected sizes, ``None`` for a free dimension; its length is the expected ndim.
+        dtypes: allowed dtypes (ignored when ``like`` is given).
+        like: ``(other_name, other)``; the tensor must have ``other``'s dtype.
+        device: the device the tensor must be on.
+        contiguous: require a contiguous tensor; otherwise only the last dimension must have
+            stride 1.
+
+    Raises:
+        InvalidType: not a tensor.
+        InvalidArgument: wrong shape, dtype, device or memory layout.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise InvalidType(name, value, f"a torch.Tensor {_dims_text(names, shape)}")
+    if value.ndim != len(shape) or any(e is not None and e != s for e, s in zip(shape, value.shape)):
+        raise InvalidArgument(name, list(value.shape), _dims_text(names, shape))
+    if like is not None:
+        other_name, other = like
+        if value.dtype != other.dtype:
+            raise InvalidArgument(name, value.dtype, f"of dtype {other.dtype} (the dtype of {other_name})")
+    elif dtypes is not None and value.dtype not in dtypes:
+        raise InvalidArgument(name, value.dtype, "of dtype " + " or ".join(str(d) for d in dtypes))
+    if device is not None and value.device != device:
+        raise InvalidArgument(name, value.device, f"on device {device}")
+    if contiguous and not value.is_contiguous():
+        raise InvalidArgument(name, f"strides {tuple(value.stride())}", "contiguous")
+    if value.ndim and value.shape[-1] > 1 and value.stride(-1) != 1:
+        raise InvalidArgument(name, f"strides {tuple(value.stride())}", "contiguous in its last dimension")
+    return value
+
+
+def check_cache_pair(k_cache: object, v_cache: object) -> tuple[int, int, int, int]:
+    """Check the K and V page pools; return ``(num_pages, page_size, num_kv_heads, head_dim)``.
+
+    Raises:
+        InvalidType / InvalidArgument: as ``check_tensor``; also a CPU tensor outside the
+            interpreter (Triton kernels run on CUDA, or on the CPU with ``TRITON_INTERPRET=1``).
+    """
+    names = "[num_pages, page_size, num_kv_heads, head_dim]"
+    check_tensor("k_cache", k_cache, names, (None,) * 4, dtypes=FLOAT_DTYPES, contiguous=True)
+    check_tensor("v_cache", v_cache, names, tuple(k_cache.shape), like=("k_cache", k_cache), device=k_cache.device,
+                 contiguous=True)
+    check_device("k_cache", k_cache)
+    return tuple(k_cache.shape)
+
+
+def check_device(name: str, tensor: torch.Tensor) -> None:
+    """A Triton launch needs CUDA tensors, or CPU tensors when interpreting."""
+    if tensor.device.type != "cuda" and not is_interpreting():
+        raise InvalidArgument(
+            name, tensor.device, "on a CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)"
+        )
+
+
+def check_head_dim(head_dim: int) -> None:
+    # NOTE: tl.dot needs the reduction dimension >= 16 for 16-bit inputs; padded head dims are
+    # masked, so any multiple of 16 up to 256 works (64, 80, 96, 128, 256 are the tested ones).
+    if head_dim % 16 or not 16 <= head_dim <= 256:
+        raise InvalidArgument("head_dim", head_dim, "a multiple of 16 in [16, 256]")
+
+
+def check_group(num_heads: int, num_kv_heads: int) -> int:
+    """Query heads per KV head (GQA/MQA ratio)."""
+    if num_heads % num_kv_heads:
+        raise InvalidArgument("num_heads", num_heads, f"a multiple of num_kv_heads ({num_kv_heads})")
+    return num_heads // num_kv_heads
+
+
+def check_options(sm_scale, sliding_window, logits_soft_cap, head_dim: int) -> tuple[float, int, float]:
+    """Normalise the attention options: ``(sm_scale, window or 0, soft_cap or 0.0)``."""
+    if sm_scale is None:
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
+        raise InvalidType("sm_scale", sm_scale, "a positive float")
+    if not (math.isfinite(sm_scale) and sm_scale > 0):
+        raise InvalidArgument("sm_scale", sm_scale, "a positive finite float")
+    window = 0
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int):
+            raise InvalidType("sliding_window", sliding_window, "an int >= 1 or None")
+        if sliding_window < 1:
+            raise InvalidArgument("sliding_window", sliding_window, "an int >= 1 or None")
+        window = sliding_window
+    cap = 0.0
+    if logits_soft_cap is not None:
+        if isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap, (int, float)):
+            raise InvalidType("logits_soft_cap", logits_soft_cap, "a positive float or None")
+        if not (math.isfinite(logits_soft_cap) and logits_soft_cap > 0):
+            raise InvalidArgument("logits_soft_cap", logits_soft_cap, "a positive finite float or None")
+        cap = float(logits_soft_cap)
+    return float(sm_scale), window, cap
+
+
+def check_int(name: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidType(name, value, "an int")
+    if not lo <= value <= hi:
+        raise InvalidArgument(name, value, f"an int in [{lo}, {hi}]")
+    return value
+
+
+# --------------------------------------------------------------------------- tile choices
+class DecodeConfig(NamedTuple):
+    """Tile sizes of the decode kernel (chosen from shapes; no autotuning)."""
+
+    block_n: int  # key tokens per loop iteration
+    group_pad: int  # query heads per KV head, padded to a power of two >= 16 (tl.dot's minimum)
+    d_pad: int  # head_dim padded to a power of two
+    num_warps: int
+    num_stages: int
+
+
+class PrefillConfig(NamedTuple):
+    """Tile sizes of the prefill kernel."""
+
+    block_m: int  # rows of the query tile: (query token, query head of the group) pairs
+    block_n: int  # key tokens per loop iteration
+    d_pad: int
+    num_warps: int
+    num_stages: int
+
+
+def decode_config(head_dim: int, group_size: int, dtype: torch.dtype) -> DecodeConfig:
+    d_pad = next_power_of_2(head_dim)
+    group_pad = max(16, next_power_of_2(group_size))
+    # NOTE: keep each K and V tile (block_n x d_pad) near 16 KB so both stay in registers
+    # with 4 warps and the loads of the next tile can be in flight (num_stages=2); decode is
+    # bound by HBM bandwidth, not by the tensor cores.
+    elements = 16384 // torch.tensor([], dtype=dtype).element_size()
+    block_n = max(16, min(64, elements // d_pad))
+    if group_pad > 16:
+        block_n = max(16, block_n // 2)
+    return DecodeConfig(block_n, group_pad, d_pad, num_warps=4, num_stages=2)
+
+
+def prefill_config(head_dim: int, group_size: int, dtype: torch.dtype) -> PrefillConfig:
+    d_pad = next_power_of_2(head_dim)
+    if dtype == torch.float32:
+        # NOTE: fp32 tiles are twice the bytes and fp32 dots need more registers: halve both
+        # tile dimensions, or shared memory exceeds sm_80's 163 KB at head_dim 256.
+        block_m = max(32, next_power_of_2(group_size))
+        block_n = 32 if d_pad <= 128 else 16
+    else:
+        block_m = max(64, next_power_of_2(group_size))
+        block_n = 64 if d_pad <= 128 else 32
+    num_warps = 4 if d_pad <= 64 else 8
+    return PrefillConfig(block_m, block_n, d_pad, num_warps=num_warps, num_stages=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; 8 for the CPU interpreter (keeps tests small)."""
+    if device.type != "cuda":
+        return 8
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _num_sms(index)
+
+
+def choose_num_splits(batch_size: int, num_kv_heads: int, max_seq_len: int, sms: int) -> int:
+    """Split-KV count for a decode batch, from host-side shape facts only (no device sync).
+
+    One program handles one (sequence, KV head) pair. When there are too few of those to keep
+    every SM busy, each sequence's keys are split into chunks of at least
+    ``MIN_TOKENS_PER_SPLIT`` tokens handled by separate programs, and a merge kernel combines
+    the partial results. The answer depends only on ``batch_size``, ``num_kv_heads`` and the
+    longest context, so a CUDA graph captured for a padded batch shape stays valid.
+    """
+    programs = batch_size * num_kv_heads
+    wanted = cdiv(PROGRAMS_PER_SM * sms, max(programs, 1))
+    useful = max(1, max_seq_len // MIN_TOKENS_PER_SPLIT)
+    return int(max(1, min(wanted, useful, MAX_SPLITS)))

@@ -1,0 +1,233 @@
+"""``paged_decode``: attention of one new query token per sequence over its paged K/V (Triton).
+
+One program handles one (sequence, KV head, split) triple. The query heads that share the KV
+head (GQA/MQA) form the rows of one tile, so every K/V byte is read once per KV head. Long
+contexts with few programs are split along the keys (split-KV); a merge kernel combines the
+partial results by their log-sum-exp. Keys are gathered token by token through the page
+table, so any page size works and the loop tile does not have to match the page size.
+
+Imports torch and triton; ``pagedkv/__init__.py`` never imports this module.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as common
+
+
+@triton.jit
+def soft_cap(scores, cap):
+    """``cap * tanh(scores / cap)``, with tanh written through exp (no libdevice needed)."""
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): exp overflowing to inf gives exactly 1, underflow -1.
+    return cap * (1.0 - 2.0 / (tl.exp(2.0 * (scores / cap)) + 1.0))
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr,
+    sm_scale, soft_cap_value, window, num_heads, num_splits,
+    stride_qs, stride_qh,
+    stride_cache_page, stride_cache_token, stride_cache_head,
+    stride_table_seq,
+    stride_os, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SOFT_CAP: tl.constexpr, IS_SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Keys attended: positions [first, seq_len); the query is at position seq_len - 1.
+    first = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
+    aligned = (first // BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len - aligned, num_splits), BLOCK_N) * BLOCK_N
+    start = aligned + split * chunk
+    end = tl.minimum(start + chunk, seq_len)
+
+    rows = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + rows
+    row_mask = rows < GROUP
+    dims = tl.arange(0, D_PAD)
+    dim_mask = dims < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+    table_row = page_table_ptr + seq.to(tl.int64) * stride_table_seq
+    head_offset = kv_head * stride_cache_head
+    for block_start in range(start, end, BLOCK_N):
+        positions = block_start + tl.arange(0, BLOCK_N)
+        # NOTE: every load is masked to [first, end): the unused tail of the last page (which
+        # may hold NaN from an earlier owner) and padding entries (-1) of the page table are
+        # never read, so they cannot leak into the result.
+        valid = (positions >= first) & (positions < end)
+        pages = tl.load(table_row + positions // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        offsets = (pages[:, None] * stride_cache_page + (positions % PAGE_SIZE)[:, None] * stride_cache_token
+                   + head_offset + dims[None, :])
+        kv_mask = valid[:, None] & dim_mask[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+        if HAS_SOFT_CAP:
+            scores = soft_cap(scores, soft_cap_value)
+        scores = tl.where(valid[None, :], scores * 1.4426950408889634, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # NOTE: a sequence with no key (seq_len 0, or an empty split) yields zeros, not NaN.
+    result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out_mask = row_mask[:, None] & dim_mask[None, :]
+    if IS_SPLIT:
+        row = (seq * num_heads + heads) * num_splits + split
+        tl.store(part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], result, mask=out_mask)
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(part_lse_ptr + row, lse, mask=row_mask)
+    else:
+        tl.store(out_ptr + seq * stride_os + heads[:, None] * stride_oh + dims[None, :],
+                 result.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr,
+    num_heads, num_splits,
+    stride_os, stride_oh,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_mask = splits < num_splits
+    dims = tl.arange(0, D_PAD)
+    dim_mask = dims < HEAD_DIM
+    row = (seq * num_heads + head) * num_splits + splits
+    lse = tl.load(part_lse_ptr + row, mask=split_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    weights = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
+                    mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
+    total = tl.sum(weights, 0)
+    merged = tl.sum(weights[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + dims, merged.to(out_ptr.dtype.element_ty), mask=dim_mask)
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+    out: torch.Tensor | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Decode attention: each sequence's single query token over its cached K/V.
+
+    The query token of sequence ``i`` sits at position ``seq_lens[i] - 1`` and its own K/V must
+    already be in the cache (``write_kv`` first). Launches one kernel (two with split-KV) and
+    never synchronises with the host, so it can be captured in a CUDA graph.
+
+    Args:
+        q: ``[num_seqs, num_heads, head_dim]``, the cache's dtype; query head ``h`` reads KV
+            head ``h // (num_heads // num_kv_heads)``.
+        k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]``, contiguous,
+            float16 / bfloat16 / float32.
+        page_table: int32 ``[num_seqs, max_pages]``; entries past a sequence's pages may be
+            anything (``NULL_PAGE`` = -1 from the block manager): they are never read.
+        seq_lens: int32 ``[num_seqs]``; tokens in the cache for each sequence (query included).
+        sm_scale: score scale; default ``1 / sqrt(head_dim)``.
+        sliding_window: attend only to the last ``sliding_window`` tokens (query included),
+            i.e. key positions ``> seq_len - 1 - sliding_window``; ``None`` for all tokens.
+        logits_soft_cap: if set, scores become ``cap * tanh(scores / cap)`` (after scaling).
+        out: optional ``[num_seqs, num_heads, head_dim]`` output tensor (same dtype).
+        max_seq_len: host-side upper bound of ``seq_lens`` used to pick the split count;
+            default ``max_pages * page_size``.
+        num_splits: split-KV count; default chosen from the batch shape (``1`` = no split).
+
+    Returns:
+        ``out``: ``[num_seqs, num_heads, head_dim]`` in ``q``'s dtype.
+
+    Raises:
+        InvalidType / InvalidArgument: naming the tensor or option that is wrong.
+    """
+    num_pages, page_size, num_kv_heads, head_dim = common.check_cache_pair(k_cache, v_cache)
+    common.check_head_dim(head_dim)
+    device = k_cache.device
+    common.check_tensor("q", q, "[num_seqs, num_heads, head_dim]", (None, None, head_dim),
+                        like=("k_cache", k_cache), device=device)
+    num_seqs, num_heads, _ = q.shape
+    group = common.check_group(num_heads, num_kv_heads)
+    common.check_tensor("page_table", page_table, "[num_seqs, max_pages]", (num_seqs, None),
+                        dtypes=(torch.int32,), device=device)
+    common.check_tensor("seq_lens", seq_lens, "[num_seqs]", (num_seqs,), dtypes=(torch.int32,), device=device,
+                        contiguous=True)
+    if out is None:
+        out = torch.empty_like(q)
+    else:
+        common.check_tensor("out", out, "[num_seqs, num_heads, head_dim]", tuple(q.shape), like=("q", q),
+                            device=device)
+    sm_scale, window, cap = common.check_options(sm_scale, sliding_window, logits_soft_cap, head_dim)
+    capacity = page_table.shape[1] * page_size
+    if max_seq_len is None:
+        max_seq_len = capacity
+    common.check_int("max_seq_len", max_seq_len, 0, 2**31 - 1)
+    config = common.decode_config(head_dim, group, k_cache.dtype)
+    if num_splits is None:
+        span = min(max_seq_len, window + config.block_n) if window else max_seq_len
+        num_splits = common.choose_num_splits(num_seqs, num_kv_heads, span, common.num_sms(device))
+    common.check_int("num_splits", num_splits, 1, common.MAX_SPLITS)
+    if num_seqs == 0:
+        return out
+
+    is_split = num_splits > 1
+    if is_split:
+        part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
+        part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=device)
+    else:
+        part_out = part_lse = out  # unused by the kernel when IS_SPLIT is false
+    _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, page_table, seq_lens,
+        out, part_out, part_lse,
+        sm_scale, cap, window, num_heads, num_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        page_table.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=config.group_pad, HEAD_DIM=head_dim, D_PAD=config.d_pad,
+        PAGE_SIZE=page_size, BLOCK_N=config.block_n,
+        HAS_SOFT_CAP=cap > 0, IS_SPLIT=is_split,
+        UPCAST=common.is_interpreting() and k_cache.dtype == torch.bfloat16,
+        DOT_PRECISION="tf32x3" if k_cache.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if is_split:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out,
+            num_heads, num_splits,
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, D_PAD=config.d_pad, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,182 @@
+"""``paged_prefill``: variable-length query chunks attending causally to their paged K/V (Triton).
+
+Covers prompt prefill, chunked prefill and prefix-cache hits alike: sequence ``i``'s
+``q_len`` new tokens are the last ``q_len`` of its ``seq_len`` cached tokens (``write_kv`` has
+already stored their K/V), so query ``j`` sits at position ``seq_len - q_len + j`` and sees every
+key at or before it. One program handles one (query block, KV head, sequence); the rows of its
+query tile are (token, query head) pairs of one GQA group, so each K/V tile loaded serves every
+query head that shares it.
+
+Imports torch and triton; ``pagedkv/__init__.py`` never imports this module.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import InvalidArgument
+from . import _common as common
+from .decode import soft_cap
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr, qo_indptr_ptr, out_ptr,
+    sm_scale, soft_cap_value, window,
+    stride_qt, stride_qh,
+    stride_cache_page, stride_cache_token, stride_cache_head,
+    stride_table_seq,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS_PER_BLOCK: tl.constexpr,
+    HAS_SOFT_CAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(qo_indptr_ptr + seq)
+    q_len = tl.load(qo_indptr_ptr + seq + 1) - q_start
+    first_token = q_block * TOKENS_PER_BLOCK
+    if first_token >= q_len:  # the grid is sized for the longest chunk of the batch
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    tokens = first_token + rows // GROUP
+    heads = kv_head * GROUP + rows % GROUP
+    row_mask = (rows < TOKENS_PER_BLOCK * GROUP) & (tokens < q_len)
+    dims = tl.arange(0, D_PAD)
+    dim_mask = dims < HEAD_DIM
+    token_offsets = (q_start + tokens).to(tl.int64)
+    q = tl.load(q_ptr + token_offsets[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_mask[:, None] & dim_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    # NOTE: rows past the chunk get the position of its last token, so every row has at least
+    # one visible key (itself) and the online softmax never sees a fully masked row of NaN.
+    q_positions = prefix + tl.minimum(tokens, q_len - 1)
+    last = prefix + tl.minimum(first_token + TOKENS_PER_BLOCK, q_len)  # keys [first, last)
+    first = tl.where(window > 0, tl.maximum(prefix + first_token - window + 1, 0), 0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    table_row = page_table_ptr + seq.to(tl.int64) * stride_table_seq
+    head_offset = kv_head * stride_cache_head
+    for block_start in range((first // BLOCK_N) * BLOCK_N, last, BLOCK_N):
+        positions = block_start + tl.arange(0, BLOCK_N)
+        valid = (positions >= first) & (positions < last)  # never read a page-tail or a -1 entry
+        pages = tl.load(table_row + positions // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        offsets = (pages[:, None] * stride_cache_page + (positions % PAGE_SIZE)[:, None] * stride_cache_token
+                   + head_offset + dims[None, :])
+        kv_mask = valid[:, None] & dim_mask[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+        if HAS_SOFT_CAP:
+            scores = soft_cap(scores, soft_cap_value)
+        visible = valid[None, :] & (positions[None, :] <= q_positions[:, None])
+        visible = visible & ((window == 0) | (positions[None, :] > q_positions[:, None] - window))
+        scores = tl.where(visible, scores * 1.4426950408889634, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + token_offsets[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+             result.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+    out: torch.Tensor | None = None,
+    max_q_len: int | None = None,
+) -> torch.Tensor:
+    """Prefill / extend attention over paged K/V for a ragged batch of query chunks.
+
+    Sequence ``i`` owns query rows ``qo_indptr[i]:qo_indptr[i+1]`` of ``q``; they are its last
+    ``q_len`` tokens, whose K/V are already in the cache, so query ``j`` of the chunk attends
+    causally to key positions ``<= seq_lens[i] - q_len + j``. A decode token is a chunk of
+    length 1, so mixed prefill/decode batches work too. No host synchronisation.
+
+    Args:
+        q: ``[num_tokens, num_heads, head_dim]``, the cache's dtype.
+        k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]``, contiguous.
+        page_table: int32 ``[num_seqs, max_pages]`` (padding entries are never read).
+        seq_lens: int32 ``[num_seqs]``; cached tokens per sequence, new chunk included.
+        qo_indptr: int32 ``[num_seqs + 1]``; ``qo_indptr[0] == 0``, non-decreasing,
+            ``qo_indptr[-1] == num_tokens``, ``q_len <= seq_len`` (checked by
+            ``PagedKVCache.plan``, not on the device).
+        sm_scale, sliding_window, logits_soft_cap: as in ``paged_decode``.
+        out: optional ``[num_tokens, num_heads, head_dim]`` output (same dtype).
+        max_q_len: host-side bound on the longest chunk, sizes the grid; default
+            ``num_tokens`` (always safe, launches idle programs for batches of many chunks).
+
+    Returns:
+        ``out``: ``[num_tokens, num_heads, head_dim]`` in ``q``'s dtype.
+
+    Raises:
+        InvalidType / InvalidArgument: naming the tensor or option that is wrong.
+    """
+    _, page_size, num_kv_heads, head_dim = common.check_cache_pair(k_cache, v_cache)
+    common.check_head_dim(head_dim)
+    device = k_cache.device
+    common.check_tensor("q", q, "[num_tokens, num_heads, head_dim]", (None, None, head_dim),
+                        like=("k_cache", k_cache), device=device)
+    num_tokens, num_heads, _ = q.shape
+    group = common.check_group(num_heads, num_kv_heads)
+    common.check_tensor("page_table", page_table, "[num_seqs, max_pages]", (None, None), dtypes=(torch.int32,),
+                        device=device)
+    num_seqs = page_table.shape[0]
+    if num_seqs > 65535:  # the grid's third axis
+        raise InvalidArgument("page_table", list(page_table.shape), "at most 65535 sequences per launch")
+    common.check_tensor("seq_lens", seq_lens, "[num_seqs]", (num_seqs,), dtypes=(torch.int32,), device=device,
+                        contiguous=True)
+    common.check_tensor("qo_indptr", qo_indptr, "[num_seqs + 1]", (num_seqs + 1,), dtypes=(torch.int32,),
+                        device=device, contiguous=True)
+    if out is None:
+        out = torch.empty_like(q)
+    else:
+        common.check_tensor("out", out, "[num_tokens, num_heads, head_dim]", tuple(q.shape), like=("q", q),
+                            device=device)
+    sm_scale, window, cap = common.check_options(sm_scale, sliding_window, logits_soft_cap, head_dim)
+    max_q_len = num_tokens if max_q_len is None else common.check_int("max_q_len", max_q_len, 0, 2**31 - 1)
+    if num_seqs == 0 or num_tokens == 0 or max_q_len == 0:
+        return out
+    config = common.prefill_config(head_dim, group, k_cache.dtype)
+    tokens_per_block = config.block_m // group
+    grid = (triton.cdiv(max_q_len, tokens_per_block), num_kv_heads, num_seqs)
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, page_table, seq_lens, qo_indptr, out,
+        sm_scale, cap, window,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        page_table.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, D_PAD=config.d_pad, PAGE_SIZE=page_size,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, TOKENS_PER_BLOCK=tokens_per_block,
+        HAS_SOFT_CAP=cap > 0,
+        UPCAST=common.is_interpreting() and k_cache.dtype == torch.bfloat16,
+        DOT_PRECISION="tf32x3" if k_cache.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out

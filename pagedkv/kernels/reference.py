@@ -1,0 +1,143 @@
+"""Slow, obvious torch implementations of every kernel: the specification the Triton kernels
+are tested against, and the implementation ``PagedKVCache`` runs on the CPU.
+
+Attention gathers each sequence's keys token by token through its page table (page
+``page_table[i, pos // page_size]``, offset ``pos % page_size``), computes scores and softmax
+in float32, and casts the result to the query's dtype. Only positions below ``seq_len`` are
+gathered, so whatever sits in the unused tail of a last page never matters.
+
+Same signatures as the Triton launchers (without the launch-tuning arguments ``max_seq_len``,
+``max_q_len`` and ``num_splits``). Inputs are not validated here: the launchers and
+``PagedKVCache`` do that. Imports torch only (never triton).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write token ``i``'s K/V to slot ``slot_mapping[i]`` (skip slot -1). See ``kernels.write_kv``."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[keep]
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v[keep]
+
+
+def gather_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, page_table_row: torch.Tensor, seq_len: int, start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's tokens ``[start, seq_len)`` of K and V: two ``[seq_len - start, num_kv_heads, head_dim]``."""
+    page_size = k_cache.shape[1]
+    positions = torch.arange(start, seq_len, device=k_cache.device)
+    pages = page_table_row.long()[positions // page_size]
+    offsets = positions % page_size
+    return k_cache[pages, offsets], v_cache[pages, offsets]
+
+
+def attend(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    q_positions: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+    key_start: int = 0,
+) -> torch.Tensor:
+    """Causal attention of queries at ``q_positions`` over keys at positions ``key_start, ...``.
+
+    Args:
+        q: ``[num_queries, num_heads, head_dim]``.
+        keys, values: ``[num_keys, num_kv_heads, head_dim]``, positions ``key_start`` onwards.
+        q_positions: int ``[num_queries]``; query ``j`` sees key positions ``p <= q_positions[j]``
+            (and ``p > q_positions[j] - sliding_window`` with a window).
+
+    Returns:
+        ``[num_queries, num_heads, head_dim]`` in ``q``'s dtype; a query with no key gets zeros.
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    group = num_heads // keys.shape[1]
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    k = keys.float().repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
+    v = values.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    if logits_soft_cap is not None:
+        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+    key_positions = torch.arange(key_start, key_start + keys.shape[0], device=q.device)
+    allowed = key_positions[None, :] <= q_positions[:, None]
+    if sliding_window is not None:
+        allowed &= key_positions[None, :] > q_positions[:, None] - sliding_window
+    scores = scores.masked_fill(~allowed[None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key -> zeros
+    return torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention; see ``kernels.paged_decode``. Returns ``[num_seqs, num_heads, head_dim]``."""
+    out = torch.empty_like(q) if out is None else out
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        # NOTE: only keys the query may see are gathered, so pages released before the window
+        # (NULL_PAGE entries) are never touched.
+        start = max(seq_len - sliding_window, 0) if sliding_window else 0
+        keys, values = gather_kv(k_cache, v_cache, page_table[i], seq_len, start)
+        q_positions = torch.tensor([seq_len - 1], device=q.device)
+        out[i] = attend(q[i:i + 1], keys, values, q_positions, sm_scale=sm_scale, sliding_window=sliding_window,
+                        logits_soft_cap=logits_soft_cap, key_start=start)[0]
+    return out
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Prefill/extend attention; see ``kernels.paged_prefill``. Returns ``[num_tokens, num_heads, head_dim]``."""
+    out = torch.empty_like(q) if out is None else out
+    bounds = qo_indptr.tolist()
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        lo, hi = bounds[i], bounds[i + 1]
+        if hi == lo:
+            continue
+        start = max(seq_len - (hi - lo) - sliding_window + 1, 0) if sliding_window else 0
+        keys, values = gather_kv(k_cache, v_cache, page_table[i], seq_len, start)
+        q_positions = torch.arange(seq_len - (hi - lo), seq_len, device=q.device)
+        out[lo:hi] = attend(q[lo:hi], keys, values, q_positions, sm_scale=sm_scale, sliding_window=sliding_window,
+                            logits_soft_cap=logits_soft_cap, key_start=start)
+    return out
+
+
+def copy_pages(caches: torch.Tensor, copies: torch.Tensor) -> None:
+    """``caches[:, dst] = caches[:, src]`` for every ``(src, dst)`` row of ``copies``, in order.
+
+    Args:
+        caches: ``[num_caches, num_pages, ...]`` (e.g. every layer's K and V stacked).
+        copies: int ``[num_copies, 2]``.
+    """
+    for src, dst in copies.tolist():
+        caches[:, dst] = caches[:, src]
