@@ -123,6 +123,8 @@ class BlockManager:
             prompts with the same prefix reuse them (see the README's prefix-caching contract).
         num_cpu_pages: pages in the CPU offload tier (``swap_out`` / ``swap_in``); 0 = none.
         backend: ``"cpp"`` or ``"python"``; default ``$PAGEDKV_IMPL`` or the best one built.
+        record: a path (``.gz`` compresses) or text file: write every call and its result there
+            as JSON Lines, for ``pagedkv replay`` (see ``pagedkv/_recorder.py``).
 
     Raises:
         InvalidArgument / InvalidType: a bad argument (names it and the value).
@@ -140,6 +142,7 @@ class BlockManager:
         enable_prefix_caching: bool = False,
         num_cpu_pages: int = 0,
         backend: str | None = None,
+        record=None,
         _hash_bits: int = 64,
     ):
         num_pages = check.count("num_pages", num_pages)
@@ -157,6 +160,13 @@ class BlockManager:
         self._impl = _backend.implementation(self._backend)(
             num_pages, page_size, math.floor(self.watermark * num_pages), bool(enable_prefix_caching), num_cpu_pages, hash_bits
         )
+        if record is not None:
+            from ._recorder import Recorder
+
+            config = dict(num_pages=num_pages, page_size=page_size, watermark_pages=math.floor(self.watermark * num_pages),
+                          enable_prefix_caching=bool(enable_prefix_caching), num_cpu_pages=num_cpu_pages,
+                          hash_bits=hash_bits, backend=self._backend)
+            self._impl = Recorder(self._impl, record, config)
 
     # ------------------------------------------------------------------ facts
     @property
@@ -430,6 +440,12 @@ class BlockManager:
                 ``free_list_unique``, ``free_page_unreferenced``, ``pages_cover_tokens``, ...).
         """
         self._impl.check_invariants()
+
+    def close_trace(self) -> None:
+        """Flush and close the trace file of ``record=`` (a no-op when not recording)."""
+        close = getattr(self._impl, "close", None) if type(self._impl).__name__ == "Recorder" else None
+        if close is not None:
+            close()
 
     def snapshot(self) -> dict:
         """The whole observable state (free queue order, ref counts, tables), for tests."""

@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "frag": ("pagedkv.commands.frag", "compare fragmentation of paged vs static contiguous allocation"),
     "size": ("pagedkv.commands.size", "size a KV cache for a model on a GPU"),
+    "replay": ("pagedkv.commands.replay", "re-execute a recorded block-manager trace, report the first divergence"),
 }
 
 
