@@ -4,8 +4,8 @@
 // `Failure` object (status code + fields); pagedkv/_cpp.py turns a Failure into the typed error
 // of pagedkv/errors.py, so no message is written here. Batch inputs are numpy int64 arrays
 // (validated by the facade); batch outputs are numpy arrays that own the C++ buffers they wrap
-// (no copy). The GIL stays held: the core has no locks, so calls from Python threads are
-// serialised by it.
+// (no copy). Token ids are int64 numpy arrays or None (no per-token Python work). The GIL stays
+// held: the core has no locks, so calls from Python threads are serialised by it.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "block_manager.h"
+#include "page_hash.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -26,6 +27,26 @@ using pagedkv::Failure;
 
 // 1-D contiguous int64 on the CPU (what pagedkv._validate.int_array produces).
 using Int64Array = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+// An Int64Array argument declared with .none(): None arrives as an invalid array.
+pagedkv::TokenIds token_ids_of(const Int64Array& a) {
+  pagedkv::TokenIds t;
+  if (a.is_valid()) {
+    t.size = a.shape(0);
+    // NOTE: an empty array still counts as given; data() may be null for it.
+    static const int64_t kNoTokens = 0;
+    t.data = t.size ? a.data() : &kNoTokens;
+  }
+  return t;
+}
+
+// (src, dst) pairs as a list of tuples (allocate, append).
+nb::list copy_list(const std::vector<int32_t>& copies) {
+  nb::list out;
+  for (size_t i = 0; i + 1 < copies.size(); i += 2)
+    out.append(nb::make_tuple(copies[i], copies[i + 1]));
+  return out;
+}
 
 // A numpy array that takes ownership of `values` (no copy); `shape` must match its size.
 template <typename T>
@@ -62,6 +83,7 @@ NB_MODULE(_core, m) {
   status["invalid_argument"] = int(pagedkv::Status::invalid_argument);
   status["int32_overflow"] = int(pagedkv::Status::int32_overflow);
   status["invariant_violation"] = int(pagedkv::Status::invariant_violation);
+  status["sequence_swapped"] = int(pagedkv::Status::sequence_swapped);
   using pagedkv::Arg;
   argument["num_pages"] = int(Arg::num_pages);
   argument["page_size"] = int(Arg::page_size);
@@ -76,6 +98,14 @@ NB_MODULE(_core, m) {
   argument["max_pages"] = int(Arg::max_pages);
   argument["max_pages_range"] = int(Arg::max_pages_range);
   argument["child_id"] = int(Arg::child_id);
+  argument["num_cpu_pages"] = int(Arg::num_cpu_pages);
+  argument["hash_bits"] = int(Arg::hash_bits);
+  argument["num_tokens_len"] = int(Arg::num_tokens_len);
+  argument["token_ids"] = int(Arg::token_ids);
+  argument["token_ids_len"] = int(Arg::token_ids_len);
+  argument["token_ids_sum"] = int(Arg::token_ids_sum);
+  argument["window"] = int(Arg::window);
+  argument["start_released"] = int(Arg::start_released);
   using pagedkv::Invariant;
   invariant["pages_cover_tokens"] = int(Invariant::pages_cover_tokens);
   invariant["page_in_range"] = int(Invariant::page_in_range);
@@ -85,10 +115,23 @@ NB_MODULE(_core, m) {
   invariant["conservation"] = int(Invariant::conservation);
   invariant["free_list_links"] = int(Invariant::free_list_links);
   invariant["free_list_size"] = int(Invariant::free_list_size);
+  invariant["cpu_ref_count"] = int(Invariant::cpu_ref_count);
+  invariant["free_queue_cached"] = int(Invariant::free_queue_cached);
+  invariant["cpu_conservation"] = int(Invariant::cpu_conservation);
+  invariant["hash_index"] = int(Invariant::hash_index);
+  invariant["hash_index_size"] = int(Invariant::hash_index_size);
   m.attr("STATUS") = status;
   m.attr("ARGUMENT") = argument;
   m.attr("INVARIANT") = invariant;
   m.attr("MAX_COUNT") = pagedkv::kMaxCount;
+
+  m.def(
+      "page_hash",
+      [](uint64_t parent, Int64Array tokens, uint64_t salt) {
+        return pagedkv::page_hash(parent, tokens.data(), tokens.shape(0), salt);
+      },
+      "parent"_a, "tokens"_a, "salt"_a,
+      "pagedkv._hashing.page_hash computed by the core (tokens: int64 array), for parity tests.");
 
   nb::class_<Failure>(m, "Failure", "An expected failure: a status code and its fields.")
       .def_prop_ro("status", [](const Failure& f) { return int(f.status); })
@@ -106,30 +149,58 @@ NB_MODULE(_core, m) {
 
   m.def(
       "check_config",
-      [](int64_t num_pages, int64_t page_size, int64_t watermark_pages) -> nb::object {
-        Failure f = BlockManager::check_config(num_pages, page_size, watermark_pages);
+      [](int64_t num_pages, int64_t page_size, int64_t watermark_pages, int64_t num_cpu_pages,
+         int64_t hash_bits) -> nb::object {
+        Failure f = BlockManager::check_config(num_pages, page_size, watermark_pages,
+                                               num_cpu_pages, hash_bits);
         return f.ok() ? nb::none() : failure(f);
       },
-      "num_pages"_a, "page_size"_a, "watermark_pages"_a,
-      "None when BlockManager(num_pages, page_size, watermark_pages) is valid, else a Failure.");
+      "num_pages"_a, "page_size"_a, "watermark_pages"_a, "num_cpu_pages"_a = 0,
+      "hash_bits"_a = 64,
+      "None when BlockManager(num_pages, page_size, watermark_pages, ..., num_cpu_pages, "
+      "hash_bits) is valid, else a Failure.");
 
   nb::class_<BlockManager>(m, "BlockManager")
       .def(
           "__init__",
-          [](BlockManager* self, int64_t num_pages, int64_t page_size, int64_t watermark_pages) {
+          [](BlockManager* self, int64_t num_pages, int64_t page_size, int64_t watermark_pages,
+             bool enable_prefix_caching, int64_t num_cpu_pages, int64_t hash_bits) {
             // Last line of defence for direct use of _core; pagedkv/_cpp.py calls check_config
             // first and raises the typed error.
-            if (!BlockManager::check_config(num_pages, page_size, watermark_pages).ok())
+            if (!BlockManager::check_config(num_pages, page_size, watermark_pages, num_cpu_pages,
+                                            hash_bits)
+                     .ok())
               throw std::invalid_argument("invalid BlockManager configuration (see check_config)");
-            new (self) BlockManager(num_pages, page_size, watermark_pages);
+            new (self) BlockManager(num_pages, page_size, watermark_pages, enable_prefix_caching,
+                                    num_cpu_pages, hash_bits);
           },
-          "num_pages"_a, "page_size"_a, "watermark_pages"_a)
+          "num_pages"_a, "page_size"_a, "watermark_pages"_a, "enable_prefix_caching"_a = false,
+          "num_cpu_pages"_a = 0, "hash_bits"_a = 64)
       .def_prop_ro("num_pages", &BlockManager::num_pages)
       .def_prop_ro("page_size", &BlockManager::page_size)
       .def_prop_ro("watermark_pages", &BlockManager::watermark_pages)
+      .def_prop_ro("enable_prefix_caching", &BlockManager::enable_prefix_caching)
+      .def_prop_ro("num_cpu_pages", &BlockManager::num_cpu_pages)
       .def_prop_ro("num_free_pages", &BlockManager::num_free_pages)
+      .def_prop_ro("num_free_cpu_pages", &BlockManager::num_free_cpu_pages)
       .def_prop_ro("num_sequences", &BlockManager::num_sequences)
       .def("has_sequence", &BlockManager::has_sequence, "seq_id"_a)
+      .def(
+          "is_swapped",
+          [](const BlockManager& self, int64_t seq_id) -> nb::object {
+            bool out = false;
+            Failure f = self.is_swapped(seq_id, out);
+            return f.ok() ? nb::bool_(out) : failure(f);
+          },
+          "seq_id"_a)
+      .def(
+          "prefix_cache_stats",
+          [](const BlockManager& self) {
+            const pagedkv::PrefixCacheStats s = self.prefix_cache_stats();
+            return nb::make_tuple(s.queries, s.hits, s.query_tokens, s.hit_tokens,
+                                  s.num_cached_pages, s.num_evictable_pages);
+          },
+          "(queries, hits, query_tokens, hit_tokens, num_cached_pages, num_evictable_pages).")
       .def(
           "page_table",
           [](const BlockManager& self, int64_t seq_id) -> nb::object {
@@ -157,7 +228,15 @@ NB_MODULE(_core, m) {
             return f.ok() ? nb::int_(n) : failure(f);
           },
           "page_id"_a)
-      .def("can_allocate", &BlockManager::can_allocate, "num_tokens"_a)
+      .def(
+          "can_allocate",
+          [](BlockManager& self, int64_t num_tokens, Int64Array token_ids,
+             uint64_t salt) -> nb::object {
+            bool ok = false;
+            Failure f = self.can_allocate(num_tokens, token_ids_of(token_ids), salt, ok);
+            return f.ok() ? nb::bool_(ok) : failure(f);
+          },
+          "num_tokens"_a, "token_ids"_a.none() = nb::none(), "salt"_a = 0)
       .def(
           "can_append",
           [](BlockManager& self, int64_t seq_id, int64_t num_tokens) -> nb::object {
@@ -168,29 +247,34 @@ NB_MODULE(_core, m) {
           "seq_id"_a, "num_tokens"_a)
       .def(
           "allocate",
-          [](BlockManager& self, int64_t seq_id, int64_t num_tokens) -> nb::object {
-            Failure f = self.allocate(seq_id, num_tokens);
-            return f.ok() ? nb::int_(0) : failure(f);  // 0 tokens found in the prefix cache
+          [](BlockManager& self, int64_t seq_id, int64_t num_tokens, Int64Array token_ids,
+             uint64_t salt) -> nb::object {
+            int64_t num_cached = 0;
+            std::vector<int32_t> copies;
+            Failure f = self.allocate(seq_id, num_tokens, token_ids_of(token_ids), salt,
+                                      num_cached, copies);
+            if (!f.ok()) return failure(f);
+            return nb::make_tuple(num_cached, copy_list(copies));
           },
-          "seq_id"_a, "num_tokens"_a)
+          "seq_id"_a, "num_tokens"_a, "token_ids"_a.none() = nb::none(), "salt"_a = 0,
+          "(tokens found in the prefix cache, [(src_page, dst_page)]) or a Failure.")
       .def(
           "append",
-          [](BlockManager& self, int64_t seq_id, int64_t num_tokens) -> nb::object {
+          [](BlockManager& self, int64_t seq_id, int64_t num_tokens,
+             Int64Array token_ids) -> nb::object {
             std::vector<int32_t> copies;
-            Failure f = self.append(seq_id, num_tokens, copies);
+            Failure f = self.append(seq_id, num_tokens, token_ids_of(token_ids), copies);
             if (!f.ok()) return failure(f);
-            nb::list out;
-            for (size_t i = 0; i + 1 < copies.size(); i += 2)
-              out.append(nb::make_tuple(copies[i], copies[i + 1]));
-            return std::move(out);
+            return copy_list(copies);
           },
-          "seq_id"_a, "num_tokens"_a)
+          "seq_id"_a, "num_tokens"_a, "token_ids"_a.none() = nb::none())
       .def(
           "append_batch",
-          [](BlockManager& self, Int64Array seq_ids, Int64Array num_tokens) -> nb::object {
+          [](BlockManager& self, Int64Array seq_ids, Int64Array num_tokens,
+             Int64Array token_ids) -> nb::object {
             pagedkv::StepPlan plan;
             Failure f = self.append_batch(seq_ids.data(), seq_ids.shape(0), num_tokens.data(),
-                                          num_tokens.shape(0), plan);
+                                          num_tokens.shape(0), token_ids_of(token_ids), plan);
             if (!f.ok()) return failure(f);
             const size_t num_slots = plan.slot_mapping.size();
             const size_t num_copies = plan.copies.size() / 2;
@@ -198,7 +282,7 @@ NB_MODULE(_core, m) {
             nb::object copies = to_numpy(std::move(plan.copies), {num_copies, 2});
             return nb::make_tuple(slots, copies);
           },
-          "seq_ids"_a, "num_tokens"_a)
+          "seq_ids"_a, "num_tokens"_a, "token_ids"_a.none() = nb::none())
       .def(
           "fork",
           [](BlockManager& self, int64_t parent_id, int64_t child_id) -> nb::object {
@@ -213,6 +297,51 @@ NB_MODULE(_core, m) {
             return f.ok() ? nb::none() : failure(f);
           },
           "seq_id"_a)
+      .def(
+          "release_window",
+          [](BlockManager& self, int64_t seq_id, int64_t window) -> nb::object {
+            int64_t released = 0;
+            Failure f = self.release_window(seq_id, window, released);
+            return f.ok() ? nb::int_(released) : failure(f);
+          },
+          "seq_id"_a, "window"_a)
+      .def("reset_prefix_cache", &BlockManager::reset_prefix_cache)
+      .def(
+          "can_swap_out",
+          [](BlockManager& self, Int64Array seq_ids) -> nb::object {
+            bool ok = false;
+            Failure f = self.can_swap_out(seq_ids.data(), seq_ids.shape(0), ok);
+            return f.ok() ? nb::bool_(ok) : failure(f);
+          },
+          "seq_ids"_a)
+      .def(
+          "can_swap_in",
+          [](BlockManager& self, Int64Array seq_ids) -> nb::object {
+            bool ok = false;
+            Failure f = self.can_swap_in(seq_ids.data(), seq_ids.shape(0), ok);
+            return f.ok() ? nb::bool_(ok) : failure(f);
+          },
+          "seq_ids"_a)
+      .def(
+          "swap_out",
+          [](BlockManager& self, Int64Array seq_ids) -> nb::object {
+            std::vector<int32_t> copies;
+            Failure f = self.swap_out(seq_ids.data(), seq_ids.shape(0), copies);
+            if (!f.ok()) return failure(f);
+            const size_t num_copies = copies.size() / 2;
+            return to_numpy(std::move(copies), {num_copies, 2});
+          },
+          "seq_ids"_a, "(gpu_page, cpu_page) pairs as an int32 [K, 2] array, or a Failure.")
+      .def(
+          "swap_in",
+          [](BlockManager& self, Int64Array seq_ids) -> nb::object {
+            std::vector<int32_t> copies;
+            Failure f = self.swap_in(seq_ids.data(), seq_ids.shape(0), copies);
+            if (!f.ok()) return failure(f);
+            const size_t num_copies = copies.size() / 2;
+            return to_numpy(std::move(copies), {num_copies, 2});
+          },
+          "seq_ids"_a, "(cpu_page, gpu_page) pairs as an int32 [K, 2] array, or a Failure.")
       .def(
           "slots",
           [](const BlockManager& self, int64_t seq_id, int64_t start, int64_t stop) -> nb::object {
@@ -264,16 +393,23 @@ NB_MODULE(_core, m) {
           "snapshot",
           [](const BlockManager& self) {
             pagedkv::Snapshot s = self.snapshot();
-            const size_t num_free = s.free.size(), num_pages = s.ref_count.size();
-            const size_t num_seqs = s.seq_ids.size(), num_entries = s.pages.size();
-            return nb::make_tuple(to_numpy(std::move(s.free), {num_free}),
-                                  to_numpy(std::move(s.ref_count), {num_pages}),
-                                  to_numpy(std::move(s.seq_ids), {num_seqs}),
-                                  to_numpy(std::move(s.num_tokens), {num_seqs}),
-                                  to_numpy(std::move(s.indptr), {num_seqs + 1}),
-                                  to_numpy(std::move(s.pages), {num_entries}));
+            auto arr = [](auto&& v) {
+              const size_t n = v.size();
+              return to_numpy(std::move(v), {n});
+            };
+            const pagedkv::PrefixCacheStats& st = s.stats;
+            nb::object stats = nb::make_tuple(st.queries, st.hits, st.query_tokens, st.hit_tokens);
+            return nb::make_tuple(arr(std::move(s.free)), arr(std::move(s.evictable)),
+                                  arr(std::move(s.ref_count)), arr(std::move(s.cpu_free)),
+                                  arr(std::move(s.cpu_ref_count)), arr(std::move(s.seq_ids)),
+                                  arr(std::move(s.num_tokens)), arr(std::move(s.indptr)),
+                                  arr(std::move(s.pages)), arr(std::move(s.swapped)),
+                                  arr(std::move(s.index_hashes)), arr(std::move(s.index_pages)),
+                                  stats);
           },
-          "(free, ref_count, seq_ids, num_tokens, indptr, pages) as numpy arrays.")
+          "(free, evictable, ref_count, cpu_free, cpu_ref_count, seq_ids, num_tokens, indptr, "
+          "pages, swapped, index_hashes, index_pages) as numpy arrays, then (queries, hits, "
+          "query_tokens, hit_tokens).")
       .def("debug_set_ref_count", &BlockManager::debug_set_ref_count, "page_id"_a, "value"_a)
       .def("debug_set_page", &BlockManager::debug_set_page, "seq_id"_a, "index"_a, "page_id"_a);
 }

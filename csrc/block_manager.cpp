@@ -1,4 +1,5 @@
 // C++17 core of the pagedkv block manager; see block_manager.h and pagedkv/_reference.py.
+// Prefix caching lives in prefix_cache.cpp, the CPU tier and sliding windows in offload.cpp.
 #include "block_manager.h"
 
 #include <algorithm>
@@ -7,34 +8,18 @@
 #include <new>
 #include <utility>
 
+#include "internal.h"
+#include "page_hash.h"
+
 namespace pagedkv {
+using internal::broken;
+using internal::check_token_ids;
+using internal::fail;
+using internal::invalid;
+using internal::is_count;
+using internal::reserve_pages;
+
 namespace {
-
-inline Failure fail(Status status, int64_t v0 = 0, int64_t v1 = 0, int64_t v2 = 0,
-                    int64_t v3 = 0) {
-  Failure f;
-  f.status = status;
-  f.values[0] = v0;
-  f.values[1] = v1;
-  f.values[2] = v2;
-  f.values[3] = v3;
-  return f;
-}
-
-inline Failure invalid(Arg argument, int64_t v0, int64_t v1 = 0, int64_t v2 = 0) {
-  Failure f = fail(Status::invalid_argument, v0, v1, v2);
-  f.argument = argument;
-  return f;
-}
-
-inline Failure broken(Invariant invariant, int64_t v0, int64_t v1 = 0, int64_t v2 = 0,
-                      int64_t v3 = 0) {
-  Failure f = fail(Status::invariant_violation, v0, v1, v2, v3);
-  f.invariant = invariant;
-  return f;
-}
-
-inline bool is_count(int64_t n) { return n >= 1 && n <= kMaxCount; }
 
 // Slots of positions [start, stop) of a page table, written to out[0 .. stop - start).
 inline void write_slots(const std::vector<int32_t>& pages, const PageMath& pm, int64_t start,
@@ -47,23 +32,6 @@ inline void write_slots(const std::vector<int32_t>& pages, const PageMath& pm, i
     for (int64_t k = 0; k < chunk; ++k) *out++ = base + k;
     pos += chunk;
   }
-}
-
-// Room for new_len pages, growing geometrically (an exact reserve per new page would copy the
-// whole table every time a page is added). May throw std::bad_alloc; changes nothing visible.
-inline void reserve_pages(std::vector<int32_t>& pages, int64_t new_len) {
-  const size_t want = static_cast<size_t>(new_len);
-  if (pages.capacity() < want) pages.reserve(std::max(want, 2 * pages.capacity()));
-}
-
-// splitmix64's finaliser: sequential seq ids spread over the whole table.
-inline uint64_t mix(uint64_t x) {
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  x ^= x >> 31;
-  return x;
 }
 
 constexpr int64_t kEmptyKey = -1;
@@ -80,7 +48,7 @@ PageMath::PageMath(int64_t page_size) : size(page_size), shift(-1) {
 
 SeqMap::SeqMap() { rehash(16); }
 
-size_t SeqMap::home(int64_t key) const { return mix(static_cast<uint64_t>(key)) & mask_; }
+size_t SeqMap::home(int64_t key) const { return mix64(static_cast<uint64_t>(key)) & mask_; }
 
 int64_t SeqMap::find(int64_t key) const {
   if (key < 0) return -1;  // never stored; also keeps kEmptyKey from matching an empty slot
@@ -133,73 +101,144 @@ void SeqMap::rehash(size_t capacity) {
 }
 
 // =============================================================== BlockManager
-Failure BlockManager::check_config(int64_t num_pages, int64_t page_size,
-                                   int64_t watermark_pages) {
+Failure BlockManager::check_config(int64_t num_pages, int64_t page_size, int64_t watermark_pages,
+                                   int64_t num_cpu_pages, int64_t hash_bits) {
   if (!is_count(num_pages)) return invalid(Arg::num_pages, num_pages);
   if (!is_count(page_size)) return invalid(Arg::page_size, page_size);
   if (watermark_pages < 0 || watermark_pages > num_pages)
     return invalid(Arg::watermark_pages, watermark_pages, num_pages);
+  if (num_cpu_pages < 0 || num_cpu_pages > kMaxCount)
+    return invalid(Arg::num_cpu_pages, num_cpu_pages);
+  if (hash_bits < 1 || hash_bits > 64) return invalid(Arg::hash_bits, hash_bits);
   return Failure{};
 }
 
-BlockManager::BlockManager(int64_t num_pages, int64_t page_size, int64_t watermark_pages)
+BlockManager::BlockManager(int64_t num_pages, int64_t page_size, int64_t watermark_pages,
+                           bool enable_prefix_caching, int64_t num_cpu_pages, int64_t hash_bits)
     : num_pages_(num_pages),
       page_size_(page_size),
       page_math_(page_size),
       watermark_pages_(watermark_pages),
+      enable_prefix_caching_(enable_prefix_caching),
+      num_cpu_pages_(num_cpu_pages),
+      // NOTE: hash_bits < 64 truncates page hashes; tests use it to force collisions.
+      hash_mask_(hash_bits >= 64 ? ~uint64_t{0} : (uint64_t{1} << hash_bits) - 1),
       ref_count_(static_cast<size_t>(num_pages), 0),
       prev_(static_cast<size_t>(num_pages)),
       next_(static_cast<size_t>(num_pages)),
+      queue_of_(static_cast<size_t>(num_pages), static_cast<int8_t>(kFree)),
       drop_epoch_(static_cast<size_t>(num_pages), 0),
-      drop_count_(static_cast<size_t>(num_pages), 0) {
-  // NOTE: a new manager's free queue is 0..N-1, head first, as in the reference.
+      drop_count_(static_cast<size_t>(num_pages), 0),
+      cpu_ref_count_(static_cast<size_t>(num_cpu_pages), 0),
+      cpu_free_(static_cast<size_t>(num_cpu_pages)),
+      cpu_mark_(static_cast<size_t>(num_cpu_pages), 0),
+      cpu_move_to_(static_cast<size_t>(num_cpu_pages), kNullPage) {
+  // NOTE: a new manager's free queue is 0..N-1, head first, as in the reference; so is the
+  // CPU free queue.
   const int32_t n = static_cast<int32_t>(num_pages);
   for (int32_t p = 0; p < n; ++p) {
     prev_[p] = p - 1;  // kNullPage (-1) for page 0
     next_[p] = (p + 1 < n) ? p + 1 : kNullPage;
   }
-  head_ = 0;
-  tail_ = n - 1;
-  free_size_ = num_pages;
+  queues_[kFree].head = 0;
+  queues_[kFree].tail = n - 1;
+  queues_[kFree].size = num_pages;
+  for (int64_t p = 0; p < num_cpu_pages; ++p) cpu_free_[p] = static_cast<int32_t>(p);
+  cpu_free_size_ = num_cpu_pages;
+  if (enable_prefix_caching) {
+    keys_.resize(static_cast<size_t>(num_pages));
+    page_gen_.assign(static_cast<size_t>(num_pages), 0);
+  }
 }
 
-// ------------------------------------------------------------------ free queue
-int32_t BlockManager::free_queue_pop_head() {
-  const int32_t page = head_;
+// ------------------------------------------------------------------ free queues
+int32_t BlockManager::queue_pop_head(int queue) {
+  PageQueue& q = queues_[queue];
+  const int32_t page = q.head;
+  if (page < 0) return kNullPage;
   const int32_t next = next_[page];
-  head_ = next;
-  if (next != kNullPage) prev_[next] = kNullPage; else tail_ = kNullPage;
+  q.head = next;
+  if (next != kNullPage) prev_[next] = kNullPage; else q.tail = kNullPage;
   prev_[page] = next_[page] = kNotQueued;
-  --free_size_;
+  queue_of_[page] = -1;
+  --q.size;
   return page;
 }
 
-void BlockManager::free_queue_push_tail(int32_t page) {
-  if (on_free_queue(page)) return;  // only reachable after debug_* corruption
-  prev_[page] = tail_;
+void BlockManager::queue_push_tail(int queue, int32_t page) {
+  if (prev_[page] != kNotQueued) return;  // only reachable after debug_* corruption
+  PageQueue& q = queues_[queue];
+  prev_[page] = q.tail;
   next_[page] = kNullPage;
-  if (tail_ != kNullPage) next_[tail_] = page; else head_ = page;
-  tail_ = page;
-  ++free_size_;
+  if (q.tail != kNullPage) next_[q.tail] = page; else q.head = page;
+  q.tail = page;
+  queue_of_[page] = static_cast<int8_t>(queue);
+  ++q.size;
 }
 
-void BlockManager::free_queue_remove(int32_t page) {
-  if (!on_free_queue(page)) return;
+void BlockManager::queue_remove(int32_t page) {
+  if (prev_[page] == kNotQueued) return;
+  PageQueue& q = queues_[queue_of_[page]];
   const int32_t prev = prev_[page];
   const int32_t next = next_[page];
-  if (prev != kNullPage) next_[prev] = next; else head_ = next;
-  if (next != kNullPage) prev_[next] = prev; else tail_ = prev;
+  if (prev != kNullPage) next_[prev] = next; else q.head = next;
+  if (next != kNullPage) prev_[next] = prev; else q.tail = prev;
   prev_[page] = next_[page] = kNotQueued;
-  --free_size_;
+  queue_of_[page] = -1;
+  --q.size;
 }
 
 int32_t BlockManager::take_free_page() {
-  const int32_t page = free_queue_pop_head();
+  // NOTE: uncached pages go first; only then is the least recently freed cached page evicted.
+  int32_t page = queue_pop_head(kFree);
+  if (page == kNullPage) {
+    page = queue_pop_head(kEvictable);
+    if (page == kNullPage) return kNullPage;  // unreachable: callers checked the free count
+    uncache(page);
+  }
   ref_count_[page] = 1;
   return page;
 }
 
+void BlockManager::take_cached_page(int32_t page) {
+  // NOTE: O(1) removal from the middle of the evictable queue.
+  if (ref_count_[page] == 0) queue_remove(page);
+  ++ref_count_[page];
+}
+
+void BlockManager::release(int32_t page) {
+  if (--ref_count_[page] == 0) queue_push_tail(is_cached(page) ? kEvictable : kFree, page);
+}
+
+void BlockManager::release_cpu(int32_t page) {
+  if (page < 0 || page >= num_cpu_pages_) return;  // only reachable after corruption
+  if (--cpu_ref_count_[page] == 0) cpu_push_tail(page);
+}
+
+int32_t BlockManager::cpu_pop_head() {
+  if (cpu_free_size_ == 0) return kNullPage;
+  const int32_t page = cpu_free_[cpu_free_head_];
+  cpu_free_head_ = cpu_free_head_ + 1 == num_cpu_pages_ ? 0 : cpu_free_head_ + 1;
+  --cpu_free_size_;
+  return page;
+}
+
+void BlockManager::cpu_push_tail(int32_t page) {
+  if (cpu_free_size_ == num_cpu_pages_) return;  // only reachable after corruption
+  int64_t at = cpu_free_head_ + cpu_free_size_;
+  if (at >= num_cpu_pages_) at -= num_cpu_pages_;
+  cpu_free_[at] = page;
+  ++cpu_free_size_;
+}
+
 // --------------------------------------------------------------------- queries
+Failure BlockManager::resident(int64_t seq_id, int64_t& slot) const {
+  slot = index_.find(seq_id);
+  if (slot < 0) return fail(Status::unknown_sequence, seq_id);
+  if (seqs_[slot].swapped) return fail(Status::sequence_swapped, seq_id, 1);
+  return Failure{};
+}
+
 Failure BlockManager::page_table(int64_t seq_id, std::vector<int32_t>& out) const {
   const int64_t slot = index_.find(seq_id);
   if (slot < 0) return fail(Status::unknown_sequence, seq_id);
@@ -220,16 +259,27 @@ Failure BlockManager::ref_count(int64_t page_id, int64_t& out) const {
   return Failure{};
 }
 
-bool BlockManager::can_allocate(int64_t num_tokens) const {
-  if (num_tokens < 0) return false;
-  return page_math_.pages_for(num_tokens) <= free_size_ - watermark_pages_;
+Failure BlockManager::can_allocate(int64_t num_tokens, TokenIds token_ids, uint64_t salt,
+                                   bool& out) {
+  out = false;
+  if (num_tokens < 0) return Failure{};
+  if (token_ids.given()) {
+    if (static_cast<int64_t>(token_ids.size) != num_tokens)
+      return invalid(Arg::num_tokens_len, num_tokens, static_cast<int64_t>(token_ids.size));
+    Failure f = check_token_ids(token_ids);
+    if (!f.ok()) return f;
+  }
+  const AllocatePlan plan = plan_allocate(num_tokens, token_ids, salt, false);
+  out = plan.need <= num_free_pages() - watermark_pages_;
+  return Failure{};
 }
 
 Failure BlockManager::can_append(int64_t seq_id, int64_t num_tokens, bool& out) {
-  const int64_t slot = index_.find(seq_id);
-  if (slot < 0) return fail(Status::unknown_sequence, seq_id);
+  int64_t slot = -1;
+  Failure f = resident(seq_id, slot);
+  if (!f.ok()) return f;
   if (!is_count(num_tokens)) return invalid(Arg::num_tokens, num_tokens);
-  out = pages_to_append(seqs_[slot], num_tokens, false) <= free_size_;
+  out = pages_to_append(seqs_[slot], num_tokens, false) <= num_free_pages();
   return Failure{};
 }
 
@@ -238,7 +288,9 @@ int64_t BlockManager::pages_to_append(Sequence& seq, int64_t num_tokens, bool ba
   const int64_t current = seq.num_tokens;
   int64_t need =
       page_math_.pages_for(current + num_tokens) - static_cast<int64_t>(seq.pages.size());
-  if (page_math_.offset(current) != 0 && !seq.pages.empty()) {
+  // NOTE: the last page is never kNullPage (a window releases only pages wholly before the
+  // last token); the check keeps a corrupted table from indexing ref_count_[-1].
+  if (page_math_.offset(current) != 0 && !seq.pages.empty() && seq.pages.back() >= 0) {
     const int32_t last = seq.pages.back();
     // drops >= 0, so an unshared last page (the common case) never reads the drop arrays.
     const int64_t refs = ref_count_[last];
@@ -272,132 +324,233 @@ int64_t BlockManager::acquire_slot() {
   return static_cast<int64_t>(seqs_.size()) - 1;
 }
 
-Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens) {
+Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds token_ids,
+                               uint64_t salt, int64_t& num_cached,
+                               std::vector<int32_t>& copies) {
   if (seq_id < 0) return invalid(Arg::seq_id, seq_id);
   if (!is_count(num_tokens)) return invalid(Arg::num_tokens, num_tokens);
+  if (token_ids.given()) {
+    if (static_cast<int64_t>(token_ids.size) != num_tokens)
+      return invalid(Arg::num_tokens_len, num_tokens, static_cast<int64_t>(token_ids.size));
+    Failure f = check_token_ids(token_ids);
+    if (!f.ok()) return f;
+  }
   if (index_.find(seq_id) >= 0) return fail(Status::sequence_exists, seq_id);
-  const int64_t need = page_math_.pages_for(num_tokens);
-  const int64_t available = free_size_ - watermark_pages_;
-  if (need > available)
-    return fail(Status::out_of_pages, need, std::max<int64_t>(available, 0), num_pages_);
+  const bool caching = enable_prefix_caching_ && token_ids.given();
+  const AllocatePlan plan = plan_allocate(num_tokens, token_ids, salt, caching);
+  const int64_t available = num_free_pages() - watermark_pages_;
+  if (plan.need > available)
+    return fail(Status::out_of_pages, plan.need, std::max<int64_t>(available, 0), num_pages_);
 
+  const int64_t ps = page_size_;
+  const int64_t num_full = page_math_.index(num_tokens);
+  const int64_t num_hits = static_cast<int64_t>(hits_.size());
+  const size_t len = static_cast<size_t>(page_math_.pages_for(num_tokens));
   std::vector<int32_t> pages;
-  pages.reserve(static_cast<size_t>(need));
+  pages.reserve(len);
+  std::unique_ptr<SequenceCache> cache;
+  if (caching) {
+    reserve_cache(num_full - num_hits);
+    cache = std::make_unique<SequenceCache>();
+    cache->salt = salt;
+    cache->tail.assign(token_ids.data + num_full * ps, token_ids.data + num_tokens);
+  }
+  copies.clear();
+  copies.reserve(2);
   index_.reserve_one_more();
   const int64_t slot = acquire_slot();
   // Nothing below allocates.
-  for (int64_t i = 0; i < need; ++i) pages.push_back(take_free_page());
+  if (caching) {
+    ++stats_.queries;
+    stats_.query_tokens += num_tokens;
+    if (plan.num_cached) {
+      ++stats_.hits;
+      stats_.hit_tokens += plan.num_cached;
+    }
+  }
+  for (int32_t page : hits_) {
+    take_cached_page(page);
+    pages.push_back(page);
+  }
+  if (plan.copy) {
+    // NOTE: the whole prompt was cached, but the engine must still compute the last token,
+    // which it writes into the last hit page: that page is copied, not shared.
+    const int32_t src = pages.back();
+    const int32_t dst = take_free_page();
+    pages.back() = dst;
+    release(src);
+    copies.push_back(src);
+    copies.push_back(dst);
+  }
+  while (pages.size() < len) pages.push_back(take_free_page());
   Sequence& seq = seqs_[slot];
   seq.seq_id = seq_id;
   seq.num_tokens = num_tokens;
   seq.mark = 0;
+  seq.swapped = false;
+  seq.window_start = 0;
+  seq.cache = std::move(cache);
   seq.pages.swap(pages);
+  if (caching) {
+    for (int64_t i = num_hits; i < num_full; ++i)
+      cache_page(seq.pages, static_cast<size_t>(i), hashes_[i], salt, nullptr, 0,
+                 token_ids.data + i * ps);
+    seq.cache->hash = num_full ? hashes_[num_full - 1] : 0;
+  }
   index_.insert(seq_id, slot);
+  num_cached = plan.num_cached;
   return Failure{};
 }
 
 void BlockManager::grow(Sequence& seq, int64_t num_tokens, int64_t new_len,
-                        std::vector<int32_t>& copies) {
+                        std::vector<int32_t>& copies, const int64_t* token_ids) {
   const int64_t current = seq.num_tokens;
-  if (page_math_.offset(current) != 0 && !seq.pages.empty() &&
+  if (page_math_.offset(current) != 0 && !seq.pages.empty() && seq.pages.back() >= 0 &&
       ref_count_[seq.pages.back()] > 1) {
     // NOTE: copy-on-write. The shared, partly filled last page is never written: the new
     // tokens go to a fresh copy, taken before any new page, and the cache must copy
     // src -> dst before writing.
     const int32_t src = seq.pages.back();
     const int32_t dst = take_free_page();
-    --ref_count_[src];
+    release(src);
     seq.pages.back() = dst;
     copies.push_back(src);
     copies.push_back(dst);
   }
   while (static_cast<int64_t>(seq.pages.size()) < new_len) seq.pages.push_back(take_free_page());
   seq.num_tokens = current + num_tokens;
+  if (seq.cache) extend_cached_tokens(seq, current, token_ids, num_tokens);
 }
 
-Failure BlockManager::append(int64_t seq_id, int64_t num_tokens, std::vector<int32_t>& copies) {
-  const int64_t slot = index_.find(seq_id);
-  if (slot < 0) return fail(Status::unknown_sequence, seq_id);
+Failure BlockManager::append(int64_t seq_id, int64_t num_tokens, TokenIds token_ids,
+                             std::vector<int32_t>& copies) {
+  int64_t slot = -1;
+  Failure f = resident(seq_id, slot);
+  if (!f.ok()) return f;
   if (!is_count(num_tokens)) return invalid(Arg::num_tokens, num_tokens);
+  if (token_ids.given()) {
+    if (static_cast<int64_t>(token_ids.size) != num_tokens)
+      return invalid(Arg::token_ids_len, static_cast<int64_t>(token_ids.size), num_tokens);
+    f = check_token_ids(token_ids);
+    if (!f.ok()) return f;
+  }
   Sequence& seq = seqs_[slot];
   const int64_t need = pages_to_append(seq, num_tokens, false);
-  if (need > free_size_) return fail(Status::out_of_pages, need, free_size_, num_pages_);
+  const int64_t free_pages = num_free_pages();
+  if (need > free_pages) return fail(Status::out_of_pages, need, free_pages, num_pages_);
   const int64_t new_len = page_math_.pages_for(seq.num_tokens + num_tokens);
   copies.clear();
   copies.reserve(2);
   reserve_pages(seq.pages, new_len);
-  grow(seq, num_tokens, new_len, copies);
+  reserve_tail(seq, num_tokens, token_ids.given());
+  reserve_cache(pages_filled(seq, num_tokens, token_ids.given()));
+  grow(seq, num_tokens, new_len, copies, token_ids.data);
   return Failure{};
 }
 
 Failure BlockManager::append_batch(const int64_t* seq_ids, size_t num_seq_ids,
                                    const int64_t* num_tokens, size_t num_counts,
-                                   StepPlan& out) {
+                                   TokenIds token_ids, StepPlan& out) {
   if (num_counts != num_seq_ids)
     return invalid(Arg::num_tokens_size, static_cast<int64_t>(num_counts),
                    static_cast<int64_t>(num_seq_ids));
+  if (token_ids.given()) {
+    int64_t sum = 0;
+    for (size_t i = 0; i < num_counts; ++i) {
+      if (!is_count(num_tokens[i])) return invalid(Arg::num_tokens, num_tokens[i]);
+      sum += num_tokens[i];
+    }
+    if (static_cast<int64_t>(token_ids.size) != sum)
+      return invalid(Arg::token_ids_sum, static_cast<int64_t>(token_ids.size), sum);
+    Failure f = check_token_ids(token_ids);
+    if (!f.ok()) return f;
+  }
   batch_slots_.resize(num_seq_ids);
   batch_lens_.resize(num_seq_ids);
   ++epoch_;  // new marks for duplicate detection and copy-on-write accounting
   int64_t need = 0;
   int64_t total_tokens = 0;
   size_t num_copies = 0;
+  const int64_t free_pages = num_free_pages();
   for (size_t i = 0; i < num_seq_ids; ++i) {
     const int64_t seq_id = seq_ids[i];
     const int64_t n = num_tokens[i];
     if (!is_count(n)) return invalid(Arg::num_tokens, n);
-    // NOTE: in list order, the first duplicate or unknown id wins (as in the reference, where
-    // the duplicate check precedes the lookup); OutOfPages is reported only after every id.
+    // NOTE: in list order, the first duplicate, unknown or swapped-out id wins (as in the
+    // reference, where the duplicate check precedes the lookup); OutOfPages is reported only
+    // after every id.
     const int64_t slot = index_.find(seq_id);
     if (slot < 0) return fail(Status::unknown_sequence, seq_id);
     Sequence& seq = seqs_[slot];
     if (seq.mark == epoch_) return fail(Status::duplicate_sequence, seq_id);
     seq.mark = epoch_;
+    if (seq.swapped) return fail(Status::sequence_swapped, seq_id, 1);
     bool copy_on_write = false;
     const int64_t pages = pages_to_append(seq, n, true, &copy_on_write);
     const int64_t new_len = page_math_.pages_for(seq.num_tokens + n);
     // Room in the page table now, so that no allocation follows the first change. Only when
-    // this sequence alone fits the free queue: a bigger need fails with OutOfPages below, and
+    // this sequence alone fits the free queues: a bigger need fails with OutOfPages below, and
     // bounding the reservation by num_pages keeps a huge request from throwing bad_alloc.
-    if (pages <= free_size_) reserve_pages(seq.pages, new_len);
+    if (pages <= free_pages) reserve_pages(seq.pages, new_len);
     batch_slots_[i] = slot;
     batch_lens_[i] = new_len;
     num_copies += copy_on_write;
     need += pages;
     total_tokens += n;
   }
-  if (need > free_size_) return fail(Status::out_of_pages, need, free_size_, num_pages_);
+  if (need > free_pages) return fail(Status::out_of_pages, need, free_pages, num_pages_);
+  if (token_ids.given() && enable_prefix_caching_) {
+    int64_t filled = 0;
+    for (size_t i = 0; i < num_seq_ids; ++i) {
+      Sequence& seq = seqs_[batch_slots_[i]];
+      reserve_tail(seq, num_tokens[i], true);
+      filled += pages_filled(seq, num_tokens[i], true);
+    }
+    reserve_cache(filled);
+  }
 
   out.slot_mapping.resize(static_cast<size_t>(total_tokens));
   out.copies.clear();
   out.copies.reserve(2 * num_copies);
   int64_t* slot_out = out.slot_mapping.data();
+  const int64_t* tokens = token_ids.data;
   for (size_t i = 0; i < num_seq_ids; ++i) {
     Sequence& seq = seqs_[batch_slots_[i]];
     const int64_t start = seq.num_tokens;
-    grow(seq, num_tokens[i], batch_lens_[i], out.copies);
+    grow(seq, num_tokens[i], batch_lens_[i], out.copies, tokens);
     write_slots(seq.pages, page_math_, start, seq.num_tokens, slot_out);
     slot_out += num_tokens[i];
+    if (tokens) tokens += num_tokens[i];
   }
   return Failure{};
 }
 
 Failure BlockManager::fork(int64_t parent_id, int64_t child_id) {
-  const int64_t parent_slot = index_.find(parent_id);
-  if (parent_slot < 0) return fail(Status::unknown_sequence, parent_id);
+  int64_t parent_slot = -1;
+  Failure f = resident(parent_id, parent_slot);
+  if (!f.ok()) return f;
   if (child_id < 0) return invalid(Arg::child_id, child_id);
   if (index_.find(child_id) >= 0) return fail(Status::sequence_exists, child_id);
 
-  std::vector<int32_t> pages(seqs_[parent_slot].pages);
-  const int64_t num_tokens = seqs_[parent_slot].num_tokens;
+  // Copies first: acquire_slot may move seqs_.
+  const Sequence& parent = seqs_[parent_slot];
+  std::vector<int32_t> pages(parent.pages);
+  std::unique_ptr<SequenceCache> cache;
+  if (parent.cache) cache = std::make_unique<SequenceCache>(*parent.cache);
+  const int64_t num_tokens = parent.num_tokens;
+  const int32_t window_start = parent.window_start;
   index_.reserve_one_more();
-  const int64_t slot = acquire_slot();  // may move seqs_: parent is read above
+  const int64_t slot = acquire_slot();
   // NOTE: ref counts are int32; overflowing one takes 2**31 live sequences (> 100 GiB).
-  for (int32_t page : pages) ++ref_count_[page];
+  for (int32_t page : pages)
+    if (page != kNullPage) ++ref_count_[page];
   Sequence& child = seqs_[slot];
   child.seq_id = child_id;
   child.num_tokens = num_tokens;
   child.mark = 0;
+  child.swapped = false;
+  child.window_start = window_start;
+  child.cache = std::move(cache);
   child.pages.swap(pages);
   index_.insert(child_id, slot);
   return Failure{};
@@ -408,14 +561,19 @@ Failure BlockManager::free(int64_t seq_id) {
   if (slot < 0) return fail(Status::unknown_sequence, seq_id);
   Sequence& seq = seqs_[slot];
   // NOTE: a sequence's pages are released last page first, so that when they are reused in
-  // queue order the tail of a freed sequence goes before its head (see the reference).
+  // queue order the tail of a freed sequence goes before its head (the head is the part most
+  // likely to be shared again by a prefix-cache hit).
   for (auto it = seq.pages.rbegin(); it != seq.pages.rend(); ++it) {
     const int32_t page = *it;
-    if (--ref_count_[page] == 0) free_queue_push_tail(page);
+    if (page == kNullPage) continue;
+    if (seq.swapped) release_cpu(page); else release(page);
   }
   std::vector<int32_t>().swap(seq.pages);
+  seq.cache.reset();
   seq.seq_id = -1;
   seq.num_tokens = 0;
+  seq.window_start = 0;
+  seq.swapped = false;
   index_.erase(seq_id);
   free_slots_.push_back(slot);  // capacity reserved in acquire_slot
   return Failure{};
@@ -424,12 +582,15 @@ Failure BlockManager::free(int64_t seq_id) {
 // ----------------------------------------------------------------- batch views
 Failure BlockManager::slots(int64_t seq_id, int64_t start, int64_t stop,
                             std::vector<int64_t>& out) const {
-  const int64_t slot = index_.find(seq_id);
-  if (slot < 0) return fail(Status::unknown_sequence, seq_id);
+  int64_t slot = -1;
+  Failure f = resident(seq_id, slot);
+  if (!f.ok()) return f;
   const Sequence& seq = seqs_[slot];
   if (stop > seq.num_tokens) return invalid(Arg::stop, stop, seq_id, seq.num_tokens);
   if (start > stop) return invalid(Arg::start, start, stop);
   if (start < 0) return invalid(Arg::start_range, start);
+  if (start < stop && seq.pages[page_math_.index(start)] == kNullPage)
+    return invalid(Arg::start_released, start);
   out.resize(static_cast<size_t>(stop - start));
   write_slots(seq.pages, page_math_, start, stop, out.data());
   return Failure{};
@@ -438,8 +599,9 @@ Failure BlockManager::slots(int64_t seq_id, int64_t start, int64_t stop,
 Failure BlockManager::lookup_batch(const int64_t* seq_ids, size_t n) {
   batch_slots_.resize(n);
   for (size_t i = 0; i < n; ++i) {
-    const int64_t slot = index_.find(seq_ids[i]);
-    if (slot < 0) return fail(Status::unknown_sequence, seq_ids[i]);
+    int64_t slot = -1;
+    Failure f = resident(seq_ids[i], slot);
+    if (!f.ok()) return f;
     batch_slots_[i] = slot;
   }
   return Failure{};
@@ -506,48 +668,106 @@ Failure BlockManager::csr(const int64_t* seq_ids, size_t n, CSR& out) {
 }
 
 // ------------------------------------------------------------------ invariants
+Failure BlockManager::check_queue(int queue, const std::vector<int64_t>& refs,
+                                  std::vector<char>& on_queue) const {
+  const int64_t n = num_pages_;
+  const PageQueue& q = queues_[queue];
+  int64_t walked = 0;
+  int32_t prev = kNullPage;
+  for (int32_t page = q.head; page != kNullPage; prev = page, page = next_[page]) {
+    if (page < 0 || page >= n || on_queue[page]) return broken(Invariant::free_list_unique, page);
+    if (prev_[page] != prev || queue_of_[page] != queue)
+      return broken(Invariant::free_list_links, page);
+    on_queue[page] = 1;
+    ++walked;
+    if (refs[page]) return broken(Invariant::free_page_unreferenced, page, refs[page]);
+    const bool cached = is_cached(page);
+    if (cached != (queue == kEvictable))
+      return broken(Invariant::free_queue_cached, page, queue == kEvictable, cached,
+                    cached ? static_cast<int64_t>(keys_[page].hash) : 0);
+  }
+  if (prev != q.tail) return broken(Invariant::free_list_links, q.tail);
+  if (walked != q.size) return broken(Invariant::free_list_size, walked, q.size);
+  return Failure{};
+}
+
 Failure BlockManager::check_invariants() const {
   const int64_t n = num_pages_;
+  const int64_t num_cpu = num_cpu_pages_;
   std::vector<int64_t> refs(static_cast<size_t>(n), 0);
+  std::vector<int64_t> cpu_refs(static_cast<size_t>(num_cpu), 0);
   for (const Sequence& seq : seqs_) {
     if (seq.seq_id < 0) continue;  // unused slot
     const int64_t len = static_cast<int64_t>(seq.pages.size());
     if (seq.num_tokens < 0 || len != page_math_.pages_for(seq.num_tokens))
       return broken(Invariant::pages_cover_tokens, seq.seq_id, seq.num_tokens, len, page_size_);
+    const int64_t limit = seq.swapped ? num_cpu : n;
+    std::vector<int64_t>& counts = seq.swapped ? cpu_refs : refs;
     for (int32_t page : seq.pages) {
-      if (page < 0 || page >= n) return broken(Invariant::page_in_range, seq.seq_id, page, n);
-      ++refs[page];
+      if (page == kNullPage) continue;
+      if (page < 0 || page >= limit) return broken(Invariant::page_in_range, seq.seq_id, page, limit);
+      ++counts[page];
     }
   }
   for (int64_t p = 0; p < n; ++p)
     if (refs[p] != ref_count_[p]) return broken(Invariant::ref_count, p, ref_count_[p], refs[p]);
-  std::vector<char> on_free(static_cast<size_t>(n), 0);
-  int64_t walked = 0;
-  int32_t prev = kNullPage;
-  for (int32_t page = head_; page != kNullPage; prev = page, page = next_[page]) {
-    if (page < 0 || page >= n || on_free[page]) return broken(Invariant::free_list_unique, page);
-    if (prev_[page] != prev) return broken(Invariant::free_list_links, page);
-    on_free[page] = 1;
-    ++walked;
-    if (refs[page]) return broken(Invariant::free_page_unreferenced, page, refs[page]);
+  for (int64_t p = 0; p < num_cpu; ++p)
+    if (cpu_refs[p] != cpu_ref_count_[p])
+      return broken(Invariant::cpu_ref_count, p, cpu_ref_count_[p], cpu_refs[p]);
+  std::vector<char> on_queue(static_cast<size_t>(n), 0);
+  for (int queue : {kFree, kEvictable}) {
+    Failure f = check_queue(queue, refs, on_queue);
+    if (!f.ok()) return f;
   }
-  if (prev != tail_) return broken(Invariant::free_list_links, tail_);
-  if (walked != free_size_) return broken(Invariant::free_list_size, walked, free_size_);
   int64_t used = 0;
   for (int64_t p = 0; p < n; ++p) used += refs[p] != 0;
-  if (used + free_size_ != n) return broken(Invariant::conservation, free_size_, used, n);
+  if (used + num_free_pages() != n)
+    return broken(Invariant::conservation, num_free_pages(), used, n);
+  int64_t cpu_used = 0;
+  for (int64_t p = 0; p < num_cpu; ++p) cpu_used += cpu_refs[p] != 0;
+  bool cpu_unique = true;
+  std::vector<char> cpu_on_queue(static_cast<size_t>(num_cpu), 0);
+  for (int64_t k = 0; k < cpu_free_size_ && cpu_unique; ++k) {
+    const int32_t page = cpu_free_[(cpu_free_head_ + k) % num_cpu];
+    cpu_unique = page >= 0 && page < num_cpu && !cpu_on_queue[page];
+    if (cpu_unique) cpu_on_queue[page] = 1;
+  }
+  if (cpu_used + cpu_free_size_ != num_cpu || !cpu_unique)
+    return broken(Invariant::cpu_conservation, cpu_free_size_, cpu_used, num_cpu);
+  if (enable_prefix_caching_) {
+    Failure bad;
+    hash_index_.for_each([&](uint64_t h, int32_t page) {
+      if (!bad.ok()) return;
+      const bool cached = page >= 0 && page < n && keys_[page].slot >= 0;
+      if (!cached || keys_[page].hash != h)
+        bad = broken(Invariant::hash_index, static_cast<int64_t>(h), page, cached,
+                     cached ? static_cast<int64_t>(keys_[page].hash) : 0);
+    });
+    if (!bad.ok()) return bad;
+    int64_t num_hashed = 0;
+    for (int64_t p = 0; p < n; ++p) num_hashed += keys_[p].slot >= 0;
+    if (num_hashed != static_cast<int64_t>(hash_index_.size()))
+      return broken(Invariant::hash_index_size, num_hashed,
+                    static_cast<int64_t>(hash_index_.size()));
+  }
   return Failure{};
 }
 
 Snapshot BlockManager::snapshot() const {
   Snapshot s;
-  s.free.reserve(static_cast<size_t>(free_size_));
-  // Bounded walk: even a corrupted queue (debug_* hooks) cannot loop forever.
-  int64_t steps = 0;
-  for (int32_t page = head_; page >= 0 && page < num_pages_ && steps <= num_pages_;
-       page = next_[page], ++steps)
-    s.free.push_back(page);
+  // Bounded walks: even a corrupted queue (debug_* hooks) cannot loop forever.
+  for (int queue : {kFree, kEvictable}) {
+    std::vector<int32_t>& out = queue == kFree ? s.free : s.evictable;
+    out.reserve(static_cast<size_t>(queues_[queue].size));
+    int64_t steps = 0;
+    for (int32_t page = queues_[queue].head; page >= 0 && page < num_pages_ && steps <= num_pages_;
+         page = next_[page], ++steps)
+      out.push_back(page);
+  }
   s.ref_count = ref_count_;
+  for (int64_t k = 0; k < cpu_free_size_; ++k)
+    s.cpu_free.push_back(cpu_free_[(cpu_free_head_ + k) % num_cpu_pages_]);
+  s.cpu_ref_count = cpu_ref_count_;
   std::vector<std::pair<int64_t, int64_t>> order;  // (seq_id, slot)
   order.reserve(index_.size());
   for (size_t slot = 0; slot < seqs_.size(); ++slot)
@@ -560,7 +780,17 @@ Snapshot BlockManager::snapshot() const {
     s.num_tokens.push_back(seq.num_tokens);
     s.pages.insert(s.pages.end(), seq.pages.begin(), seq.pages.end());
     s.indptr.push_back(static_cast<int64_t>(s.pages.size()));
+    if (seq.swapped) s.swapped.push_back(seq_id);
   }
+  std::vector<std::pair<uint64_t, int32_t>> index;
+  index.reserve(hash_index_.size());
+  hash_index_.for_each([&](uint64_t h, int32_t page) { index.emplace_back(h, page); });
+  std::sort(index.begin(), index.end());
+  for (const auto& [h, page] : index) {
+    s.index_hashes.push_back(h);
+    s.index_pages.push_back(page);
+  }
+  s.stats = prefix_cache_stats();
   return s;
 }
 
@@ -573,7 +803,9 @@ bool BlockManager::debug_set_ref_count(int64_t page_id, int64_t value) {
 
 bool BlockManager::debug_set_page(int64_t seq_id, int64_t index, int64_t page_id) {
   const int64_t slot = index_.find(seq_id);
-  if (slot < 0 || page_id < 0 || page_id >= num_pages_) return false;
+  if (slot < 0) return false;
+  const int64_t limit = seqs_[slot].swapped ? num_cpu_pages_ : num_pages_;
+  if (page_id < 0 || page_id >= limit) return false;
   std::vector<int32_t>& pages = seqs_[slot].pages;
   if (index < 0 || index >= static_cast<int64_t>(pages.size())) return false;
   pages[index] = static_cast<int32_t>(page_id);

@@ -1,5 +1,6 @@
-// C++17 core of the pagedkv block manager: free queue, ref counts, fork, copy-on-write and the
-// batched decode path.
+// C++17 core of the pagedkv block manager: free queues, ref counts, fork, copy-on-write, the
+// batched decode path, prefix caching (hash index, LRU evictable queue), the CPU offload tier
+// and sliding-window release.
 //
 // The executable specification is pagedkv/_reference.py; every method here mirrors the method
 // of the same name there (snake_case, same order of checks, same page ids). This file and
@@ -13,22 +14,28 @@
 #include <memory>
 #include <vector>
 
+#include "page_hash.h"
+
 namespace pagedkv {
 
-// Page id of padded page-table entries (NULL_PAGE in Python).
+// Page id of padded page-table entries and of entries released by a sliding window
+// (NULL_PAGE in Python).
 constexpr int32_t kNullPage = -1;
 // Largest count of pages, tokens per page or tokens per call (MAX_COUNT in Python).
 constexpr int64_t kMaxCount = 2147483647;
+// Largest token id accepted for prefix caching (MAX_TOKEN_ID in Python): ids fit an int32.
+constexpr int64_t kMaxTokenId = 2147483647;
 
 enum class Status : int32_t {
   ok = 0,
-  out_of_pages = 1,        // values: requested, free, total
+  out_of_pages = 1,        // values: requested, free, total, pool (0 = gpu, 1 = cpu)
   unknown_sequence = 2,    // values: seq_id
   sequence_exists = 3,     // values: seq_id
   duplicate_sequence = 4,  // values: seq_id (argument: seq_ids)
   invalid_argument = 5,    // argument names which one; values depend on it (see Arg)
   int32_overflow = 6,      // values: the value that does not fit an int32 output
   invariant_violation = 7, // invariant names which one; values depend on it (see Invariant)
+  sequence_swapped = 8,    // values: seq_id, on_cpu (1 when swapped out, 0 when on the GPU)
 };
 
 // Which argument an invalid_argument failure is about.
@@ -47,20 +54,34 @@ enum class Arg : int32_t {
   max_pages = 11,       // values: max_pages, longest page table
   max_pages_range = 12, // values: max_pages              (negative)
   child_id = 13,        // values: value (negative)
+  num_cpu_pages = 14,   // values: value
+  hash_bits = 15,       // values: value
+  num_tokens_len = 16,  // values: num_tokens, len(token_ids)       (allocate)
+  token_ids = 17,       // values: min or max token id out of [0, kMaxTokenId]
+  token_ids_len = 18,   // values: len(token_ids), num_tokens        (append)
+  token_ids_sum = 19,   // values: len(token_ids), sum(num_tokens)   (append_batch)
+  window = 20,          // values: value (out of [1, kMaxCount])
+  start_released = 21,  // values: start (its page was released by a sliding window)
 };
 
-// Which invariant check_invariants found broken (names as in the Python reference).
+// Which invariant check_invariants found broken: the detail keys of
+// pagedkv.errors.INVARIANT_DETAILS (names as in the Python reference).
 enum class Invariant : int32_t {
   none = 0,
   pages_cover_tokens = 1,      // values: seq_id, num_tokens, len(page table), page_size
-  page_in_range = 2,           // values: seq_id, page, num_pages
+  page_in_range = 2,           // values: seq_id, page, num_pages or num_cpu_pages
   ref_count = 3,               // values: page, stored ref_count, page-table entries
   free_list_unique = 4,        // values: page
   free_page_unreferenced = 5,  // values: page, page-table entries
   conservation = 6,            // values: free pages, referenced pages, num_pages
   // C++ only (the reference's deque cannot break these):
   free_list_links = 7,         // values: page whose prev link does not point back
-  free_list_size = 8,          // values: pages walked on the queue, stored queue size
+  free_list_size = 8,          // values: pages walked on a queue, stored queue size
+  cpu_ref_count = 9,           // values: cpu page, stored cpu ref count, page-table entries
+  free_queue_cached = 10,      // values: page, on the evictable queue (0/1), has hash, hash
+  cpu_conservation = 11,       // values: free cpu pages, referenced cpu pages, num_cpu_pages
+  hash_index = 12,             // values: hash, page, page has a hash (0/1), the page's hash
+  hash_index_size = 13,        // values: pages carrying a hash, index entries
 };
 
 // An expected failure, returned by value. `status == Status::ok` means success.
@@ -116,14 +137,39 @@ struct CSR {
   Buffer<int32_t> last_page_len;  // [batch_size]
 };
 
+// Prefix-cache counters (ReferenceBlockManager._stats) and current sizes.
+struct PrefixCacheStats {
+  int64_t queries = 0;      // allocations that gave token ids (with prefix caching on)
+  int64_t hits = 0;         // those that found at least one cached token
+  int64_t query_tokens = 0;
+  int64_t hit_tokens = 0;
+  int64_t num_cached_pages = 0;     // hash index entries
+  int64_t num_evictable_pages = 0;  // cached pages on the evictable queue
+};
+
 // Complete observable state (ReferenceBlockManager.snapshot), sequences sorted by id.
 struct Snapshot {
-  std::vector<int32_t> free;       // free queue, head first
-  std::vector<int32_t> ref_count;  // [num_pages]
-  std::vector<int64_t> seq_ids;    // ascending
-  std::vector<int64_t> num_tokens; // per seq_ids
-  std::vector<int64_t> indptr;     // [num_sequences + 1] into pages
-  std::vector<int32_t> pages;      // concatenated page tables
+  std::vector<int32_t> free;           // free queue (uncached pages), head first
+  std::vector<int32_t> evictable;      // evictable queue (cached pages), LRU first
+  std::vector<int32_t> ref_count;      // [num_pages]
+  std::vector<int32_t> cpu_free;       // CPU free queue, head first
+  std::vector<int32_t> cpu_ref_count;  // [num_cpu_pages]
+  std::vector<int64_t> seq_ids;        // ascending
+  std::vector<int64_t> num_tokens;     // per seq_ids
+  std::vector<int64_t> indptr;         // [num_sequences + 1] into pages
+  std::vector<int32_t> pages;          // concatenated page tables
+  std::vector<int64_t> swapped;        // ids of swapped-out sequences, ascending
+  std::vector<uint64_t> index_hashes;  // hash index, ascending by hash
+  std::vector<int32_t> index_pages;    // page of each index_hashes entry
+  PrefixCacheStats stats;
+};
+
+// Token ids handed in from Python (int64, bounds-checked by the core before use); a null
+// `data` means "not given" (None).
+struct TokenIds {
+  const int64_t* data = nullptr;
+  size_t size = 0;
+  bool given() const { return data != nullptr; }
 };
 
 // Token position -> (page index, offset) arithmetic; shifts and masks when page_size is a power
@@ -164,36 +210,107 @@ class SeqMap {
   size_t size_ = 0;
 };
 
+// Open-addressing hash map from a page hash (any uint64) to the page that carries it; linear
+// probing with backward-shift deletion, no tombstones. Keys are mixed again for the home slot,
+// so truncated hashes (hash_bits < 64) still spread.
+class HashIndex {
+ public:
+  HashIndex();
+  int32_t find(uint64_t key) const {  // page, or kNullPage when absent
+    for (size_t i = home(key);; i = (i + 1) & mask_) {
+      const Entry& e = entries_[i];
+      if (e.page == kNullPage) return kNullPage;
+      if (e.key == key) return e.page;
+    }
+  }
+  void reserve(size_t n);            // room for n entries in all; may throw std::bad_alloc
+  void insert(uint64_t key, int32_t page);  // key absent, page >= 0, after reserve
+  void erase(uint64_t key);                 // no-op when absent
+  void clear();                             // keeps capacity
+  size_t size() const { return size_; }
+  template <typename F>
+  void for_each(F&& f) const {  // f(hash, page) in table order
+    for (const Entry& e : entries_)
+      if (e.page != kNullPage) f(e.key, e.page);
+  }
+
+ private:
+  void rehash(size_t capacity);
+  size_t home(uint64_t key) const { return mix64(key) & mask_; }
+  struct Entry {
+    uint64_t key;
+    int32_t page;  // kNullPage = empty
+  };
+  std::vector<Entry> entries_;
+  size_t mask_ = 0;
+  size_t size_ = 0;
+};
+
 class BlockManager {
  public:
   // Returns the failure a constructor call with these arguments would be (ok if valid):
-  // 1 <= num_pages, page_size <= kMaxCount and 0 <= watermark_pages <= num_pages.
-  static Failure check_config(int64_t num_pages, int64_t page_size, int64_t watermark_pages);
+  // 1 <= num_pages, page_size <= kMaxCount, 0 <= watermark_pages <= num_pages,
+  // 0 <= num_cpu_pages <= kMaxCount and 1 <= hash_bits <= 64.
+  static Failure check_config(int64_t num_pages, int64_t page_size, int64_t watermark_pages,
+                              int64_t num_cpu_pages = 0, int64_t hash_bits = 64);
   // Precondition: check_config(...).ok(). May throw std::bad_alloc (the pool's arrays).
-  BlockManager(int64_t num_pages, int64_t page_size, int64_t watermark_pages);
+  BlockManager(int64_t num_pages, int64_t page_size, int64_t watermark_pages,
+               bool enable_prefix_caching = false, int64_t num_cpu_pages = 0,
+               int64_t hash_bits = 64);
+  // Not copyable: a copy would duplicate the ownership of every page.
+  BlockManager(const BlockManager&) = delete;
+  BlockManager& operator=(const BlockManager&) = delete;
 
   // ------------------------------------------------------------------ queries
   int64_t num_pages() const { return num_pages_; }
   int64_t page_size() const { return page_size_; }
   int64_t watermark_pages() const { return watermark_pages_; }
-  int64_t num_free_pages() const { return free_size_; }
+  bool enable_prefix_caching() const { return enable_prefix_caching_; }
+  int64_t num_cpu_pages() const { return num_cpu_pages_; }
+  // Both free queues: uncached and cached (evictable) pages.
+  int64_t num_free_pages() const { return queues_[kFree].size + queues_[kEvictable].size; }
+  int64_t num_free_cpu_pages() const { return cpu_free_size_; }
   int64_t num_sequences() const { return static_cast<int64_t>(index_.size()); }
   bool has_sequence(int64_t seq_id) const { return index_.find(seq_id) >= 0; }
+  Failure is_swapped(int64_t seq_id, bool& out) const;
+  // Works for swapped-out sequences too (their entries are CPU page ids).
   Failure page_table(int64_t seq_id, std::vector<int32_t>& out) const;
   Failure num_tokens(int64_t seq_id, int64_t& out) const;
   Failure ref_count(int64_t page_id, int64_t& out) const;
-  bool can_allocate(int64_t num_tokens) const;
+  PrefixCacheStats prefix_cache_stats() const;
+  // Counts prefix-cache hits like allocate (with prefix caching on and token ids given).
+  Failure can_allocate(int64_t num_tokens, TokenIds token_ids, uint64_t salt, bool& out);
   Failure can_append(int64_t seq_id, int64_t num_tokens, bool& out);
 
   // ----------------------------------------------------------------- mutators
   // Every mutator checks everything, then reserves all memory it needs, then changes state:
   // a failure (or std::bad_alloc) leaves the manager exactly as it was.
-  Failure allocate(int64_t seq_id, int64_t num_tokens);
-  Failure append(int64_t seq_id, int64_t num_tokens, std::vector<int32_t>& copies);
+
+  // num_cached: prompt tokens found in the prefix cache; copies: (src, dst) pairs.
+  Failure allocate(int64_t seq_id, int64_t num_tokens, TokenIds token_ids, uint64_t salt,
+                   int64_t& num_cached, std::vector<int32_t>& copies);
+  Failure allocate(int64_t seq_id, int64_t num_tokens) {
+    int64_t num_cached = 0;
+    std::vector<int32_t> copies;
+    return allocate(seq_id, num_tokens, TokenIds{}, 0, num_cached, copies);
+  }
+  Failure append(int64_t seq_id, int64_t num_tokens, TokenIds token_ids,
+                 std::vector<int32_t>& copies);
+  // token_ids: sum(num_tokens) ids in call order, or not given.
   Failure append_batch(const int64_t* seq_ids, size_t num_seq_ids, const int64_t* num_tokens,
-                       size_t num_counts, StepPlan& out);
+                       size_t num_counts, TokenIds token_ids, StepPlan& out);
   Failure fork(int64_t parent_id, int64_t child_id);
   Failure free(int64_t seq_id);
+  // Releases the pages wholly before the last `window` tokens (entries become kNullPage).
+  Failure release_window(int64_t seq_id, int64_t window, int64_t& released);
+  void reset_prefix_cache();
+
+  // ----------------------------------------------------------------- CPU tier
+  // copies: (gpu_page, cpu_page) pairs for swap_out, (cpu_page, gpu_page) for swap_in.
+  Failure can_swap_out(const int64_t* seq_ids, size_t n, bool& out);
+  Failure can_swap_in(const int64_t* seq_ids, size_t n, bool& out);
+  Failure swap_out(const int64_t* seq_ids, size_t n, std::vector<int32_t>& copies);
+  Failure swap_in(const int64_t* seq_ids, size_t n, std::vector<int32_t>& copies);
 
   // -------------------------------------------------------------- batch views
   Failure slots(int64_t seq_id, int64_t start, int64_t stop, std::vector<int64_t>& out) const;
@@ -208,38 +325,113 @@ class BlockManager {
 
   // Test hooks: corrupt state on purpose so that tests can see check_invariants catch it.
   // Every argument is bounds-checked (false when out of range: page ids in [0, num_pages),
-  // ref counts in [0, 2**30]), so even a corrupted manager never reads or writes out of
-  // bounds; its other results are meaningless until it is discarded.
+  // or [0, num_cpu_pages) in a swapped-out sequence, ref counts in [0, 2**30]), so even a
+  // corrupted manager never reads or writes out of bounds; its other results are meaningless
+  // until it is discarded.
   bool debug_set_ref_count(int64_t page_id, int64_t value);
   bool debug_set_page(int64_t seq_id, int64_t index, int64_t page_id);
 
  private:
+  // Prefix-caching state of a sequence allocated with token ids
+  // (ReferenceBlockManager._seq_salt / _seq_hash / _seq_tail).
+  struct SequenceCache {
+    uint64_t salt = 0;
+    uint64_t hash = 0;        // hash of the last full page
+    bool tail_known = true;   // until an append came without token ids
+    std::vector<int64_t> tail;  // token ids of the partly filled last page
+  };
+
+  // NOTE: kept to 64 bytes (the decode step touches every sequence of the batch); the state
+  // only prefix caching needs lives behind `cache`.
   struct Sequence {
     int64_t seq_id = -1;
     int64_t num_tokens = 0;
-    uint64_t mark = 0;  // == epoch_ when already seen by the current append_batch
+    uint64_t mark = 0;  // == epoch_ when already seen by the current batch call
     std::vector<int32_t> pages;
+    std::unique_ptr<SequenceCache> cache;  // null unless allocated with token ids
+    int32_t window_start = 0;  // entries before it are all kNullPage (sliding window)
+    bool swapped = false;
   };
 
-  // Free queue: an intrusive doubly linked list over page ids (prev_/next_ arrays).
-  // NOTE: intrusive rather than a ring buffer so that prefix caching can take a cached page out
-  // of the middle of the queue in O(1) on a hit (free_queue_remove).
-  bool on_free_queue(int32_t page) const { return prev_[page] != kNotQueued; }
-  int32_t free_queue_pop_head();
-  void free_queue_push_tail(int32_t page);
-  void free_queue_remove(int32_t page);
+  // What a cached page holds (ReferenceBlockManager._page_key), compared in full on a hit.
+  struct CacheKey {
+    uint64_t hash = 0;
+    uint64_t salt = 0;
+    uint64_t parent_gen = 0;
+    int32_t parent = kNullPage;  // previous page of the prefix, kNullPage for the first
+    int32_t slot = -1;           // page_size token ids at key_tokens_[slot * page_size]; -1 =
+                                 // not cached
+  };
 
-  // Pages that appending num_tokens to seq takes from the free queue. batch: count planned
+  // The two free queues: intrusive doubly linked lists over page ids (prev_/next_ arrays,
+  // queue_of_ says which list a page is on).
+  // NOTE: intrusive rather than a ring buffer so that a prefix-cache hit takes a cached page
+  // out of the middle of the evictable queue in O(1) (queue_remove).
+  static constexpr int kFree = 0;       // pages without cached content (_free)
+  static constexpr int kEvictable = 1;  // unreferenced cached pages, LRU first (_evictable)
+  struct PageQueue {
+    int32_t head = kNullPage;
+    int32_t tail = kNullPage;
+    int64_t size = 0;
+  };
+  int32_t queue_pop_head(int queue);
+  void queue_push_tail(int queue, int32_t page);
+  void queue_remove(int32_t page);
+  Failure check_queue(int queue, const std::vector<int64_t>& refs,
+                      std::vector<char>& on_queue) const;
+
+  bool is_cached(int32_t page) const {
+    return enable_prefix_caching_ && keys_[page].slot >= 0;
+  }
+  int32_t take_free_page();                 // ref_count 1; may evict the LRU cached page
+  void take_cached_page(int32_t page);      // a prefix-cache hit
+  void release(int32_t page);               // ref_count -= 1, to a queue tail at 0
+  void release_cpu(int32_t page);
+  int32_t cpu_pop_head();
+  void cpu_push_tail(int32_t page);
+
+  // Prefix caching (prefix_cache.cpp).
+  struct AllocatePlan {
+    int64_t need = 0;        // pages taken from the free queues
+    int64_t num_cached = 0;  // tokens found cached
+    bool copy = false;       // the last hit page is copied, not shared
+  };
+  // Fills hits_ (and hashes_ for every full page when want_hashes). May throw std::bad_alloc.
+  AllocatePlan plan_allocate(int64_t num_tokens, TokenIds token_ids, uint64_t salt,
+                             bool want_hashes);
+  bool key_matches(int32_t page, const int64_t* block, uint64_t salt, int32_t parent,
+                   uint64_t parent_gen) const;
+  // Indexes the full page pages[i] under hash h if its parent page is cached; its tokens are
+  // head[0, num_head) followed by rest[0, page_size - num_head). Needs a reserved key slot.
+  void cache_page(const std::vector<int32_t>& pages, size_t i, uint64_t h, uint64_t salt,
+                  const int64_t* head, size_t num_head, const int64_t* rest);
+  void uncache(int32_t page);
+  // Room for n more cached pages (key slots and index entries). May throw std::bad_alloc.
+  void reserve_cache(int64_t n);
+  // Tracks appended token ids of seq (num_tokens before the append: start); indexes each page
+  // they fill. Needs reserve_cache(pages_filled) and tail capacity (reserve_tail).
+  void extend_cached_tokens(Sequence& seq, int64_t start, const int64_t* token_ids,
+                            int64_t n);
+  int64_t pages_filled(const Sequence& seq, int64_t n, bool has_tokens) const;
+  void reserve_tail(Sequence& seq, int64_t n, bool has_tokens);
+
+  // Pages that appending num_tokens to seq takes from the free queues. batch: count planned
   // copy-on-write releases of the current append_batch (drop_*); copy_on_write is set when
   // the last page must be copied.
   int64_t pages_to_append(Sequence& seq, int64_t num_tokens, bool batch,
                           bool* copy_on_write = nullptr);
-  int32_t take_free_page();
   // Adds num_tokens to seq, whose needs were checked and whose page table has room for
   // new_len = pages_for(seq.num_tokens + num_tokens) pages. Never allocates.
-  void grow(Sequence& seq, int64_t num_tokens, int64_t new_len, std::vector<int32_t>& copies);
+  void grow(Sequence& seq, int64_t num_tokens, int64_t new_len, std::vector<int32_t>& copies,
+            const int64_t* token_ids);
   int64_t acquire_slot();  // may throw std::bad_alloc; returns a slot of seqs_ to fill
-  Failure lookup_batch(const int64_t* seq_ids, size_t n);  // fills batch_slots_
+  // Fills batch_slots_ with the slots of resident sequences (UnknownSequence, then
+  // SequenceSwapped, per id in order).
+  Failure lookup_batch(const int64_t* seq_ids, size_t n);
+  Failure resident(int64_t seq_id, int64_t& slot) const;
+  // Distinct pages of seq_ids in first-seen order into moved_ (marked with epoch_ in
+  // drop_epoch_ or cpu_mark_); checks ids and residence; fills batch_slots_.
+  Failure pages_to_move(const int64_t* seq_ids, size_t n, bool to_cpu);
 
   static constexpr int32_t kNotQueued = -2;
 
@@ -247,20 +439,45 @@ class BlockManager {
   int64_t page_size_;
   PageMath page_math_;
   int64_t watermark_pages_;
+  bool enable_prefix_caching_;
+  int64_t num_cpu_pages_;
+  uint64_t hash_mask_;
 
   std::vector<int32_t> ref_count_;
-  std::vector<int32_t> prev_;  // kNullPage at the head, kNotQueued when not on the queue
-  std::vector<int32_t> next_;  // kNullPage at the tail, kNotQueued when not on the queue
-  int32_t head_ = kNullPage;
-  int32_t tail_ = kNullPage;
-  int64_t free_size_ = 0;
+  std::vector<int32_t> prev_;  // kNullPage at a head, kNotQueued when not on a queue
+  std::vector<int32_t> next_;  // kNullPage at a tail, kNotQueued when not on a queue
+  std::vector<int8_t> queue_of_;  // kFree, kEvictable, or -1
+  PageQueue queues_[2];
 
   // Copy-on-write releases planned by the current append_batch, per page (valid when
   // drop_epoch_[page] == epoch_): a page shared by two sequences of one batch is copied only
-  // for the first of them. Epoch tags avoid clearing the arrays between calls.
+  // for the first of them. Epoch tags avoid clearing the arrays between calls. swap_out reuses
+  // them: drop_epoch_ marks a page already moved, drop_count_ holds its CPU page.
   std::vector<uint64_t> drop_epoch_;
   std::vector<int32_t> drop_count_;
   uint64_t epoch_ = 0;
+
+  // Prefix cache, per page (empty when prefix caching is off).
+  std::vector<CacheKey> keys_;
+  std::vector<uint64_t> page_gen_;  // bumped whenever a page's cached content is dropped
+  // Token ids of cached pages, page_size per key slot. NOTE: int64 like the ids handed in, so
+  // that a hit compares them without conversion (twice the bytes of int32; 8 bytes per cached
+  // token is small next to the KV bytes a page stands for).
+  std::vector<int64_t> key_tokens_;
+  std::vector<int32_t> free_key_slots_;  // capacity kept >= number of key slots
+  HashIndex hash_index_;
+  PrefixCacheStats stats_;  // counters only; sizes are filled in by prefix_cache_stats()
+  std::vector<uint64_t> hashes_;  // scratch for allocate: hash of every full prompt page
+  std::vector<int32_t> hits_;     // scratch for allocate: hit pages
+
+  // CPU tier: ref counts and a FIFO ring of free CPU pages.
+  std::vector<int32_t> cpu_ref_count_;
+  std::vector<int32_t> cpu_free_;
+  int64_t cpu_free_head_ = 0;
+  int64_t cpu_free_size_ = 0;
+  std::vector<uint64_t> cpu_mark_;   // == epoch_ when moved by the current swap_in
+  std::vector<int32_t> cpu_move_to_;  // its GPU page
+  std::vector<int32_t> moved_;        // scratch for swaps: pages to move, first-seen order
 
   std::vector<Sequence> seqs_;     // dense slots, reused through free_slots_
   std::vector<int64_t> free_slots_;  // capacity kept >= seqs_.size() so free() never allocates

@@ -5,7 +5,8 @@
 expected failures as ``_core.Failure`` values (a status code and its fields); this module turns
 each into the same exception class, with the same fields, that the reference raises, so the
 messages (written in ``pagedkv.errors``) are identical. Hot paths (``append_batch``,
-``page_tables``, ``csr``) are one C++ call plus O(1) Python.
+``page_tables``, ``csr``, and ``allocate`` with a long prompt's token ids, an int64 array read
+in place) are one C++ call plus O(1) Python.
 
 Arguments are assumed validated by the facade (``pagedkv.block_manager``); the core still
 bounds-checks everything, so a bad direct call raises a typed error instead of crashing.
@@ -18,51 +19,56 @@ import numpy as np
 
 from . import _core
 from . import _validate as check
-from .errors import DuplicateSequence, InvalidArgument, InvariantViolation, OutOfPages
-from .errors import PagedKVError, SequenceExists, UnknownSequence
+from .errors import DuplicateSequence, InvariantViolation, OutOfPages, PagedKVError
+from .errors import SequenceExists, SequenceSwapped, UnknownSequence, invalid_argument
 
 _Failure = _core.Failure
 _STATUS = _core.STATUS
 _ARGUMENT = {code: name for name, code in _core.ARGUMENT.items()}
 _INVARIANT = {code: name for name, code in _core.INVARIANT.items()}
+_MASK64 = (1 << 64) - 1
 
-# NOTE: the details of InvariantViolation repeat the reference's text (pagedkv/_reference.py,
-# check_invariants) so both backends report a broken invariant identically; the last two
-# invariants exist only in the C++ core's linked free queue.
-_INVARIANT_DETAIL = {
-    "pages_cover_tokens": "sequence {0} holds {1} tokens in {2} pages of {3}",
-    "page_in_range": "sequence {0} holds page {1} of {2}",
-    "ref_count": "page {0} has ref_count {1} but {2} page-table entries",
-    "free_list_unique": "page {0} is on the free list twice or out of range",
-    "free_page_unreferenced": "free page {0} has ref_count {1}",
-    "conservation": "{0} free + {1} referenced pages != {2} total",
-    "free_list_links": "page {0}'s links on the free list do not point back to its neighbours",
-    "free_list_size": "{0} pages are linked on the free list but its size says {1}",
-}
+
+def _ids(token_ids):
+    """Token ids as the core takes them: an int64 array (what the facade passes) or None."""
+    if token_ids is None or token_ids.__class__ is np.ndarray:
+        return token_ids
+    return np.asarray(token_ids, dtype=np.int64)  # NOTE: a direct caller's list, as the reference accepts
 
 
 def _invalid_argument(argument: str, values: tuple[int, ...]) -> Exception:
     """The error the facade or the reference raises for this bad argument."""
     v = values[0]
     if argument == "stop":
-        return InvalidArgument("stop", v, f"at most num_tokens({values[1]}) = {values[2]}")
+        return invalid_argument("stop", v, "stop", values[1], values[2])
     if argument == "start":
-        return InvalidArgument("start", v, f"at most stop = {values[1]}")
+        return invalid_argument("start", v, "start", values[1])
+    if argument == "start_released":
+        return invalid_argument("start", v, "start_released")
     if argument == "max_pages":
-        return InvalidArgument("max_pages", v, f"at least the longest page table ({values[1]} pages)")
-    if argument == "num_tokens_size":
-        return InvalidArgument("num_tokens", f"{v} counts", f"one count per sequence ({values[1]})")
+        return invalid_argument("max_pages", v, "max_pages", values[1])
+    if argument == "num_tokens_len":
+        return invalid_argument("num_tokens", v, "num_tokens_len", values[1])
+    if argument == "token_ids_len":
+        return invalid_argument("token_ids", f"{v} token ids", "token_ids_len", values[1])
+    if argument == "token_ids_sum":
+        return invalid_argument("token_ids", f"{v} token ids", "token_ids_sum", values[1])
     # Range errors: let the facade's own check build the error, so the text is the facade's.
     ranges = {
         "num_pages": lambda: check.count("num_pages", v),
         "page_size": lambda: check.count("page_size", v),
         "num_tokens": lambda: check.count("num_tokens", v),
+        "num_tokens_size": lambda: check.counts("num_tokens", np.zeros(v, dtype=np.int64) + 1, values[1]),
         "watermark_pages": lambda: check.as_int("watermark_pages", v, 0, values[1]),
+        "num_cpu_pages": lambda: check.as_int("num_cpu_pages", v, 0, check.MAX_COUNT),
+        "hash_bits": lambda: check.as_int("_hash_bits", v, 1, 64),
         "seq_id": lambda: check.seq_id(v),
         "child_id": lambda: check.seq_id(v, "child_id"),
         "page_id": lambda: check.as_int("page_id", v, 0, values[1] - 1),
         "start_range": lambda: check.as_int("start", v, 0, check.MAX_COUNT),
         "max_pages_range": lambda: check.as_int("max_pages", v, 0, check.MAX_COUNT),
+        "token_ids": lambda: check.int_array("token_ids", np.array([v], dtype=np.int64), 0, check.MAX_TOKEN_ID),
+        "window": lambda: check.count("window", v),
     }
     try:
         ranges[argument]()
@@ -71,15 +77,28 @@ def _invalid_argument(argument: str, values: tuple[int, ...]) -> Exception:
     return InvariantViolation("backend_failure", f"pagedkv._core rejected {argument}={v!r}")
 
 
+def _invariant_violation(name: str, values: tuple[int, ...]) -> InvariantViolation:
+    """The reference's InvariantViolation for the core's fields (hashes come back as int64)."""
+    if name == "free_queue_cached":
+        page, evictable, has_hash, h = values
+        return InvariantViolation.of(name, page, "evictable" if evictable else "free", h & _MASK64 if has_hash else None)
+    if name == "hash_index":
+        h, page, has_hash, carried = values
+        return InvariantViolation.of(name, h & _MASK64, page, carried & _MASK64 if has_hash else None)
+    return InvariantViolation.of(name, *values)
+
+
 def _error(failure) -> Exception:
     """The typed exception for a ``_core.Failure``."""
     status, values = failure.status, failure.values
     if status == _STATUS["out_of_pages"]:
-        return OutOfPages(values[0], values[1], values[2])
+        return OutOfPages(values[0], values[1], values[2], pool="cpu" if values[3] else "gpu")
     if status == _STATUS["unknown_sequence"]:
         return UnknownSequence(values[0])
     if status == _STATUS["sequence_exists"]:
         return SequenceExists(values[0])
+    if status == _STATUS["sequence_swapped"]:
+        return SequenceSwapped(values[0], bool(values[1]))
     if status == _STATUS["duplicate_sequence"]:
         return DuplicateSequence("seq_ids", values[0])
     if status == _STATUS["invalid_argument"]:
@@ -92,8 +111,7 @@ def _error(failure) -> Exception:
         except OverflowError as exc:
             return exc
     if status == _STATUS["invariant_violation"]:
-        name = _INVARIANT[failure.invariant]
-        return InvariantViolation(name, _INVARIANT_DETAIL[name].format(*values))
+        return _invariant_violation(_INVARIANT[failure.invariant], values)
     return InvariantViolation("backend_failure", f"pagedkv._core returned {failure!r}")
 
 
@@ -102,16 +120,21 @@ class CppBlockManager:
 
     __slots__ = ("_core",)
 
-    def __init__(self, num_pages: int, page_size: int, watermark_pages: int = 0,
-                 enable_prefix_caching: bool = False, num_cpu_pages: int = 0, hash_bits: int = 64):
-        # TEMPORARY shim until the C++ core gains prefix caching / CPU tier (issue 3 port).
-        if enable_prefix_caching or num_cpu_pages:
-            from .errors import BackendUnavailable
-            raise BackendUnavailable("cpp", "prefix caching and the CPU tier are not in the C++ core yet")
-        failure = _core.check_config(num_pages, page_size, watermark_pages)
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        watermark_pages: int = 0,
+        enable_prefix_caching: bool = False,
+        num_cpu_pages: int = 0,
+        hash_bits: int = 64,
+    ):
+        failure = _core.check_config(num_pages, page_size, watermark_pages, num_cpu_pages, hash_bits)
         if failure is not None:
             raise _error(failure)
-        self._core = _core.BlockManager(num_pages, page_size, watermark_pages)
+        self._core = _core.BlockManager(
+            num_pages, page_size, watermark_pages, bool(enable_prefix_caching), num_cpu_pages, hash_bits
+        )
 
     # ----------------------------------------------------------------- queries
     @property
@@ -127,8 +150,20 @@ class CppBlockManager:
         return self._core.watermark_pages
 
     @property
+    def enable_prefix_caching(self) -> bool:
+        return self._core.enable_prefix_caching
+
+    @property
+    def num_cpu_pages(self) -> int:
+        return self._core.num_cpu_pages
+
+    @property
     def num_free_pages(self) -> int:
         return self._core.num_free_pages
+
+    @property
+    def num_free_cpu_pages(self) -> int:
+        return self._core.num_free_cpu_pages
 
     @property
     def num_sequences(self) -> int:
@@ -136,6 +171,12 @@ class CppBlockManager:
 
     def has_sequence(self, seq_id: int) -> bool:
         return self._core.has_sequence(seq_id)
+
+    def is_swapped(self, seq_id: int) -> bool:
+        out = self._core.is_swapped(seq_id)
+        if out.__class__ is _Failure:
+            raise _error(out)
+        return out
 
     def page_table(self, seq_id: int) -> list[int]:
         out = self._core.page_table(seq_id)
@@ -155,8 +196,22 @@ class CppBlockManager:
             raise _error(out)
         return out
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return self._core.can_allocate(num_tokens)
+    def prefix_cache_stats(self) -> dict:
+        queries, hits, query_tokens, hit_tokens, cached, evictable = self._core.prefix_cache_stats()
+        return {
+            "queries": queries,
+            "hits": hits,
+            "query_tokens": query_tokens,
+            "hit_tokens": hit_tokens,
+            "num_cached_pages": cached,
+            "num_evictable_pages": evictable,
+        }
+
+    def can_allocate(self, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0) -> bool:
+        out = self._core.can_allocate(num_tokens, _ids(token_ids), salt)
+        if out.__class__ is _Failure:
+            raise _error(out)
+        return out
 
     def can_append(self, seq_id: int, num_tokens: int) -> bool:
         out = self._core.can_append(seq_id, num_tokens)
@@ -165,20 +220,21 @@ class CppBlockManager:
         return out
 
     # --------------------------------------------------------------- mutators
-    def allocate(self, seq_id: int, num_tokens: int, token_ids=None, salt: int = 0):
-        out = self._core.allocate(seq_id, num_tokens)
-        if out.__class__ is _Failure:
-            raise _error(out)
-        return out, []
-
-    def append(self, seq_id: int, num_tokens: int, token_ids=None) -> list[tuple[int, int]]:
-        out = self._core.append(seq_id, num_tokens)
+    def allocate(self, seq_id: int, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0):
+        """Returns (tokens found cached, copy-on-write copies); token_ids: int64 array or None."""
+        out = self._core.allocate(seq_id, num_tokens, _ids(token_ids), salt)
         if out.__class__ is _Failure:
             raise _error(out)
         return out
 
-    def append_batch(self, seq_ids: np.ndarray, num_tokens: np.ndarray, token_ids=None):
-        out = self._core.append_batch(seq_ids, num_tokens)
+    def append(self, seq_id: int, num_tokens: int, token_ids: np.ndarray | None = None) -> list[tuple[int, int]]:
+        out = self._core.append(seq_id, num_tokens, _ids(token_ids))
+        if out.__class__ is _Failure:
+            raise _error(out)
+        return out
+
+    def append_batch(self, seq_ids: np.ndarray, num_tokens: np.ndarray, token_ids: np.ndarray | None = None):
+        out = self._core.append_batch(seq_ids, num_tokens, _ids(token_ids))
         if out.__class__ is _Failure:
             raise _error(out)
         return out
@@ -192,6 +248,40 @@ class CppBlockManager:
         out = self._core.free(seq_id)
         if out is not None:
             raise _error(out)
+
+    def release_window(self, seq_id: int, window: int) -> int:
+        out = self._core.release_window(seq_id, window)
+        if out.__class__ is _Failure:
+            raise _error(out)
+        return out
+
+    def reset_prefix_cache(self) -> None:
+        self._core.reset_prefix_cache()
+
+    # ----------------------------------------------------------------- CPU tier
+    def can_swap_out(self, seq_ids: np.ndarray) -> bool:
+        out = self._core.can_swap_out(seq_ids)
+        if out.__class__ is _Failure:
+            raise _error(out)
+        return out
+
+    def can_swap_in(self, seq_ids: np.ndarray) -> bool:
+        out = self._core.can_swap_in(seq_ids)
+        if out.__class__ is _Failure:
+            raise _error(out)
+        return out
+
+    def swap_out(self, seq_ids: np.ndarray) -> np.ndarray:
+        out = self._core.swap_out(seq_ids)
+        if out.__class__ is _Failure:
+            raise _error(out)
+        return out
+
+    def swap_in(self, seq_ids: np.ndarray) -> np.ndarray:
+        out = self._core.swap_in(seq_ids)
+        if out.__class__ is _Failure:
+            raise _error(out)
+        return out
 
     # ------------------------------------------------------------ batch views
     def slots(self, seq_id: int, start: int, stop: int) -> np.ndarray:
@@ -220,11 +310,19 @@ class CppBlockManager:
 
     def snapshot(self) -> dict:
         """Complete observable state, for parity and atomicity tests (as the reference's)."""
-        free, ref_count, seq_ids, num_tokens, indptr, pages = self._core.snapshot()
+        (free, evictable, ref_count, cpu_free, cpu_ref_count, seq_ids, num_tokens, indptr, pages, swapped,
+         index_hashes, index_pages, stats) = self._core.snapshot()
         seq_ids, num_tokens, indptr, pages = seq_ids.tolist(), num_tokens.tolist(), indptr.tolist(), pages.tolist()
+        queries, hits, query_tokens, hit_tokens = stats
         return {
             "free": free.tolist(),
+            "evictable": evictable.tolist(),
             "ref_count": ref_count.tolist(),
+            "cpu_free": cpu_free.tolist(),
+            "cpu_ref_count": cpu_ref_count.tolist(),
             "tables": {s: pages[indptr[i] : indptr[i + 1]] for i, s in enumerate(seq_ids)},
             "num_tokens": dict(zip(seq_ids, num_tokens)),
+            "swapped": swapped.tolist(),
+            "index": dict(zip(index_hashes.tolist(), index_pages.tolist())),
+            "stats": {"queries": queries, "hits": hits, "query_tokens": query_tokens, "hit_tokens": hit_tokens},
         }

@@ -23,8 +23,8 @@ from collections import OrderedDict, deque
 import numpy as np
 
 from ._hashing import page_hash
-from .errors import DuplicateSequence, InvalidArgument, InvariantViolation, OutOfPages
-from .errors import SequenceExists, SequenceSwapped, UnknownSequence
+from .errors import DuplicateSequence, InvariantViolation, OutOfPages
+from .errors import SequenceExists, SequenceSwapped, UnknownSequence, invalid_argument
 
 #: Page id written in padded page-table entries and in entries released by a sliding window.
 NULL_PAGE = -1
@@ -32,6 +32,13 @@ NULL_PAGE = -1
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _token_list(token_ids) -> list[int] | None:
+    """Token ids (the facade passes an int64 numpy array) as a list of Python ints, or None."""
+    if token_ids is None:
+        return None
+    return token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
 
 
 class _CacheKey:
@@ -128,8 +135,8 @@ class ReferenceBlockManager:
     def prefix_cache_stats(self) -> dict:
         return dict(self._stats, num_cached_pages=len(self._index), num_evictable_pages=len(self._evictable))
 
-    def can_allocate(self, num_tokens: int, token_ids: list[int] | None = None, salt: int = 0) -> bool:
-        need = self._plan_allocate(num_tokens, token_ids, salt)[0]
+    def can_allocate(self, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0) -> bool:
+        need = self._plan_allocate(num_tokens, _token_list(token_ids), salt)[0]
         return need <= self.num_free_pages - self.watermark_pages
 
     def can_append(self, seq_id: int, num_tokens: int) -> bool:
@@ -137,10 +144,11 @@ class ReferenceBlockManager:
         return self._pages_to_append(seq_id, num_tokens, {}) <= self.num_free_pages
 
     # --------------------------------------------------------------- mutators
-    def allocate(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None, salt: int = 0):
+    def allocate(self, seq_id: int, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0):
         """Returns (tokens found cached, copy-on-write copies)."""
         if seq_id in self._tables:
             raise SequenceExists(seq_id)
+        token_ids = _token_list(token_ids)
         need, hits, num_cached, hashes = self._plan_allocate(num_tokens, token_ids, salt)
         available = self.num_free_pages - self.watermark_pages
         if need > available:
@@ -178,8 +186,9 @@ class ReferenceBlockManager:
             self._seq_tail[seq_id] = list(token_ids[num_full * self.page_size :])
         return num_cached, copies
 
-    def append(self, seq_id: int, num_tokens: int, token_ids: list[int] | None = None) -> list[tuple[int, int]]:
+    def append(self, seq_id: int, num_tokens: int, token_ids: np.ndarray | None = None) -> list[tuple[int, int]]:
         self._resident_table(seq_id)
+        token_ids = _token_list(token_ids)
         need = self._pages_to_append(seq_id, num_tokens, {})
         if need > self.num_free_pages:
             raise OutOfPages(need, self.num_free_pages, self.num_pages)
@@ -317,12 +326,12 @@ class ReferenceBlockManager:
         table = self._resident_table(seq_id)
         n = self._num_tokens[seq_id]
         if stop > n:
-            raise InvalidArgument("stop", stop, f"at most num_tokens({seq_id}) = {n}")
+            raise invalid_argument("stop", stop, "stop", seq_id, n)
         if start > stop:
-            raise InvalidArgument("start", start, f"at most stop = {stop}")
+            raise invalid_argument("start", start, "start", stop)
         ps = self.page_size
         if start < stop and table[start // ps] == NULL_PAGE:
-            raise InvalidArgument("start", start, "a position whose page was not released by the window")
+            raise invalid_argument("start", start, "start_released")
         return np.array([table[p // ps] * ps + p % ps for p in range(start, stop)], dtype=np.int64)
 
     def page_tables(self, seq_ids: np.ndarray, max_pages: int | None):
@@ -331,7 +340,7 @@ class ReferenceBlockManager:
         width = max((len(t) for t in tables), default=0)
         if max_pages is not None:
             if max_pages < width:
-                raise InvalidArgument("max_pages", max_pages, f"at least the longest page table ({width} pages)")
+                raise invalid_argument("max_pages", max_pages, "max_pages", width)
             width = max_pages
         pad = array("i", [NULL_PAGE]) * width
         rows = b"".join(t.tobytes() + pad[len(t):].tobytes() for t in tables)
@@ -358,48 +367,42 @@ class ReferenceBlockManager:
         for seq_id, table in self._tables.items():
             tokens = self._num_tokens[seq_id]
             if len(table) != _cdiv(tokens, self.page_size):
-                raise InvariantViolation(
-                    "pages_cover_tokens",
-                    f"sequence {seq_id} holds {tokens} tokens in {len(table)} pages of {self.page_size}",
-                )
+                raise InvariantViolation.of("pages_cover_tokens", seq_id, tokens, len(table), self.page_size)
             on_cpu = seq_id in self._swapped
             limit, counts = (self.num_cpu_pages, cpu_refs) if on_cpu else (n, refs)
             for page in table:
                 if page == NULL_PAGE:
                     continue
                 if not 0 <= page < limit:
-                    raise InvariantViolation("page_in_range", f"sequence {seq_id} holds page {page} of {limit}")
+                    raise InvariantViolation.of("page_in_range", seq_id, page, limit)
                 counts[page] += 1
         for name, want, have in (("ref_count", refs, self._ref_count), ("cpu_ref_count", cpu_refs, self._cpu_ref_count)):
             if want != have:
                 bad = next(p for p in range(len(want)) if want[p] != have[p])
-                raise InvariantViolation(name, f"page {bad} has {name} {have[bad]} but {want[bad]} page-table entries")
+                raise InvariantViolation.of(name, bad, have[bad], want[bad])
         on_free = [False] * n
         for queue, cached in ((self._free, False), (self._evictable, True)):
             for page in queue:
                 if not 0 <= page < n or on_free[page]:
-                    raise InvariantViolation("free_list_unique", f"page {page} is on a free queue twice or out of range")
+                    raise InvariantViolation.of("free_list_unique", page)
                 on_free[page] = True
                 if refs[page]:
-                    raise InvariantViolation("free_page_unreferenced", f"free page {page} has ref_count {refs[page]}")
+                    raise InvariantViolation.of("free_page_unreferenced", page, refs[page])
                 if (self._page_hash[page] is not None) != cached:
-                    raise InvariantViolation(
-                        "free_queue_cached", f"page {page} on the {'evictable' if cached else 'free'} queue has hash {self._page_hash[page]}"
-                    )
+                    queue = "evictable" if cached else "free"
+                    raise InvariantViolation.of("free_queue_cached", page, queue, self._page_hash[page])
         used = sum(1 for r in refs if r)
         if used + self.num_free_pages != n:
-            raise InvariantViolation("conservation", f"{self.num_free_pages} free + {used} referenced pages != {n} total")
+            raise InvariantViolation.of("conservation", self.num_free_pages, used, n)
         cpu_used = sum(1 for r in cpu_refs if r)
         if cpu_used + len(self._cpu_free) != self.num_cpu_pages or len(set(self._cpu_free)) != len(self._cpu_free):
-            raise InvariantViolation(
-                "cpu_conservation", f"{len(self._cpu_free)} free + {cpu_used} referenced cpu pages != {self.num_cpu_pages}"
-            )
+            raise InvariantViolation.of("cpu_conservation", len(self._cpu_free), cpu_used, self.num_cpu_pages)
         for h, page in self._index.items():
             if self._page_hash[page] != h:
-                raise InvariantViolation("hash_index", f"index maps hash {h:#x} to page {page}, which carries {self._page_hash[page]}")
+                raise InvariantViolation.of("hash_index", h, page, self._page_hash[page])
         num_hashed = sum(1 for h in self._page_hash if h is not None)
         if num_hashed != len(self._index):
-            raise InvariantViolation("hash_index", f"{num_hashed} pages carry a hash but the index has {len(self._index)} entries")
+            raise InvariantViolation.of("hash_index_size", num_hashed, len(self._index))
 
     def snapshot(self) -> dict:
         """Complete observable state, for parity and atomicity tests."""

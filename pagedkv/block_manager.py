@@ -17,7 +17,7 @@ from . import _backend
 from . import _validate as check
 from ._reference import NULL_PAGE
 from ._hashing import salt_hash
-from .errors import InvalidArgument, InvalidType
+from .errors import InvalidArgument, InvalidType, invalid_argument
 
 
 class Allocation(NamedTuple):
@@ -239,7 +239,7 @@ class BlockManager:
 
     # ------------------------------------------------------------- admission
     def _prompt(self, num_tokens, token_ids, cache_salt):
-        """Checked (num_tokens, token_ids list or None, salt hash) of an allocation."""
+        """Checked (num_tokens, token_ids int64 array or None, salt hash) of an allocation."""
         if cache_salt is not None and not isinstance(cache_salt, (str, bytes)):
             raise InvalidType("cache_salt", cache_salt, "a str, bytes or None")
         if token_ids is None:
@@ -250,8 +250,10 @@ class BlockManager:
         if tokens.shape[0] == 0:
             raise InvalidArgument("token_ids", "[]", "at least one token id")
         if num_tokens is not None and check.count("num_tokens", num_tokens) != tokens.shape[0]:
-            raise InvalidArgument("num_tokens", num_tokens, f"len(token_ids) = {tokens.shape[0]}")
-        return tokens.shape[0], tokens.tolist(), salt_hash(cache_salt)
+            raise invalid_argument("num_tokens", num_tokens, "num_tokens_len", tokens.shape[0])
+        # NOTE: the int64 array goes to the backend as is: the C++ core reads it without any
+        # per-token Python work (a 100k-token prompt), the reference converts it itself.
+        return tokens.shape[0], tokens, salt_hash(cache_salt)
 
     def can_allocate(self, num_tokens: int | None = None, *, token_ids=None, cache_salt=None) -> bool:
         """Whether ``allocate(new_id, ...)`` with these arguments would succeed now.
@@ -289,8 +291,8 @@ class BlockManager:
         tokens = check.int_array("token_ids", token_ids, 0, check.MAX_TOKEN_ID)
         n = tokens.shape[0] if num_tokens is None else check.count("num_tokens", num_tokens)
         if n != tokens.shape[0] or n == 0:
-            raise InvalidArgument("token_ids", f"{tokens.shape[0]} token ids", f"one token id per new token ({n})")
-        return n, tokens.tolist()
+            raise invalid_argument("token_ids", f"{tokens.shape[0]} token ids", "token_ids_len", n)
+        return n, tokens
 
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
         """Whether ``append(seq_id, num_tokens)`` would succeed now (copy-on-write included)."""
@@ -334,7 +336,7 @@ class BlockManager:
         if token_ids is not None:
             tokens = check.int_array("token_ids", token_ids, 0, check.MAX_TOKEN_ID)
             if tokens.shape[0] != int(counts.sum()):
-                raise InvalidArgument("token_ids", f"{tokens.shape[0]} token ids", f"sum(num_tokens) = {int(counts.sum())}")
+                raise invalid_argument("token_ids", f"{tokens.shape[0]} token ids", "token_ids_sum", int(counts.sum()))
         slots, copies = self._impl.append_batch(ids, counts, tokens)
         return StepPlan(slots, copies)
 
@@ -437,7 +439,9 @@ class BlockManager:
 
         Raises:
             InvariantViolation: naming the broken invariant (``ref_count``, ``conservation``,
-                ``free_list_unique``, ``free_page_unreferenced``, ``pages_cover_tokens``, ...).
+                ``free_list_unique``, ``free_page_unreferenced``, ``pages_cover_tokens``,
+                ``cpu_ref_count``, ``free_queue_cached``, ``hash_index``, ...; the list and the
+                detail texts are ``pagedkv.errors.INVARIANT_DETAILS``).
         """
         self._impl.check_invariants()
 
@@ -448,7 +452,8 @@ class BlockManager:
             close()
 
     def snapshot(self) -> dict:
-        """The whole observable state (free queue order, ref counts, tables), for tests."""
+        """The whole observable state, for tests: both free queues in order, ref counts, the CPU
+        tier, page tables, swapped sequences, the hash index and the prefix-cache counters."""
         return self._impl.snapshot()
 
     def __repr__(self) -> str:

@@ -142,6 +142,44 @@ class DuplicateSequence(InvalidArgument):
         return f"{self.name} names sequence {self.value!r} more than once; each id may appear once per call"
 
 
+#: The detail of each broken invariant ``check_invariants`` reports, by key: (invariant name,
+#: format of the detail filled with the fields in order). Both backends build their
+#: InvariantViolation through ``InvariantViolation.of``, so each text is written once.
+INVARIANT_DETAILS: dict[str, tuple[str, str]] = {
+    "pages_cover_tokens": ("pages_cover_tokens", "sequence {0} holds {1} tokens in {2} pages of {3}"),
+    "page_in_range": ("page_in_range", "sequence {0} holds page {1} of {2}"),
+    "ref_count": ("ref_count", "page {0} has ref_count {1} but {2} page-table entries"),
+    "cpu_ref_count": ("cpu_ref_count", "page {0} has cpu_ref_count {1} but {2} page-table entries"),
+    "free_list_unique": ("free_list_unique", "page {0} is on a free queue twice or out of range"),
+    "free_page_unreferenced": ("free_page_unreferenced", "free page {0} has ref_count {1}"),
+    "free_queue_cached": ("free_queue_cached", "page {0} on the {1} queue has hash {2}"),
+    "conservation": ("conservation", "{0} free + {1} referenced pages != {2} total"),
+    "cpu_conservation": ("cpu_conservation", "{0} free + {1} referenced cpu pages != {2}"),
+    "hash_index": ("hash_index", "index maps hash {0:#x} to page {1}, which carries {2}"),
+    "hash_index_size": ("hash_index", "{0} pages carry a hash but the index has {1} entries"),
+    # Only the C++ core's intrusive free queues can break these two.
+    "free_list_links": ("free_list_links", "page {0}'s links on its free queue do not point back to its neighbours"),
+    "free_list_size": ("free_list_size", "{0} pages are linked on a free queue but its size says {1}"),
+}
+
+#: ``expected`` text of each InvalidArgument whose bound depends on state or on another
+#: argument, by key, filled with the fields in order (used by the facade and both backends).
+EXPECTED: dict[str, str] = {
+    "stop": "at most num_tokens({0}) = {1}",
+    "start": "at most stop = {0}",
+    "start_released": "a position whose page was not released by the window",
+    "max_pages": "at least the longest page table ({0} pages)",
+    "num_tokens_len": "len(token_ids) = {0}",
+    "token_ids_len": "one token id per new token ({0})",
+    "token_ids_sum": "sum(num_tokens) = {0}",
+}
+
+
+def invalid_argument(name: str, value: object, expected: str, *fields) -> InvalidArgument:
+    """``InvalidArgument(name, value, EXPECTED[expected] filled with fields)``."""
+    return InvalidArgument(name, value, EXPECTED[expected].format(*fields))
+
+
 class InvariantViolation(PagedKVError, RuntimeError):
     """``check_invariants()`` found a broken invariant; ``invariant`` names it."""
 
@@ -149,6 +187,12 @@ class InvariantViolation(PagedKVError, RuntimeError):
         super().__init__(invariant, detail)
         self.invariant = invariant
         self.detail = detail
+
+    @classmethod
+    def of(cls, key: str, *fields) -> "InvariantViolation":
+        """The violation ``INVARIANT_DETAILS[key]`` with its detail filled with ``fields``."""
+        invariant, detail = INVARIANT_DETAILS[key]
+        return cls(invariant, detail.format(*fields))
 
     def __str__(self) -> str:
         return f"invariant {self.invariant!r} broken: {self.detail}"
