@@ -282,7 +282,7 @@ NB_MODULE(_core, m) {
             nb::object copies = to_numpy(std::move(plan.copies), {num_copies, 2});
             return nb::make_tuple(slots, copies);
           },
-          "seq_ids"_a, "num_tokens"_a, "token_ids"_a.none() = nb::none())
+          "seq_ids"_a.noconvert(), "num_tokens"_a.noconvert(), "token_ids"_a.none() = nb::none())
       .def(
           "fork",
           [](BlockManager& self, int64_t parent_id, int64_t child_id) -> nb::object {
@@ -313,7 +313,7 @@ NB_MODULE(_core, m) {
             Failure f = self.can_swap_out(seq_ids.data(), seq_ids.shape(0), ok);
             return f.ok() ? nb::bool_(ok) : failure(f);
           },
-          "seq_ids"_a)
+          "seq_ids"_a.noconvert())
       .def(
           "can_swap_in",
           [](BlockManager& self, Int64Array seq_ids) -> nb::object {
@@ -321,7 +321,7 @@ NB_MODULE(_core, m) {
             Failure f = self.can_swap_in(seq_ids.data(), seq_ids.shape(0), ok);
             return f.ok() ? nb::bool_(ok) : failure(f);
           },
-          "seq_ids"_a)
+          "seq_ids"_a.noconvert())
       .def(
           "swap_out",
           [](BlockManager& self, Int64Array seq_ids) -> nb::object {
@@ -331,7 +331,7 @@ NB_MODULE(_core, m) {
             const size_t num_copies = copies.size() / 2;
             return to_numpy(std::move(copies), {num_copies, 2});
           },
-          "seq_ids"_a, "(gpu_page, cpu_page) pairs as an int32 [K, 2] array, or a Failure.")
+          "seq_ids"_a.noconvert(), "(gpu_page, cpu_page) pairs as an int32 [K, 2] array, or a Failure.")
       .def(
           "swap_in",
           [](BlockManager& self, Int64Array seq_ids) -> nb::object {
@@ -341,7 +341,7 @@ NB_MODULE(_core, m) {
             const size_t num_copies = copies.size() / 2;
             return to_numpy(std::move(copies), {num_copies, 2});
           },
-          "seq_ids"_a, "(cpu_page, gpu_page) pairs as an int32 [K, 2] array, or a Failure.")
+          "seq_ids"_a.noconvert(), "(cpu_page, gpu_page) pairs as an int32 [K, 2] array, or a Failure.")
       .def(
           "slots",
           [](const BlockManager& self, int64_t seq_id, int64_t start, int64_t stop) -> nb::object {
@@ -358,7 +358,9 @@ NB_MODULE(_core, m) {
             // NOTE: a handle rather than std::optional<int64_t>: nanobind's optional caster
             // costs about a microsecond per call for None, on a per-step path.
             const bool has_max_pages = !max_pages.is_none();
-            const int64_t width = has_max_pages ? nb::cast<int64_t>(max_pages) : 0;
+            int64_t width = 0;
+            if (has_max_pages && !nb::try_cast<int64_t>(max_pages, width))
+              throw nb::type_error("max_pages must be an int in the int64 range or None");
             pagedkv::PageTables out;
             Failure f = self.page_tables(seq_ids.data(), seq_ids.shape(0), width, has_max_pages,
                                          out);
@@ -369,7 +371,7 @@ NB_MODULE(_core, m) {
             nb::object lens = to_numpy(std::move(out.seq_lens), {batch});
             return nb::make_tuple(table, lens);
           },
-          "seq_ids"_a, "max_pages"_a.none())
+          "seq_ids"_a.noconvert(), "max_pages"_a.none())
       .def(
           "csr",
           [](BlockManager& self, Int64Array seq_ids) -> nb::object {
@@ -383,7 +385,7 @@ NB_MODULE(_core, m) {
             nb::object last = to_numpy(std::move(out.last_page_len), {batch});
             return nb::make_tuple(indptr, indices, last);
           },
-          "seq_ids"_a)
+          "seq_ids"_a.noconvert())
       .def("check_invariants",
            [](const BlockManager& self) -> nb::object {
              Failure f = self.check_invariants();

@@ -31,7 +31,7 @@ RECORDED = frozenset({
     "page_table", "num_tokens", "page_tables", "csr", "slots", "is_swapped", "prefix_cache_stats",
 })
 #: Positional arguments that are int64 arrays (decoded back to numpy on replay).
-_ARRAY_ARGS = {"append_batch": (0, 1, 2), "swap_out": (0,), "swap_in": (0,), "can_swap_out": (0,),
+_ARRAY_ARGS = {"allocate": (2,), "append": (2,), "can_allocate": (1,), "append_batch": (0, 1, 2), "swap_out": (0,), "swap_in": (0,), "can_swap_out": (0,),
                "can_swap_in": (0,), "page_tables": (0,), "csr": (0,)}
 
 

@@ -57,11 +57,12 @@ def int_array(name: str, value: object, lo: int, hi: int) -> np.ndarray:
     if arr.ndim != 1:
         raise InvalidArgument(name, f"array of shape {arr.shape}", "a 1-D sequence of ints")
     if arr.dtype.kind not in "iu":
-        bad = next((v for v in arr.tolist() if isinstance(v, bool) or not isinstance(v, int)), None)
-        if arr.dtype.kind == "O" and bad is None:
-            big = next(v for v in arr.tolist() if not lo <= v <= hi)
+        values = arr.tolist()
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int)]
+        if arr.dtype.kind == "O" and not bad:  # Python ints beyond int64
+            big = next(v for v in values if not lo <= v <= hi)
             raise InvalidArgument(name, big, f"a sequence of ints in [{lo}, {hi}]")
-        raise InvalidType(name, bad if bad is not None else value, f"a 1-D sequence of ints (dtype {arr.dtype})")
+        raise InvalidType(name, bad[0] if bad else value, f"a 1-D sequence of ints (dtype {arr.dtype})")
     if arr.dtype.kind == "u" and arr.size and int(arr.max()) > hi:
         raise InvalidArgument(name, int(arr.max()), f"a sequence of ints in [{lo}, {hi}]")
     arr = np.ascontiguousarray(arr, dtype=np.int64)
