@@ -100,27 +100,25 @@ class SequenceSwapped(PagedKVError, ValueError):
         return f"sequence {self.seq_id!r} is on the GPU, not swapped out; only swapped-out sequences can be swapped in"
 
 
-class InvalidArgument(PagedKVError, ValueError):
-    """An argument has a bad value. Names the argument, the value and what was expected."""
+class _ArgumentError(PagedKVError):
+    """Fields shared by the bad-argument errors: ``name``, ``value`` and ``expected``."""
 
     def __init__(self, name: str, value: object, expected: str):
         super().__init__(name, value, expected)
         self.name = name
         self.value = value
         self.expected = expected
+
+
+class InvalidArgument(_ArgumentError, ValueError):
+    """An argument has a bad value. Names the argument, the value and what was expected."""
 
     def __str__(self) -> str:
         return f"{self.name} must be {self.expected}, got {self.value!r}"
 
 
-class InvalidType(PagedKVError, TypeError):
+class InvalidType(_ArgumentError, TypeError):
     """An argument has the wrong type. Names the argument, the type found and the one expected."""
-
-    def __init__(self, name: str, value: object, expected: str):
-        super().__init__(name, value, expected)
-        self.name = name
-        self.value = value
-        self.expected = expected
 
     def __str__(self) -> str:
         return f"{self.name} must be {self.expected}, got {type(self.value).__name__} {self.value!r}"
