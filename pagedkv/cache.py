@@ -7,6 +7,12 @@ and uploads them as device int32 tensors) and then ``write`` / ``decode`` / ``pr
 layer. ``copy`` executes copy-on-write plans; ``swap_out`` / ``swap_in`` move pages to and from
 an optional CPU pool.
 
+Quantized pages (``kv_dtype="int8"`` or ``"fp8_e4m3"``) store 1-byte elements; their fp32
+per-(token, head) scales live beside the pages in ``[num_layers, 2, num_pages, page_size,
+num_kv_heads]`` (so copies and swaps move them with their pages), or, for fp8 per tensor, one
+host-side float per layer for K and for V. ``write`` quantizes, ``decode`` / ``prefill``
+dequantize; queries, new K/V and outputs stay in ``dtype``. See ``pagedkv.kernels.quant``.
+
 On CUDA the Triton kernels of ``pagedkv.kernels`` run; elsewhere the torch implementations of
 ``pagedkv.kernels.reference`` (the ones the kernel tests compare against), so the same code
 works on a laptop. This module imports torch (``pagedkv/__init__.py`` must import it lazily)
@@ -15,6 +21,7 @@ and sees page tables as arrays, never the block manager object.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +31,7 @@ from . import _validate as check
 from .block_manager import CSR, PageTables
 from .errors import InvalidArgument, InvalidType
 from .kernels import _common as common
+from .kernels import quant
 
 _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -31,6 +39,7 @@ _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }
 _BACKENDS = ("triton", "torch")
+_NATIVE = (None, "auto", "native")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +83,18 @@ class PagedKVCache:
         page_size: tokens per page (the block manager's ``page_size``).
         num_kv_heads: KV heads per layer.
         head_dim: dimension of each head (a multiple of 16 up to 256 for attention).
-        dtype: ``torch.float16`` / ``torch.bfloat16`` / ``torch.float32`` or their names.
+        dtype: ``torch.float16`` / ``torch.bfloat16`` / ``torch.float32`` or their names: the
+            dtype of queries, new K/V and outputs (and of the pages unless ``kv_dtype`` says).
+        kv_dtype: how pages store K/V: ``None`` (``"auto"``; as ``dtype``), ``"int8"`` or
+            ``"fp8_e4m3"`` (``torch.int8`` / ``torch.float8_e4m3fn`` work too). fp8 on the
+            Triton backend needs a GPU of compute capability >= 8.9.
+        kv_scale: scales of quantized pages: ``"per_token_head"`` (int8's only layout; fp32
+            scales beside the pages, 4 B per (token, layer, K/V, head)) or ``"per_tensor"``
+            (fp8's default; one scale per layer for K and one for V, folded into the softmax
+            scale and the output, 0 B per token). ``None``: the format's default.
+        k_scale, v_scale: per-tensor scales (``kv_scale="per_tensor"``): one float for every
+            layer or one per layer; default 1.0 (values beyond ±448 x scale are clamped; a
+            calibrated scale is ``max|K| / 448``, see ``quant.tensor_scale``).
         device: any torch device; default ``"cuda"`` when available, else ``"cpu"``.
         backend: ``"triton"`` or ``"torch"``; default ``"triton"`` on CUDA, ``"torch"``
             elsewhere. ``"triton"`` on the CPU needs ``TRITON_INTERPRET=1`` (slow; for tests).
@@ -82,7 +102,9 @@ class PagedKVCache:
             (pinned memory when ``device`` is CUDA); 0 for none.
 
     Raises:
-        InvalidArgument / InvalidType: a bad argument (named, with its value).
+        InvalidArgument / InvalidType: a bad argument (named, with its value); also
+            ``kv_dtype="fp8_e4m3"`` with the Triton backend on a GPU of compute capability
+            < 8.9 (the message names the capability needed and the one found).
     """
 
     def __init__(
@@ -97,6 +119,10 @@ class PagedKVCache:
         device: torch.device | str | None = None,
         backend: str | None = None,
         num_cpu_pages: int = 0,
+        kv_dtype: torch.dtype | str | None = None,
+        kv_scale: str | None = None,
+        k_scale: float | object = None,
+        v_scale: float | object = None,
     ):
         self.num_layers = check.count("num_layers", num_layers)
         self.num_pages = check.count("num_pages", num_pages)
@@ -112,6 +138,18 @@ class PagedKVCache:
         if dtype not in common.FLOAT_DTYPES:
             raise InvalidArgument("dtype", dtype, "torch.float16, torch.bfloat16 or torch.float32")
         self.dtype = dtype
+        self._act = torch.empty(0, dtype=dtype)  # names the activation dtype in errors
+        self.kv_format = self._kv_format(kv_dtype)
+        self.kv_dtype = dtype if self.kv_format is None else self.kv_format.dtype
+        self.kv_scale = self._kv_scale(kv_scale)
+        self._tensor_scales = None
+        if self.kv_scale == "per_tensor":
+            self._tensor_scales = tuple(zip(self._layer_scales("k_scale", k_scale),
+                                            self._layer_scales("v_scale", v_scale)))
+        else:
+            for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+                if value is not None:
+                    raise InvalidArgument(name, value, "None unless kv_scale='per_tensor'")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -125,25 +163,104 @@ class PagedKVCache:
         if backend not in _BACKENDS:
             raise InvalidArgument("backend", backend, "'triton', 'torch' or None")
         self.backend = backend
+        if backend == "triton":
+            quant.check_supported(self.kv_format, self.device)
         shape = (self.num_layers, 2, self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+        pin = self.device.type == "cuda"
         # NOTE: zero-filled so a fresh cache is deterministic; correctness never depends on it
         # (kernels mask every load at seq_len, so unused page tails are never read).
-        self._kv = torch.zeros(shape, dtype=dtype, device=self.device)
-        self._cpu_kv = None
+        self._kv = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self._scales = self._cpu_kv = self._cpu_scales = None
+        if self.kv_scale == "per_token_head":
+            self._scales = torch.zeros(shape[:-1], dtype=quant.SCALE_DTYPE, device=self.device)
         if self.num_cpu_pages:
-            self._cpu_kv = torch.zeros((*shape[:2], self.num_cpu_pages, *shape[3:]), dtype=dtype,
-                                       pin_memory=self.device.type == "cuda")
+            cpu_shape = (*shape[:2], self.num_cpu_pages, *shape[3:])
+            self._cpu_kv = torch.zeros(cpu_shape, dtype=self.kv_dtype, pin_memory=pin)
+            if self._scales is not None:
+                self._cpu_scales = torch.zeros(cpu_shape[:-1], dtype=quant.SCALE_DTYPE, pin_memory=pin)
+
+    def _kv_format(self, kv_dtype: object) -> quant.KVFormat | None:
+        if isinstance(kv_dtype, (str, type(None))) and kv_dtype in _NATIVE:
+            return None
+        fmt = quant.kv_format(kv_dtype)
+        if fmt is not None:
+            return fmt
+        native = _DTYPES.get(kv_dtype) if isinstance(kv_dtype, str) else kv_dtype
+        if native == self.dtype:
+            return None
+        raise InvalidArgument("kv_dtype", kv_dtype, f"None (the dtype, {self.dtype}), "
+                              + " or ".join(repr(name) for name in quant.FORMATS))
+
+    def _kv_scale(self, kv_scale: object) -> str | None:
+        fmt = self.kv_format
+        if fmt is None:
+            if kv_scale is not None:
+                raise InvalidArgument("kv_scale", kv_scale, "None for unquantized pages (kv_dtype=None)")
+            return None
+        if kv_scale is None:
+            return fmt.scale_layouts[0]
+        if kv_scale not in fmt.scale_layouts:
+            if len(fmt.scale_layouts) == 1:
+                expected = f"{fmt.scale_layouts[0]!r} (the only layout of {fmt.name} pages) or None"
+            else:
+                expected = f"one of {', '.join(map(repr, fmt.scale_layouts))} for {fmt.name} pages, or None"
+            raise InvalidArgument("kv_scale", kv_scale, expected)
+        return kv_scale
+
+    def _layer_scales(self, name: str, value: object) -> list[float]:
+        if value is None:
+            return [1.0] * self.num_layers
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return [quant.check_tensor_scale(name, value)] * self.num_layers
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().reshape(-1).tolist()
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            raise InvalidType(name, value, f"a positive float or {self.num_layers} of them (one per layer)")
+        if len(value) != self.num_layers:
+            raise InvalidArgument(name, f"{len(value)} scales", f"one float or one per layer ({self.num_layers})")
+        return [quant.check_tensor_scale(f"{name}[{i}]", item) for i, item in enumerate(value)]
 
     # ------------------------------------------------------------------ storage
     @property
     def kv(self) -> torch.Tensor:
-        """All pages: ``[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]``."""
+        """All pages: ``[num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]`` of ``kv_dtype``."""
         return self._kv
 
     @property
     def cpu_kv(self) -> torch.Tensor | None:
         """The CPU offload pool ``[num_layers, 2, num_cpu_pages, ...]``, or ``None``."""
         return self._cpu_kv
+
+    @property
+    def is_quantized(self) -> bool:
+        """Pages hold int8 / fp8_e4m3 values (``kv_format`` says which)."""
+        return self.kv_format is not None
+
+    @property
+    def scales(self) -> torch.Tensor | None:
+        """Per-(token, head) scales, fp32 ``[num_layers, 2, num_pages, page_size, num_kv_heads]``
+        (``kv_scale="per_token_head"``), else ``None``."""
+        return self._scales
+
+    @property
+    def cpu_scales(self) -> torch.Tensor | None:
+        """The CPU offload pool's scales ``[num_layers, 2, num_cpu_pages, page_size, num_kv_heads]``, or ``None``."""
+        return self._cpu_scales
+
+    @property
+    def tensor_scales(self) -> tuple[tuple[float, float], ...] | None:
+        """``(k_scale, v_scale)`` per layer (``kv_scale="per_tensor"``), else ``None``."""
+        return self._tensor_scales
+
+    def k_scale_cache(self, layer: int) -> torch.Tensor | None:
+        """Layer ``layer``'s K scales ``[num_pages, page_size, num_kv_heads]`` (a view), or ``None``."""
+        layer = self._layer(layer)
+        return None if self._scales is None else self._scales[layer, 0]
+
+    def v_scale_cache(self, layer: int) -> torch.Tensor | None:
+        """Layer ``layer``'s V scales ``[num_pages, page_size, num_kv_heads]`` (a view), or ``None``."""
+        layer = self._layer(layer)
+        return None if self._scales is None else self._scales[layer, 1]
 
     def k_cache(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s K pages ``[num_pages, page_size, num_kv_heads, head_dim]`` (a view)."""
@@ -155,13 +272,23 @@ class PagedKVCache:
 
     @property
     def page_nbytes(self) -> int:
-        """Bytes of one page over every layer, K and V."""
-        return self._kv[:, :, 0].numel() * self._kv.element_size()
+        """Bytes of one page over every layer, K and V (scales included)."""
+        scales = 0 if self._scales is None else self._scales[:, :, 0].numel() * self._scales.element_size()
+        return self._kv[:, :, 0].numel() * self._kv.element_size() + scales
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes over every layer, K and V (scales included): ``page_nbytes / page_size``.
+
+        ``2 x num_layers x num_kv_heads x (head_dim x element bytes + 4 B if per-(token, head)
+        scales)``; e.g. Llama-3-8B: 131,072 B in bf16, 67,584 B in int8, 65,536 B in fp8 per tensor.
+        """
+        return self.page_nbytes // self.page_size
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the device pool."""
-        return self._kv.numel() * self._kv.element_size()
+        """Bytes of the device pool (scales included)."""
+        return self.page_nbytes * self.num_pages
 
     # --------------------------------------------------------------------- plan
     def plan(
@@ -316,15 +443,18 @@ class PagedKVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: BatchPlan) -> None:
         """Store the batch's new K/V of layer ``layer`` at ``plan.slot_mapping``.
 
+        Quantized pages receive the tokens quantized (and their scales, per (token, head)).
+
         Args:
             k, v: ``[num_tokens, num_kv_heads, head_dim]`` in the cache's dtype, on its device.
         """
         layer = self._layer(layer)
         names = "[num_tokens, num_kv_heads, head_dim]"
         shape = (plan.num_tokens, self.num_kv_heads, self.head_dim)
-        common.check_tensor("k", k, names, shape, like=("the cache", self._kv), device=self.device)
-        common.check_tensor("v", v, names, shape, like=("the cache", self._kv), device=self.device)
-        self._ops().write_kv(k, v, self._kv[layer, 0], self._kv[layer, 1], plan.slot_mapping)
+        common.check_tensor("k", k, names, shape, like=("the cache", self._act), device=self.device)
+        common.check_tensor("v", v, names, shape, like=("the cache", self._act), device=self.device)
+        self._ops().write_kv(k, v, self._kv[layer, 0], self._kv[layer, 1], plan.slot_mapping,
+                             **self._scale_args(layer))
 
     def decode(
         self,
@@ -357,7 +487,8 @@ class PagedKVCache:
                                   "a decode plan (one new token per sequence); use prefill for chunks")
         self._check_query(q, "[num_seqs, num_heads, head_dim]", plan.num_seqs, out, sm_scale, sliding_window,
                           logits_soft_cap, plan)
-        options = dict(sm_scale=sm_scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, out=out)
+        options = dict(sm_scale=sm_scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, out=out,
+                       **self._scale_args(layer))
         if self.backend == "triton":
             options.update(max_seq_len=plan.max_seq_len, num_splits=num_splits)
         return self._ops().paged_decode(q, self._kv[layer, 0], self._kv[layer, 1], plan.page_table, plan.seq_lens,
@@ -387,7 +518,8 @@ class PagedKVCache:
         layer = self._layer(layer)
         self._check_query(q, "[num_tokens, num_heads, head_dim]", plan.num_tokens, out, sm_scale, sliding_window,
                           logits_soft_cap, plan)
-        options = dict(sm_scale=sm_scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, out=out)
+        options = dict(sm_scale=sm_scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, out=out,
+                       **self._scale_args(layer))
         if self.backend == "triton":
             options.update(max_q_len=plan.max_q_len)
         return self._ops().paged_prefill(q, self._kv[layer, 0], self._kv[layer, 1], plan.page_table, plan.seq_lens,
@@ -395,7 +527,8 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------- copies
     def copy(self, copies: object) -> None:
-        """Execute a copy-on-write plan on every layer, K and V (one launch on the Triton backend).
+        """Execute a copy-on-write plan on every layer, K and V (one launch on the Triton backend;
+        a second one moves the per-(token, head) scales of quantized pages).
 
         Args:
             copies: int ``[num_copies, 2]`` rows ``(src_page, dst_page)``: ``StepPlan.copies``,
@@ -408,8 +541,13 @@ class PagedKVCache:
         pairs = self._device_copies(copies, self.num_pages, self.num_pages)
         if pairs is None:
             return
-        caches = self._kv.view(self.num_layers * 2, self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+        caches = quant.byte_view(self._kv).view(self.num_layers * 2, self.num_pages, self.page_size,
+                                                self.num_kv_heads, self.head_dim)
         self._ops().copy_pages(caches, pairs)
+        if self._scales is not None:
+            # NOTE: a page's scales travel with it; a copied page without them would dequantize wrong.
+            self._ops().copy_pages(self._scales.view(self.num_layers * 2, self.num_pages, self.page_size,
+                                                     self.num_kv_heads), pairs)
 
     def swap(self, swap_plan) -> None:
         """Execute a ``SwapPlan`` from ``BlockManager.swap_out`` / ``swap_in`` (every layer).
@@ -427,23 +565,31 @@ class PagedKVCache:
             raise InvalidArgument("swap_plan.direction", direction, "'out' or 'in' (a BlockManager SwapPlan)")
 
     def swap_out(self, copies: object) -> None:
-        """Copy device pages to the CPU pool, rows ``(device_page, cpu_page)``, every layer."""
-        self._swap(copies, self._kv, self._require_cpu_pool(), self.num_pages, self.num_cpu_pages)
+        """Copy device pages (and their scales) to the CPU pool, rows ``(device_page, cpu_page)``, every layer."""
+        self._require_cpu_pool()
+        self._swap(copies, [(self._kv, self._cpu_kv), (self._scales, self._cpu_scales)], self.num_pages,
+                   self.num_cpu_pages)
 
     def swap_in(self, copies: object) -> None:
-        """Copy CPU-pool pages to the device, rows ``(cpu_page, device_page)``, every layer."""
-        self._swap(copies, self._require_cpu_pool(), self._kv, self.num_cpu_pages, self.num_pages)
+        """Copy CPU-pool pages (and their scales) to the device, rows ``(cpu_page, device_page)``, every layer."""
+        self._require_cpu_pool()
+        self._swap(copies, [(self._cpu_kv, self._kv), (self._cpu_scales, self._scales)], self.num_cpu_pages,
+                   self.num_pages)
 
-    def _swap(self, copies, src_pool: torch.Tensor, dst_pool: torch.Tensor, num_src: int, num_dst: int) -> None:
+    def _swap(self, copies, pools: list, num_src: int, num_dst: int) -> None:
         pairs = _host_copies(copies, num_src, num_dst, same_pool=False)
         if pairs.shape[0] == 0:
             return
-        src = torch.from_numpy(pairs[:, 0]).to(src_pool.device)
-        dst = torch.from_numpy(pairs[:, 1]).to(dst_pool.device)
-        # NOTE: one gather, one transfer, one scatter over every layer. Non-blocking from the
-        # pinned CPU pool; the caller orders it against later kernels by stream semantics.
-        moved = src_pool.index_select(2, src).to(dst_pool.device, non_blocking=True)
-        dst_pool.index_copy_(2, dst, moved)
+        for src_pool, dst_pool in pools:
+            if src_pool is None:  # no per-(token, head) scales
+                continue
+            src_pool, dst_pool = quant.byte_view(src_pool), quant.byte_view(dst_pool)
+            src = torch.from_numpy(pairs[:, 0]).to(src_pool.device)
+            dst = torch.from_numpy(pairs[:, 1]).to(dst_pool.device)
+            # NOTE: one gather, one transfer, one scatter over every layer. Non-blocking from the
+            # pinned CPU pool; the caller orders it against later kernels by stream semantics.
+            moved = src_pool.index_select(2, src).to(dst_pool.device, non_blocking=True)
+            dst_pool.index_copy_(2, dst, moved)
 
     def _require_cpu_pool(self) -> torch.Tensor:
         if self._cpu_kv is None:
@@ -463,6 +609,15 @@ class PagedKVCache:
     def _layer(self, layer: int) -> int:
         return check.as_int("layer", layer, 0, self.num_layers - 1)
 
+    def _scale_args(self, layer: int) -> dict:
+        """The scale arguments of the kernels for layer ``layer`` (none for float pages)."""
+        if self._scales is not None:
+            return dict(k_scale_cache=self._scales[layer, 0], v_scale_cache=self._scales[layer, 1])
+        if self._tensor_scales is not None:
+            k_scale, v_scale = self._tensor_scales[layer]
+            return dict(k_scale=k_scale, v_scale=v_scale)
+        return {}
+
     def _ops(self):
         if self.backend == "torch":
             from .kernels import reference
@@ -477,7 +632,7 @@ class PagedKVCache:
         if plan.sliding_window is not None and (sliding_window is None or sliding_window > plan.sliding_window):
             raise InvalidArgument("sliding_window", sliding_window,
                                   f"at most {plan.sliding_window}, the window the plan was built for")
-        common.check_tensor("q", q, names, (rows, None, self.head_dim), like=("the cache", self._kv),
+        common.check_tensor("q", q, names, (rows, None, self.head_dim), like=("the cache", self._act),
                             device=self.device)
         common.check_group(q.shape[1], self.num_kv_heads)
         common.check_options(sm_scale, sliding_window, logits_soft_cap, self.head_dim)
@@ -488,7 +643,8 @@ class PagedKVCache:
         return (
             f"PagedKVCache(num_layers={self.num_layers}, num_pages={self.num_pages}, page_size={self.page_size}, "
             f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, dtype={self.dtype}, "
-            f"device={str(self.device)!r}, backend={self.backend!r})"
+            + (f"kv_dtype={self.kv_format.name!r}, kv_scale={self.kv_scale!r}, " if self.kv_format else "")
+            + f"device={str(self.device)!r}, backend={self.backend!r})"
         )
 
 

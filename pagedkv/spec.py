@@ -35,6 +35,13 @@ _DTYPE_ALIASES = {
     "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8",
 }
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
+#: Scale layouts of quantized caches: no scales, one fp32 scale per layer for K and for V
+#: (nothing per token), or one fp32 scale per (token, layer, K/V, head) stored beside the pages.
+KV_SCALES = ("none", "per_tensor", "per_token_head")
+#: Bytes of one scale (fp32, as ``PagedKVCache`` stores them).
+SCALE_BYTES = 4
+#: Dtypes that store scales; the others must use ``kv_scales="none"``.
+QUANTIZED_DTYPES = ("fp8", "int8", "int4")
 
 
 def canonical_dtype(dtype: object, name: str = "dtype") -> str:
@@ -46,6 +53,13 @@ def canonical_dtype(dtype: object, name: str = "dtype") -> str:
     if key not in DTYPE_BITS:
         raise InvalidArgument(name, dtype, f"one of {', '.join(DTYPE_BITS)}")
     return key
+
+
+def default_kv_scales(dtype: str) -> str:
+    """The scale layout ``PagedKVCache`` uses by default for ``dtype``: ``per_token_head`` for
+    int8, ``per_tensor`` for fp8 (vLLM's and FlashInfer's convention), ``none`` otherwise
+    (int4 is for planning only and counts no scales)."""
+    return {"int8": "per_token_head", "fp8": "per_tensor"}.get(canonical_dtype(dtype), "none")
 
 
 def dtype_bytes(num_elements: int, dtype: str) -> int:
@@ -65,6 +79,10 @@ class KVCacheSpec:
         attention: ``"mha"``, ``"gqa"``, ``"mqa"`` or ``"mla"``; inferred when None.
         num_q_heads: query heads, if known (used to check and label the attention kind).
         kv_lora_rank, rope_head_dim: MLA only; build MLA specs with ``KVCacheSpec.mla``.
+        kv_scales: scales of a quantized cache, one of ``KV_SCALES``: ``"none"`` (default; the
+            spec counts elements only), ``"per_tensor"`` (0 B per token) or ``"per_token_head"``
+            (``SCALE_BYTES`` per token, layer, K/V and head). Only for fp8 / int8 / int4.
+            ``default_kv_scales(dtype)`` is what ``PagedKVCache`` stores by default.
 
     Raises:
         InvalidArgument / InvalidType: a bad field, or fields that contradict each other.
@@ -81,6 +99,7 @@ class KVCacheSpec:
     num_q_heads: int | None = None
     kv_lora_rank: int = 0
     rope_head_dim: int = 0
+    kv_scales: str = "none"
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -93,6 +112,11 @@ class KVCacheSpec:
         put(self, "kv_lora_rank", check.as_int("kv_lora_rank", self.kv_lora_rank, 0, check.MAX_COUNT))
         put(self, "rope_head_dim", check.as_int("rope_head_dim", self.rope_head_dim, 0, check.MAX_COUNT))
         put(self, "attention", self._checked_attention())
+        if self.kv_scales not in KV_SCALES:
+            raise InvalidArgument("kv_scales", self.kv_scales, f"one of {', '.join(map(repr, KV_SCALES))}")
+        if self.kv_scales != "none" and self.dtype not in QUANTIZED_DTYPES:
+            raise InvalidArgument("kv_scales", self.kv_scales,
+                                  f"'none' for a {self.dtype} cache (scales go with {', '.join(QUANTIZED_DTYPES)})")
 
     def _checked_attention(self) -> str:
         kind, kv, q = self.attention, self.num_kv_heads, self.num_q_heads
@@ -150,9 +174,22 @@ class KVCacheSpec:
         return self.num_layers * self.kv_factor * self.num_kv_heads * self.head_dim
 
     @property
+    def scale_bytes_per_token(self) -> int:
+        """Bytes of scales per token over all layers: layers x factor x KV heads x ``SCALE_BYTES``
+        with ``per_token_head`` scales, else 0."""
+        if self.kv_scales != "per_token_head":
+            return 0
+        return self.num_layers * self.kv_factor * self.num_kv_heads * SCALE_BYTES
+
+    @property
     def bytes_per_token(self) -> int:
-        """Bytes per token over all layers: layers x factor x KV heads x head_dim x element bytes."""
-        return dtype_bytes(self.elements_per_token, self.dtype)
+        """Bytes per token over all layers: layers x factor x KV heads x head_dim x element bytes,
+        plus ``scale_bytes_per_token``.
+
+        E.g. Llama-3-8B (32 layers, 8 KV heads, head_dim 128): 131,072 B in bf16; 65,536 B in
+        fp8 per tensor; 65,536 + 2,048 = 67,584 B in int8 with per-(token, head) scales.
+        """
+        return dtype_bytes(self.elements_per_token, self.dtype) + self.scale_bytes_per_token
 
     def bytes_for(self, num_tokens: int, page_size: int | None = None) -> int:
         """Bytes for ``num_tokens`` tokens of one sequence; rounded up to whole pages when
@@ -171,9 +208,15 @@ class KVCacheSpec:
         """Bytes of one page over all layers (K and V): ``page_size * bytes_per_token``."""
         return check.count("page_size", page_size) * self.bytes_per_token
 
-    def with_dtype(self, dtype: str) -> "KVCacheSpec":
-        """The same cache stored as ``dtype``."""
-        return dataclasses.replace(self, dtype=dtype)
+    def with_dtype(self, dtype: str, kv_scales: str | None = None) -> "KVCacheSpec":
+        """The same cache stored as ``dtype``, with ``kv_scales`` (default: the current layout
+        when ``dtype`` takes scales, else ``"none"``; ``"default"``: ``default_kv_scales(dtype)``)."""
+        dtype = canonical_dtype(dtype)
+        if kv_scales == "default":
+            kv_scales = default_kv_scales(dtype)
+        elif kv_scales is None:
+            kv_scales = self.kv_scales if dtype in QUANTIZED_DTYPES else "none"
+        return dataclasses.replace(self, dtype=dtype, kv_scales=kv_scales)
 
     def shard(self, num_gpus: int) -> "KVCacheSpec":
         """The cache one rank holds under tensor parallelism over ``num_gpus`` GPUs.
@@ -192,7 +235,8 @@ class KVCacheSpec:
         kv = self.num_kv_heads
         if kv % num_gpus and num_gpus % kv:
             raise InvalidArgument("num_gpus", num_gpus, f"a divisor or a multiple of num_kv_heads ({kv})")
-        return KVCacheSpec(self.num_layers, max(1, kv // num_gpus), self.head_dim, self.dtype, self.attention)
+        return KVCacheSpec(self.num_layers, max(1, kv // num_gpus), self.head_dim, self.dtype, self.attention,
+                           kv_scales=self.kv_scales)
 
     def describe(self) -> str:
         """One line, e.g. ``GQA: 80 layers x 8 KV heads x 128 head dim (64 query heads)``."""
@@ -616,4 +660,5 @@ __all__ = [
     "KVCacheSpec", "ModelPreset", "GPUPreset", "MODEL_PRESETS", "GPU_PRESETS", "DTYPE_BITS", "ATTENTION_KINDS",
     "model_preset", "gpu_preset", "num_pages_for_budget", "max_sequences", "kv_budget_bytes", "weights_bytes",
     "gpu_budget_bytes", "estimate_num_params", "load_hf_config", "canonical_dtype", "dtype_bytes",
+    "KV_SCALES", "SCALE_BYTES", "QUANTIZED_DTYPES", "default_kv_scales",
 ]

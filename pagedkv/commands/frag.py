@@ -62,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--gpu", help="GPU preset (with --model)")
     budget.add_argument("--mem-fraction", type=float, default=0.9,
                         help="share of GPU memory for weights + KV cache (default 0.9)")
+    budget.add_argument("--dtype", help="KV cache dtype with --model/--gpu: fp16, bf16, fp8, int8, ... "
+                        "(default: the model's); quantized dtypes count their scales")
+    budget.add_argument("--kv-scales", choices=("none", "per_tensor", "per_token_head"),
+                        help="scales of a quantized --dtype (default: int8 per_token_head, fp8 per_tensor)")
 
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument("--page-sizes", type=_int_list, default=list(DEFAULT_PAGE_SIZES),
@@ -137,18 +141,39 @@ def resolve_budget(args: argparse.Namespace) -> dict:
         from .. import spec
 
         model, gpu = spec.model_preset(args.model), spec.gpu_preset(args.gpu)
+        kv = _kv_spec(model.spec, getattr(args, "dtype", None), getattr(args, "kv_scales", None))
         weights = spec.weights_bytes(model.num_params, model.weights_dtype)
         budget = spec.kv_budget_bytes(gpu.memory_bytes, weights, args.mem_fraction)
-        if budget < model.spec.bytes_per_token:
+        if budget < kv.bytes_per_token:
             raise InvalidArgument("--gpu", args.gpu, f"a GPU whose memory x {args.mem_fraction} holds the "
                                   f"{weights:,} bytes of {model.name} weights and a KV cache")
-        slots = budget // model.spec.bytes_per_token
-        return {"num_slots": slots, "bytes_per_token": model.spec.bytes_per_token, "budget_bytes": budget,
-                "source": f"{model.name} on {gpu.name} at mem_fraction {args.mem_fraction}",
-                "pages": lambda ps: spec.num_pages_for_budget(model.spec, budget, ps)}
+        slots = budget // kv.bytes_per_token
+        return {"num_slots": slots, "bytes_per_token": kv.bytes_per_token, "budget_bytes": budget,
+                "kv_dtype": kv.dtype, "kv_scales": kv.kv_scales,
+                "source": f"{model.name} ({kv.dtype}) on {gpu.name} at mem_fraction {args.mem_fraction}",
+                "pages": lambda ps: spec.num_pages_for_budget(kv, budget, ps)}
+    for option in ("--dtype", "--kv-scales"):
+        value = getattr(args, option[2:].replace("-", "_"), None)
+        if value is not None:
+            raise InvalidArgument(option, value, "given with --model and --gpu (it sets the bytes per token)")
     slots = check.count("--slots", DEFAULT_SLOTS if args.slots is None else args.slots)
     return {"num_slots": slots, "source": "--slots" if args.slots is not None else "default (OPT-13B, A100-40GB)",
             "pages": lambda ps: slots // ps}
+
+
+def _kv_spec(model_spec, dtype: str | None, kv_scales: str | None):
+    """The model's KV spec stored as ``dtype`` with ``kv_scales`` (defaults: the model's dtype,
+    and the scales ``PagedKVCache`` stores with it)."""
+    from .. import spec
+
+    if dtype is None and kv_scales is None:
+        return model_spec
+    dtype = model_spec.dtype if dtype is None else spec.canonical_dtype(dtype, "--dtype")
+    scales = spec.default_kv_scales(dtype) if kv_scales is None else kv_scales
+    if scales != "none" and dtype not in spec.QUANTIZED_DTYPES:
+        raise InvalidArgument("--kv-scales", scales,
+                              f"'none' for a {dtype} cache (scales go with {', '.join(spec.QUANTIZED_DTYPES)})")
+    return model_spec.with_dtype(dtype, scales)
 
 
 def sweep(args: argparse.Namespace) -> dict:

@@ -11,6 +11,10 @@ holds KV pages. The weights estimate is parameters x bytes per weight: it ignore
 CUDA graphs and allocator overhead, which the 10% left by the default fraction (and
 ``--reserve``) must cover. ``--num-gpus N`` means tensor parallelism: weights and KV heads are
 split N ways (MLA's latent is not split; see ``KVCacheSpec.shard``).
+
+NOTE: a quantized ``--dtype`` counts the scales ``PagedKVCache`` stores with it by default
+(``spec.default_kv_scales``): int8 adds 4 B (an fp32 scale) per token, layer, K/V and KV head;
+fp8 uses per-tensor scales (0 B per token). ``--kv-scales`` picks another layout.
 """
 
 from __future__ import annotations
@@ -26,9 +30,13 @@ from .. import _validate as check
 from ..errors import InvalidArgument, PagedKVError
 from ..spec import (
     GPU_PRESETS,
+    KV_SCALES,
     MODEL_PRESETS,
+    QUANTIZED_DTYPES,
+    SCALE_BYTES,
     KVCacheSpec,
     canonical_dtype,
+    default_kv_scales,
     estimate_num_params,
     gpu_preset,
     kv_budget_bytes,
@@ -53,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", help=f"GPU preset: {', '.join(GPU_PRESETS)}")
     parser.add_argument("--num-gpus", default="1", metavar="N", help="GPUs, tensor parallel (default 1)")
     parser.add_argument("--dtype", help="KV cache dtype: fp32, fp16, bf16, fp8, int8, int4 (default: the model's)")
+    parser.add_argument("--kv-scales", choices=KV_SCALES,
+                        help="scales of a quantized cache: per_token_head adds 4 B per token, layer, K/V and KV "
+                        "head (default: int8 per_token_head, fp8 per_tensor, as PagedKVCache stores them)")
     parser.add_argument("--weights-dtype", help="weights dtype (default: the released weights')")
     parser.add_argument("--context", help="tokens per sequence, e.g. 8192, 32k, 128k (k = 1024; "
                         "default: the model's maximum context)")
@@ -173,8 +184,14 @@ def _model(args) -> dict:
         raise InvalidArgument("--model", None, "a preset name, or --config PATH (see --list)")
     if args.params is not None:
         model["num_params"] = model["num_active_params"] = parse_count(args.params)
-    if args.dtype is not None:
-        model["spec"] = model["spec"].with_dtype(canonical_dtype(args.dtype, "--dtype"))
+    kv_scales = getattr(args, "kv_scales", None)
+    if args.dtype is not None or kv_scales is not None:
+        dtype = model["spec"].dtype if args.dtype is None else canonical_dtype(args.dtype, "--dtype")
+        scales = default_kv_scales(dtype) if kv_scales is None else kv_scales
+        if scales != "none" and dtype not in QUANTIZED_DTYPES:
+            raise InvalidArgument("--kv-scales", scales,
+                                  f"'none' for a {dtype} cache (scales go with {', '.join(QUANTIZED_DTYPES)})")
+        model["spec"] = model["spec"].with_dtype(dtype, scales)
     if args.weights_dtype is not None:
         model["weights_dtype"] = canonical_dtype(args.weights_dtype, "--weights-dtype")
     return model
@@ -224,7 +241,8 @@ def build_report(args: argparse.Namespace) -> dict:
                       num_params=model["num_params"], num_active_params=model["num_active_params"],
                       max_context=model["max_context"]),
         "gpu": None if gpu is None else dict(gpu, num_gpus=num_gpus),
-        "kv_dtype": spec.dtype, "weights_dtype": model["weights_dtype"], "context": context,
+        "kv_dtype": spec.dtype, "kv_scales": spec.kv_scales, "scale_bytes_per_token": spec.scale_bytes_per_token,
+        "weights_dtype": model["weights_dtype"], "context": context,
         "page_size": page_size, "num_gpus": num_gpus, "mem_fraction": mem_fraction, "reserve_bytes": reserve,
         "bytes_per_token": spec.bytes_per_token, "bytes_per_token_per_gpu": shard.bytes_per_token,
         "kv_per_sequence_bytes": spec.bytes_for(context),
@@ -311,9 +329,17 @@ def fmt_seconds(t: float) -> str:
 def _kv_formula(r: dict) -> str:
     m = r["model"]
     elem = f"{DTYPE_BITS_TEXT.get(r['kv_dtype'], '?')} ({r['kv_dtype']})"
+    per_token = r.get("kv_scales") == "per_token_head"
     if m["attention"] == "mla":
-        return f"{m['num_layers']} layers x ({m['kv_lora_rank']} + {m['rope_head_dim']}) x {elem}"
-    return f"2 (K, V) x {m['num_layers']} layers x {m['num_kv_heads']} KV heads x {m['head_dim']} x {elem}"
+        latent = f"({m['kv_lora_rank']} + {m['rope_head_dim']}) x {elem}"
+        if per_token:
+            return f"{m['num_layers']} layers x ({latent} + {SCALE_BYTES} B fp32 scale)"
+        return f"{m['num_layers']} layers x {latent}"
+    if per_token:
+        return (f"2 (K, V) x {m['num_layers']} layers x {m['num_kv_heads']} KV heads x ({m['head_dim']} x {elem} "
+                f"+ {SCALE_BYTES} B fp32 scale)")
+    text = f"2 (K, V) x {m['num_layers']} layers x {m['num_kv_heads']} KV heads x {m['head_dim']} x {elem}"
+    return text + (" (per-tensor scales: 0 B per token)" if r.get("kv_scales") == "per_tensor" else "")
 
 
 DTYPE_BITS_TEXT = {"fp32": "4 B", "fp16": "2 B", "bf16": "2 B", "fp8": "1 B", "int8": "1 B", "int4": "0.5 B"}
@@ -323,7 +349,7 @@ def render_text(r: dict) -> str:
     """The human-readable report."""
     m, gpu, n = r["model"], r["gpu"], r["num_gpus"]
     spec = KVCacheSpec(m["num_layers"], m["num_kv_heads"], m["head_dim"], r["kv_dtype"], m["attention"],
-                       m["num_q_heads"], m["kv_lora_rank"], m["rope_head_dim"])
+                       m["num_q_heads"], m["kv_lora_rank"], m["rope_head_dim"], r.get("kv_scales", "none"))
     on = f" on {n} x {gpu['display_name']}" if gpu else ""
     lines = [f"pagedkv size: {m['name']}{on}", f"  model source: {m['source']}"]
     if gpu:
@@ -333,7 +359,8 @@ def render_text(r: dict) -> str:
         per_gpu += " (the MLA latent is not split: every GPU keeps all of it)"
     lines += [
         "",
-        f"KV cache        {spec.describe()}, {r['kv_dtype']}",
+        f"KV cache        {spec.describe()}, {r['kv_dtype']}"
+        + ("" if spec.kv_scales == "none" else f" with {spec.kv_scales.replace('_', '-')} scales"),
         f"per token       {fmt_exact(r['bytes_per_token'])} = {_kv_formula(r)}{per_gpu}",
         f"per sequence    {fmt_bytes(r['kv_per_sequence_bytes'])} at {r['context']:,} tokens "
         f"({r['pages_per_sequence']:,} pages of {r['page_size']})",

@@ -4,9 +4,11 @@
 - ``paged_decode``: one query token per sequence, GQA heads packed, split-KV + merge.
 - ``paged_prefill``: ragged query chunks attending causally to their cached prefix.
 - ``copy_pages``: a (src, dst) page copy plan over every layer in one launch.
+- ``quant``: the int8 / fp8_e4m3 page formats and their torch quantize / dequantize.
 
 Names are resolved lazily: ``import pagedkv.kernels`` imports neither torch nor triton, and
-``pagedkv.kernels.reference`` (torch only) works where triton is not installed.
+``pagedkv.kernels.reference`` and ``pagedkv.kernels.quant`` (torch only) work where triton is
+not installed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ _LAUNCHERS = {
     "copy_pages": "copy_pages",
 }
 
-__all__ = [*_LAUNCHERS, "reference"]
+__all__ = [*_LAUNCHERS, "reference", "quant"]
 
 
 def __getattr__(name: str):
@@ -32,8 +34,8 @@ def __getattr__(name: str):
         launcher = getattr(module, name)
         globals()[name] = launcher
         return launcher
-    if name == "reference":
-        return importlib.import_module(".reference", __name__)
+    if name in ("reference", "quant"):
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

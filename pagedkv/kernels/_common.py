@@ -17,9 +17,12 @@ from typing import NamedTuple
 import torch
 
 from ..errors import InvalidArgument, InvalidType
+from . import quant
 
 #: Floating dtypes the KV cache and the attention kernels accept.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Dtypes of page pools: the float dtypes, and the quantized ones (int8, float8_e4m3fn).
+CACHE_DTYPES = FLOAT_DTYPES + quant.QUANT_DTYPES
 #: Index dtypes accepted for slot mappings and copy plans.
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -110,11 +113,76 @@ def check_cache_pair(k_cache: object, v_cache: object) -> tuple[int, int, int, i
             interpreter (Triton kernels run on CUDA, or on the CPU with ``TRITON_INTERPRET=1``).
     """
     names = "[num_pages, page_size, num_kv_heads, head_dim]"
-    check_tensor("k_cache", k_cache, names, (None,) * 4, dtypes=FLOAT_DTYPES, contiguous=True)
+    check_tensor("k_cache", k_cache, names, (None,) * 4, dtypes=CACHE_DTYPES, contiguous=True)
     check_tensor("v_cache", v_cache, names, tuple(k_cache.shape), like=("k_cache", k_cache), device=k_cache.device,
                  contiguous=True)
     check_device("k_cache", k_cache)
     return tuple(k_cache.shape)
+
+
+class QuantArgs(NamedTuple):
+    """How a launch reads or writes its pages (checked by ``check_quant``).
+
+    Attributes:
+        fmt: the pages' quantized format, or ``None`` for float pages.
+        per_token: one scale per (token, head) in ``k_scale_cache`` / ``v_scale_cache``.
+        k_scale, v_scale: per-tensor scales (1.0 unless the pages are quantized per tensor).
+        k_scale_cache, v_scale_cache: fp32 ``[num_pages, page_size, num_kv_heads]`` or ``None``.
+    """
+
+    fmt: quant.KVFormat | None
+    per_token: bool
+    k_scale: float
+    v_scale: float
+    k_scale_cache: torch.Tensor | None
+    v_scale_cache: torch.Tensor | None
+
+
+def check_quant(k_cache: torch.Tensor, k_scale=None, v_scale=None, k_scale_cache=None,
+                v_scale_cache=None) -> QuantArgs:
+    """Check the scale arguments of a launch on ``k_cache`` (already checked by ``check_cache_pair``).
+
+    Float pages take no scale. Quantized pages take either both scale caches
+    (``[num_pages, page_size, num_kv_heads]`` fp32, contiguous, on the cache's device) or
+    per-tensor ``k_scale`` / ``v_scale`` (default 1.0), not both.
+
+    Raises:
+        InvalidType / InvalidArgument: naming the argument; also fp8 pages on a CUDA GPU of
+            compute capability < 8.9 (the message says what was found).
+    """
+    fmt = quant.format_of(k_cache)
+    given = {"k_scale": k_scale, "v_scale": v_scale, "k_scale_cache": k_scale_cache, "v_scale_cache": v_scale_cache}
+    if fmt is None:
+        for name, value in given.items():
+            if value is not None:
+                raise InvalidArgument(name, type(value).__name__,
+                                      f"None for {k_cache.dtype} pages (scales go with int8 / fp8_e4m3 pages)")
+        return QuantArgs(None, False, 1.0, 1.0, None, None)
+    if k_cache.device.type == "cuda":
+        quant.check_supported(fmt, k_cache.device, "k_cache")
+    if k_scale_cache is None and v_scale_cache is None:
+        k = 1.0 if k_scale is None else quant.check_tensor_scale("k_scale", k_scale)
+        v = 1.0 if v_scale is None else quant.check_tensor_scale("v_scale", v_scale)
+        return QuantArgs(fmt, False, k, v, None, None)
+    for name in ("k_scale", "v_scale"):
+        if given[name] is not None:
+            raise InvalidArgument(name, given[name], "None when scale caches are given (per-(token, head) scales)")
+    names = "[num_pages, page_size, num_kv_heads]"
+    shape = tuple(k_cache.shape[:3])
+    for name in ("k_scale_cache", "v_scale_cache"):
+        if given[name] is None:
+            raise InvalidArgument(name, None, "a tensor when the other scale cache is given")
+        check_tensor(name, given[name], names, shape, dtypes=(quant.SCALE_DTYPE,), device=k_cache.device,
+                     contiguous=True)
+    return QuantArgs(fmt, True, 1.0, 1.0, k_scale_cache, v_scale_cache)
+
+
+def check_query_dtype(name: str, q: object, names: str, shape: tuple, k_cache: torch.Tensor) -> None:
+    """``q`` (or ``k``/``v``) of ``k_cache``'s dtype, or of any float dtype when the pages are quantized."""
+    if quant.format_of(k_cache) is None:
+        check_tensor(name, q, names, shape, like=("k_cache", k_cache), device=k_cache.device)
+    else:
+        check_tensor(name, q, names, shape, dtypes=FLOAT_DTYPES, device=k_cache.device)
 
 
 def check_device(name: str, tensor: torch.Tensor) -> None:

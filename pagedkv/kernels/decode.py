@@ -28,15 +28,17 @@ def soft_cap(scores, cap):
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr,
-    sm_scale, soft_cap_value, window, num_heads, num_splits,
+    out_ptr, part_out_ptr, part_lse_ptr, k_scale_cache_ptr, v_scale_cache_ptr,
+    sm_scale, soft_cap_value, out_scale, window, num_heads, num_splits,
     stride_qs, stride_qh,
     stride_cache_page, stride_cache_token, stride_cache_head,
+    stride_scale_page, stride_scale_token,
     stride_table_seq,
     stride_os, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFT_CAP: tl.constexpr, IS_SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CONVERT_KV: tl.constexpr, PER_TOKEN_SCALES: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -77,10 +79,23 @@ def _paged_decode_kernel(
         kv_mask = valid[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        if PER_TOKEN_SCALES:
+            scale_offsets = pages * stride_scale_page + (positions % PAGE_SIZE) * stride_scale_token + kv_head
+            k_scales = tl.load(k_scale_cache_ptr + scale_offsets, mask=valid, other=0.0)
+            v_scales = tl.load(v_scale_cache_ptr + scale_offsets, mask=valid, other=0.0)
+            # NOTE: K's scales multiply the fp32 scores (one per key); V is dequantized in fp32
+            # and then cast, so small values keep fp16's precision (scaling p instead could
+            # underflow fp16 when a head's values are tiny).
+            v = (v.to(tl.float32) * v_scales[:, None]).to(q.dtype)
+        if CONVERT_KV:
+            # NOTE: int8 and e4m3 values are exact in fp16, bf16 and fp32, so K enters the dot
+            # in the query's dtype unchanged; per-tensor scales are folded into sm_scale and
+            # out_scale by the launcher.
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+        if PER_TOKEN_SCALES:
+            scores = scores * k_scales[None, :]
         if HAS_SOFT_CAP:
             scores = soft_cap(scores, soft_cap_value)
         scores = tl.where(valid[None, :], scores * 1.4426950408889634, float("-inf"))
@@ -93,7 +108,7 @@ def _paged_decode_kernel(
         m_i = m_new
 
     # NOTE: a sequence with no key (seq_len 0, or an empty split) yields zeros, not NaN.
-    result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * out_scale
     out_mask = row_mask[:, None] & dim_mask[None, :]
     if IS_SPLIT:
         row = (seq * num_heads + heads) * num_splits + split
@@ -142,6 +157,10 @@ def paged_decode(
     out: torch.Tensor | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    k_scale_cache: torch.Tensor | None = None,
+    v_scale_cache: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention: each sequence's single query token over its cached K/V.
 
@@ -149,11 +168,15 @@ def paged_decode(
     already be in the cache (``write_kv`` first). Launches one kernel (two with split-KV) and
     never synchronises with the host, so it can be captured in a CUDA graph.
 
+    Int8 / fp8_e4m3 pages are dequantized as they are read (scores and the output accumulate
+    in fp32): per-tensor scales are folded into ``sm_scale`` and the output; per-(token, head)
+    scales multiply each key's score, and each value vector before its cast to ``q``'s dtype.
+
     Args:
-        q: ``[num_seqs, num_heads, head_dim]``, the cache's dtype; query head ``h`` reads KV
-            head ``h // (num_heads // num_kv_heads)``.
+        q: ``[num_seqs, num_heads, head_dim]``, the cache's dtype (any float dtype for
+            quantized pages); query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)``.
         k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]``, contiguous,
-            float16 / bfloat16 / float32.
+            float16 / bfloat16 / float32, or int8 / float8_e4m3fn (quantized).
         page_table: int32 ``[num_seqs, max_pages]``; entries past a sequence's pages may be
             anything (``NULL_PAGE`` = -1 from the block manager): they are never read.
         seq_lens: int32 ``[num_seqs]``; tokens in the cache for each sequence (query included).
@@ -165,6 +188,9 @@ def paged_decode(
         max_seq_len: host-side upper bound of ``seq_lens`` used to pick the split count;
             default ``max_pages * page_size``.
         num_splits: split-KV count; default chosen from the batch shape (``1`` = no split).
+        k_scale, v_scale: per-tensor scales of quantized pages without scale caches (default 1.0).
+        k_scale_cache, v_scale_cache: fp32 ``[num_pages, page_size, num_kv_heads]``: the
+            per-(token, head) scales ``write_kv`` stored with quantized pages.
 
     Returns:
         ``out``: ``[num_seqs, num_heads, head_dim]`` in ``q``'s dtype.
@@ -175,8 +201,7 @@ def paged_decode(
     num_pages, page_size, num_kv_heads, head_dim = common.check_cache_pair(k_cache, v_cache)
     common.check_head_dim(head_dim)
     device = k_cache.device
-    common.check_tensor("q", q, "[num_seqs, num_heads, head_dim]", (None, None, head_dim),
-                        like=("k_cache", k_cache), device=device)
+    common.check_query_dtype("q", q, "[num_seqs, num_heads, head_dim]", (None, None, head_dim), k_cache)
     num_seqs, num_heads, _ = q.shape
     group = common.check_group(num_heads, num_kv_heads)
     common.check_tensor("page_table", page_table, "[num_seqs, max_pages]", (num_seqs, None),
@@ -189,11 +214,12 @@ def paged_decode(
         common.check_tensor("out", out, "[num_seqs, num_heads, head_dim]", tuple(q.shape), like=("q", q),
                             device=device)
     sm_scale, window, cap = common.check_options(sm_scale, sliding_window, logits_soft_cap, head_dim)
+    qa = common.check_quant(k_cache, k_scale, v_scale, k_scale_cache, v_scale_cache)
     capacity = page_table.shape[1] * page_size
     if max_seq_len is None:
         max_seq_len = capacity
     common.check_int("max_seq_len", max_seq_len, 0, 2**31 - 1)
-    config = common.decode_config(head_dim, group, k_cache.dtype)
+    config = common.decode_config(head_dim, group, q.dtype)
     if num_splits is None:
         span = min(max_seq_len, window + config.block_n) if window else max_seq_len
         num_splits = common.choose_num_splits(num_seqs, num_kv_heads, span, common.num_sms(device))
@@ -207,19 +233,25 @@ def paged_decode(
         part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=device)
     else:
         part_out = part_lse = out  # unused by the kernel when IS_SPLIT is false
+    upcast = common.is_interpreting() and q.dtype == torch.bfloat16
+    # unused pointers without scale caches: any tensor will do
+    k_scales = qa.k_scale_cache if qa.per_token else seq_lens
+    v_scales = qa.v_scale_cache if qa.per_token else seq_lens
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens,
-        out, part_out, part_lse,
-        sm_scale, cap, window, num_heads, num_splits,
+        out, part_out, part_lse, k_scales, v_scales,
+        sm_scale * qa.k_scale, cap, qa.v_scale, window, num_heads, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_scales.stride(0) if qa.per_token else 0, k_scales.stride(1) if qa.per_token else 0,
         page_table.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=config.group_pad, HEAD_DIM=head_dim, D_PAD=config.d_pad,
         PAGE_SIZE=page_size, BLOCK_N=config.block_n,
         HAS_SOFT_CAP=cap > 0, IS_SPLIT=is_split,
-        UPCAST=common.is_interpreting() and k_cache.dtype == torch.bfloat16,
-        DOT_PRECISION="tf32x3" if k_cache.dtype == torch.float32 else "tf32",
+        UPCAST=upcast,
+        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+        CONVERT_KV=upcast or qa.fmt is not None, PER_TOKEN_SCALES=qa.per_token,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if is_split:

@@ -24,14 +24,17 @@ from .decode import soft_cap
 @triton.jit
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr, qo_indptr_ptr, out_ptr,
-    sm_scale, soft_cap_value, window,
+    k_scale_cache_ptr, v_scale_cache_ptr,
+    sm_scale, soft_cap_value, out_scale, window,
     stride_qt, stride_qh,
     stride_cache_page, stride_cache_token, stride_cache_head,
+    stride_scale_page, stride_scale_token,
     stride_table_seq,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS_PER_BLOCK: tl.constexpr,
     HAS_SOFT_CAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CONVERT_KV: tl.constexpr, PER_TOKEN_SCALES: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -75,10 +78,17 @@ def _paged_prefill_kernel(
         kv_mask = valid[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + offsets, mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + offsets, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        if PER_TOKEN_SCALES:  # as in the decode kernel
+            scale_offsets = pages * stride_scale_page + (positions % PAGE_SIZE) * stride_scale_token + kv_head
+            k_scales = tl.load(k_scale_cache_ptr + scale_offsets, mask=valid, other=0.0)
+            v_scales = tl.load(v_scale_cache_ptr + scale_offsets, mask=valid, other=0.0)
+            v = (v.to(tl.float32) * v_scales[:, None]).to(q.dtype)
+        if CONVERT_KV:  # exact for int8 / e4m3 pages (see the decode kernel)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale
+        if PER_TOKEN_SCALES:
+            scores = scores * k_scales[None, :]
         if HAS_SOFT_CAP:
             scores = soft_cap(scores, soft_cap_value)
         visible = valid[None, :] & (positions[None, :] <= q_positions[:, None])
@@ -92,7 +102,7 @@ def _paged_prefill_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * out_scale
     tl.store(out_ptr + token_offsets[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
              result.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
@@ -110,17 +120,24 @@ def paged_prefill(
     logits_soft_cap: float | None = None,
     out: torch.Tensor | None = None,
     max_q_len: int | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    k_scale_cache: torch.Tensor | None = None,
+    v_scale_cache: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefill / extend attention over paged K/V for a ragged batch of query chunks.
 
     Sequence ``i`` owns query rows ``qo_indptr[i]:qo_indptr[i+1]`` of ``q``; they are its last
     ``q_len`` tokens, whose K/V are already in the cache, so query ``j`` of the chunk attends
     causally to key positions ``<= seq_lens[i] - q_len + j``. A decode token is a chunk of
-    length 1, so mixed prefill/decode batches work too. No host synchronisation.
+    length 1, so mixed prefill/decode batches work too. No host synchronisation. Int8 / fp8_e4m3
+    pages are dequantized as they are read, as in ``paged_decode``.
 
     Args:
-        q: ``[num_tokens, num_heads, head_dim]``, the cache's dtype.
-        k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]``, contiguous.
+        q: ``[num_tokens, num_heads, head_dim]``, the cache's dtype (any float dtype for
+            quantized pages).
+        k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]``, contiguous,
+            float16 / bfloat16 / float32, or int8 / float8_e4m3fn (quantized).
         page_table: int32 ``[num_seqs, max_pages]`` (padding entries are never read).
         seq_lens: int32 ``[num_seqs]``; cached tokens per sequence, new chunk included.
         qo_indptr: int32 ``[num_seqs + 1]``; ``qo_indptr[0] == 0``, non-decreasing,
@@ -130,6 +147,8 @@ def paged_prefill(
         out: optional ``[num_tokens, num_heads, head_dim]`` output (same dtype).
         max_q_len: host-side bound on the longest chunk, sizes the grid; default
             ``num_tokens`` (always safe, launches idle programs for batches of many chunks).
+        k_scale, v_scale, k_scale_cache, v_scale_cache: scales of quantized pages, as in
+            ``paged_decode``.
 
     Returns:
         ``out``: ``[num_tokens, num_heads, head_dim]`` in ``q``'s dtype.
@@ -140,8 +159,7 @@ def paged_prefill(
     _, page_size, num_kv_heads, head_dim = common.check_cache_pair(k_cache, v_cache)
     common.check_head_dim(head_dim)
     device = k_cache.device
-    common.check_tensor("q", q, "[num_tokens, num_heads, head_dim]", (None, None, head_dim),
-                        like=("k_cache", k_cache), device=device)
+    common.check_query_dtype("q", q, "[num_tokens, num_heads, head_dim]", (None, None, head_dim), k_cache)
     num_tokens, num_heads, _ = q.shape
     group = common.check_group(num_heads, num_kv_heads)
     common.check_tensor("page_table", page_table, "[num_seqs, max_pages]", (None, None), dtypes=(torch.int32,),
@@ -159,24 +177,32 @@ def paged_prefill(
         common.check_tensor("out", out, "[num_tokens, num_heads, head_dim]", tuple(q.shape), like=("q", q),
                             device=device)
     sm_scale, window, cap = common.check_options(sm_scale, sliding_window, logits_soft_cap, head_dim)
+    qa = common.check_quant(k_cache, k_scale, v_scale, k_scale_cache, v_scale_cache)
     max_q_len = num_tokens if max_q_len is None else common.check_int("max_q_len", max_q_len, 0, 2**31 - 1)
     if num_seqs == 0 or num_tokens == 0 or max_q_len == 0:
         return out
-    config = common.prefill_config(head_dim, group, k_cache.dtype)
+    config = common.prefill_config(head_dim, group, q.dtype)
     tokens_per_block = config.block_m // group
     grid = (triton.cdiv(max_q_len, tokens_per_block), num_kv_heads, num_seqs)
+    upcast = common.is_interpreting() and q.dtype == torch.bfloat16
+    # unused pointers without scale caches: any tensor will do
+    k_scales = qa.k_scale_cache if qa.per_token else seq_lens
+    v_scales = qa.v_scale_cache if qa.per_token else seq_lens
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, page_table, seq_lens, qo_indptr, out,
-        sm_scale, cap, window,
+        k_scales, v_scales,
+        sm_scale * qa.k_scale, cap, qa.v_scale, window,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_scales.stride(0) if qa.per_token else 0, k_scales.stride(1) if qa.per_token else 0,
         page_table.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, D_PAD=config.d_pad, PAGE_SIZE=page_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, TOKENS_PER_BLOCK=tokens_per_block,
         HAS_SOFT_CAP=cap > 0,
-        UPCAST=common.is_interpreting() and k_cache.dtype == torch.bfloat16,
-        DOT_PRECISION="tf32x3" if k_cache.dtype == torch.float32 else "tf32",
+        UPCAST=upcast,
+        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+        CONVERT_KV=upcast or qa.fmt is not None, PER_TOKEN_SCALES=qa.per_token,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -8,7 +8,10 @@ gathered, so whatever sits in the unused tail of a last page never matters.
 
 Same signatures as the Triton launchers (without the launch-tuning arguments ``max_seq_len``,
 ``max_q_len`` and ``num_splits``). Inputs are not validated here: the launchers and
-``PagedKVCache`` do that. Imports torch only (never triton).
+``PagedKVCache`` do that. Quantized (int8 / fp8_e4m3) pages are quantized on write and
+dequantized to fp32 on read with ``pagedkv.kernels.quant``; the scale arguments
+(``k_scale``/``v_scale`` per tensor, or ``k_scale_cache``/``v_scale_cache`` per (token, head))
+mean what they mean for the launchers. Imports torch only (never triton).
 """
 
 from __future__ import annotations
@@ -17,27 +20,67 @@ import math
 
 import torch
 
+from . import quant
+
 
 def write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    k_scale_cache: torch.Tensor | None = None,
+    v_scale_cache: torch.Tensor | None = None,
 ) -> None:
     """Write token ``i``'s K/V to slot ``slot_mapping[i]`` (skip slot -1). See ``kernels.write_kv``."""
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    fmt = quant.format_of(k_cache)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = k[keep]
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = v[keep]
+    for x, cache, scale, scale_cache in ((k, k_cache, k_scale, k_scale_cache), (v, v_cache, v_scale, v_scale_cache)):
+        x = x[keep]
+        if fmt is not None and scale_cache is not None:
+            x, scales = quant.quantize_per_token_head(x, fmt)
+            scale_cache.view(-1, num_kv_heads)[slots] = scales
+        elif fmt is not None:
+            x = quant.quantize_per_tensor(x, 1.0 if scale is None else scale, fmt)
+        quant.byte_view(cache).view(-1, num_kv_heads, head_dim)[slots] = quant.byte_view(x)
 
 
 def gather_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, page_table_row: torch.Tensor, seq_len: int, start: int = 0
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table_row: torch.Tensor,
+    seq_len: int,
+    start: int = 0,
+    *,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    k_scale_cache: torch.Tensor | None = None,
+    v_scale_cache: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence's tokens ``[start, seq_len)`` of K and V: two ``[seq_len - start, num_kv_heads, head_dim]``."""
+    """One sequence's tokens ``[start, seq_len)`` of K and V: two ``[seq_len - start, num_kv_heads, head_dim]``.
+
+    In the cache's dtype for float pages; dequantized to fp32 for int8 / fp8_e4m3 pages.
+    """
     page_size = k_cache.shape[1]
     positions = torch.arange(start, seq_len, device=k_cache.device)
     pages = page_table_row.long()[positions // page_size]
     offsets = positions % page_size
-    return k_cache[pages, offsets], v_cache[pages, offsets]
+    fmt = quant.format_of(k_cache)
+    if fmt is None:
+        return k_cache[pages, offsets], v_cache[pages, offsets]
+    out = []
+    for cache, scale, scale_cache in ((k_cache, k_scale, k_scale_cache), (v_cache, v_scale, v_scale_cache)):
+        values = quant.byte_view(cache)[pages, offsets].view(cache.dtype)
+        if scale_cache is not None:
+            out.append(quant.dequantize(values, scale_cache[pages, offsets]))
+        else:
+            out.append(quant.dequantize(values, 1.0 if scale is None else scale))
+    return out[0], out[1]
 
 
 def attend(
@@ -90,14 +133,22 @@ def paged_decode(
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
     out: torch.Tensor | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    k_scale_cache: torch.Tensor | None = None,
+    v_scale_cache: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention; see ``kernels.paged_decode``. Returns ``[num_seqs, num_heads, head_dim]``."""
+    """Decode attention; see ``kernels.paged_decode``. Returns ``[num_seqs, num_heads, head_dim]``.
+
+    The scale arguments are those of quantized pages (see ``gather_kv``).
+    """
+    scales = dict(k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache)
     out = torch.empty_like(q) if out is None else out
     for i, seq_len in enumerate(seq_lens.tolist()):
         # NOTE: only keys the query may see are gathered, so pages released before the window
         # (NULL_PAGE entries) are never touched.
         start = max(seq_len - sliding_window, 0) if sliding_window else 0
-        keys, values = gather_kv(k_cache, v_cache, page_table[i], seq_len, start)
+        keys, values = gather_kv(k_cache, v_cache, page_table[i], seq_len, start, **scales)
         q_positions = torch.tensor([seq_len - 1], device=q.device)
         out[i] = attend(q[i:i + 1], keys, values, q_positions, sm_scale=sm_scale, sliding_window=sliding_window,
                         logits_soft_cap=logits_soft_cap, key_start=start)[0]
@@ -116,8 +167,16 @@ def paged_prefill(
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
     out: torch.Tensor | None = None,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    k_scale_cache: torch.Tensor | None = None,
+    v_scale_cache: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Prefill/extend attention; see ``kernels.paged_prefill``. Returns ``[num_tokens, num_heads, head_dim]``."""
+    """Prefill/extend attention; see ``kernels.paged_prefill``. Returns ``[num_tokens, num_heads, head_dim]``.
+
+    The scale arguments are those of quantized pages (see ``gather_kv``).
+    """
+    scales = dict(k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache)
     out = torch.empty_like(q) if out is None else out
     bounds = qo_indptr.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):
@@ -125,7 +184,7 @@ def paged_prefill(
         if hi == lo:
             continue
         start = max(seq_len - (hi - lo) - sliding_window + 1, 0) if sliding_window else 0
-        keys, values = gather_kv(k_cache, v_cache, page_table[i], seq_len, start)
+        keys, values = gather_kv(k_cache, v_cache, page_table[i], seq_len, start, **scales)
         q_positions = torch.arange(seq_len - (hi - lo), seq_len, device=q.device)
         out[lo:hi] = attend(q[lo:hi], keys, values, q_positions, sm_scale=sm_scale, sliding_window=sliding_window,
                             logits_soft_cap=logits_soft_cap, key_start=start)
