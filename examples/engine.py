@@ -1,0 +1,531 @@
+"""How to put pagedkv into your engine: a compact continuous-batching loop around a Hugging Face Llama.
+
+The engine keeps the model's own modules (embedding, norms, q/k/v/o projections, rotary
+embedding, MLP, LM head) and replaces only attention's KV handling: K/V live in the pages of a
+``PagedKVCache``, the ``BlockManager`` decides which pages each sequence owns, and attention
+reads through page tables. Each ``Engine.step``:
+
+1. grows every decoding sequence by one token with one ``append_batch`` (all or nothing); when
+   pages run out it preempts the lowest-priority decoding sequence (swap it to the CPU tier, or
+   free it and recompute it later) and retries;
+2. continues chunked prefills (at most ``chunk_size`` prompt tokens per sequence per step);
+3. admits waiting requests while ``can_allocate`` says their prompt fits (swapped sequences
+   first), within a per-step token budget; ``allocate`` gives pages to the whole prompt, or
+   finds part of it in the prefix cache;
+4. executes the copy-on-write copies, plans the batch once (``cache.plan``) and runs the
+   model: per layer, ``cache.write`` then ``cache.decode`` (all decode) or ``cache.prefill``
+   (any chunk in the batch);
+5. samples, forks the ``n`` children of a parallel-sampling request when its prompt is done
+   (they share the prompt's pages; copy-on-write splits the last one), and frees finished
+   sequences.
+
+Policies (each a ``# NOTE:`` below): first come, first served; the victim of a preemption is the
+latest-arrived *decoding* sequence, never one mid-prefill; with prefix caching on, prompts are
+admitted one at a time (no other prefill in flight), because ``allocate`` makes every full page
+of a prompt matchable before its chunks have written the K/V.
+
+The same code runs on the CPU (the torch reference kernels) and on CUDA (the Triton kernels).
+Needs torch and ``transformers`` (the ``examples`` extra); pagedkv itself needs neither.
+Run ``python examples/engine.py`` for a demo that checks itself against ``model.generate``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from pagedkv import BlockManager, OutOfPages
+from pagedkv.cache import PagedKVCache
+from pagedkv.errors import InvalidArgument
+
+PREEMPTION_MODES = ("recompute", "swap")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to sample one request.
+
+    Attributes:
+        max_new_tokens: tokens to generate per child (>= 1).
+        temperature: 0 for greedy decoding (argmax), else the softmax temperature.
+        top_k: keep only the ``top_k`` most likely tokens (``None``: all).
+        n: parallel samples from one prompt (children share the prompt's pages).
+        seed: child ``i`` samples with a ``torch.Generator`` seeded ``seed + i``, so child ``i``
+            of a request equals a request with ``n=1`` and ``seed + i``. ``None``: unseeded.
+        stop_token_ids: a child stops after sampling one of these.
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int | None = None
+    n: int = 1
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidArgument("max_new_tokens", self.max_new_tokens, "an int >= 1")
+        if not self.temperature >= 0:
+            raise InvalidArgument("temperature", self.temperature, "a float >= 0 (0 = greedy)")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise InvalidArgument("top_k", self.top_k, "an int >= 1 or None")
+        if not isinstance(self.n, int) or self.n < 1:
+            raise InvalidArgument("n", self.n, "an int >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Sizes and policies of an ``Engine``.
+
+    Attributes:
+        num_pages: KV pages on the device; page_size: tokens per page.
+        max_num_seqs: running sequences at most (children of ``n > 1`` included).
+        max_num_batched_tokens: tokens per step (decode tokens + prefill chunks).
+        chunk_size: prompt tokens one sequence computes per step at most (chunked prefill).
+        preemption: ``"recompute"`` (free, then prefill prompt + output again) or ``"swap"``
+            (move the pages to ``num_cpu_pages`` CPU pages; recompute when those are full).
+        num_cpu_pages: pages of the CPU offload tier (``"swap"`` needs > 0).
+        enable_prefix_caching: reuse the KV of full pages of earlier prompts.
+        watermark: fraction of pages kept free when admitting (see ``BlockManager``).
+        backend: ``PagedKVCache`` backend (``None``: Triton on CUDA, torch elsewhere).
+        block_manager_backend: ``"cpp"`` / ``"python"`` / ``None`` (the best one built).
+    """
+
+    num_pages: int = 256
+    page_size: int = 16
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 256
+    chunk_size: int = 64
+    preemption: str = "recompute"
+    num_cpu_pages: int = 0
+    enable_prefix_caching: bool = False
+    watermark: float = 0.0
+    backend: str | None = None
+    block_manager_backend: str | None = None
+
+    def __post_init__(self):
+        if self.preemption not in PREEMPTION_MODES:
+            raise InvalidArgument("preemption", self.preemption, "'recompute' or 'swap'")
+        if self.preemption == "swap" and self.num_cpu_pages < 1:
+            raise InvalidArgument("num_cpu_pages", self.num_cpu_pages, "> 0 with preemption='swap'")
+        if not 1 <= self.chunk_size <= self.max_num_batched_tokens:
+            raise InvalidArgument("chunk_size", self.chunk_size,
+                                  f"an int in [1, max_num_batched_tokens = {self.max_num_batched_tokens}]")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise InvalidArgument("max_num_batched_tokens", self.max_num_batched_tokens,
+                                  f"at least max_num_seqs = {self.max_num_seqs} (one decode token each)")
+
+
+class RequestOutput(NamedTuple):
+    """A finished request.
+
+    Attributes:
+        request_id: as returned by ``add_request``.
+        prompt_ids: the prompt's token ids.
+        output_ids: one list of generated token ids per child (``n`` lists).
+        num_cached_tokens: prompt tokens found in the prefix cache at first admission.
+        first_logits: float32 ``[vocab_size]`` (CPU) logits that gave the first generated token.
+    """
+
+    request_id: int
+    prompt_ids: list[int]
+    output_ids: list[list[int]]
+    num_cached_tokens: int
+    first_logits: torch.Tensor
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters since construction."""
+
+    num_steps: int = 0
+    num_prefill_tokens: int = 0  # prompt (or recomputed) tokens run through the model
+    num_prefill_chunks: int = 0  # pieces those tokens ran in (chunked prefill)
+    num_decode_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens skipped thanks to the prefix cache
+    num_preemptions: int = 0
+    num_swap_outs: int = 0
+    num_recomputes: int = 0
+    peak_pages_in_use: int = 0
+    peak_running: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    """One stream of tokens: the block manager knows it only by ``seq_id``."""
+
+    seq_id: int
+    request: "Request"
+    child: int  # index among the request's n children
+    tokens: list[int]  # prompt + generated
+    generator: torch.Generator | None
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    prefill_end: int = 0  # tokens allocated at admission; computed in chunks up to here
+
+    @property
+    def priority(self) -> tuple[int, int]:
+        """Lower runs first; the highest is preempted first (first come, first served)."""
+        return (self.request.request_id, self.child)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < self.prefill_end
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[len(self.request.prompt_ids):]
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    """One prompt and its ``n`` sequences (one before the prompt is computed)."""
+
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    cache_salt: str | None
+    sequences: list[Sequence] = field(default_factory=list)
+    num_cached_tokens: int | None = None
+    first_logits: torch.Tensor | None = None
+    num_finished: int = 0
+
+
+class PagedLlama:
+    """Runs a ``transformers`` Llama-family causal LM over a flat batch with a paged KV cache.
+
+    Args:
+        model: e.g. ``LlamaForCausalLM`` (``model.model.layers[i].self_attn`` with
+            ``q_proj/k_proj/v_proj/o_proj``, ``model.model.rotary_emb``).
+    """
+
+    def __init__(self, model):
+        self.model = model.eval()
+        config = model.config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_layers = config.num_hidden_layers
+        # NOTE: the model's own rotary helper, found in the module that defines its attention
+        # (Llama, Mistral and Qwen2 all define ``apply_rotary_pos_emb`` there).
+        self.apply_rotary = sys.modules[type(model.model.layers[0].self_attn).__module__].apply_rotary_pos_emb
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache, plan,
+                logits_rows: torch.Tensor) -> torch.Tensor:
+        """One forward pass over the new tokens of a batch.
+
+        Args:
+            token_ids, positions: int64 ``[num_tokens]``, ordered as the plan's query rows.
+            cache, plan: the cache and this batch's ``cache.plan(...)``.
+            logits_rows: int64 ``[R]``; rows whose next-token logits are wanted.
+
+        Returns:
+            ``[R, vocab_size]`` logits in the model's dtype.
+        """
+        inner = self.model.model
+        num_tokens = token_ids.shape[0]
+        x = inner.embed_tokens(token_ids)  # [num_tokens, hidden]
+        cos, sin = inner.rotary_emb(x, positions[None])  # [1, num_tokens, head_dim] each
+        for i, layer in enumerate(inner.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(num_tokens, self.num_heads, self.head_dim)
+            k = attn.k_proj(h).view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = attn.v_proj(h).view(num_tokens, self.num_kv_heads, self.head_dim)
+            q, k = self.apply_rotary(q, k, cos[0], sin[0], unsqueeze_dim=1)  # heads are dim 1 here
+            # --- the only change to the model: K/V go to pages, attention reads through page tables
+            cache.write(i, k.contiguous(), v.contiguous(), plan)
+            run = cache.decode if plan.is_decode else cache.prefill
+            o = run(i, q.contiguous(), plan, sm_scale=attn.scaling)
+            x = x + attn.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.model.lm_head(inner.norm(x[logits_rows]))
+
+
+class Engine:
+    """Continuous batching over a ``BlockManager`` + ``PagedKVCache``.
+
+    Args:
+        model: a ``transformers`` Llama-family causal LM (its dtype and device are the cache's).
+        config: ``EngineConfig``.
+
+    Attributes:
+        mgr: the ``BlockManager`` (page tables, ref counts: inspect it between steps).
+        cache: the ``PagedKVCache``.
+        stats: ``EngineStats``.
+    """
+
+    def __init__(self, model, config: EngineConfig = EngineConfig()):
+        self.config = config
+        self.runner = PagedLlama(model)
+        param = next(model.parameters())
+        self.device = param.device
+        self.mgr = BlockManager(config.num_pages, config.page_size, watermark=config.watermark,
+                                enable_prefix_caching=config.enable_prefix_caching,
+                                num_cpu_pages=config.num_cpu_pages, backend=config.block_manager_backend)
+        self.cache = PagedKVCache(self.runner.num_layers, config.num_pages, config.page_size, self.runner.num_kv_heads,
+                                  self.runner.head_dim, dtype=param.dtype, device=self.device,
+                                  backend=config.backend, num_cpu_pages=config.num_cpu_pages)
+        self.stats = EngineStats()
+        self.waiting: deque[Sequence] = deque()  # new and recompute-preempted, in priority order
+        self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []
+        self.requests: dict[int, Request] = {}
+        self._request_ids = itertools.count()
+        self._seq_ids = itertools.count()
+
+    # ------------------------------------------------------------------ API
+    def add_request(self, prompt_ids, params: SamplingParams = SamplingParams(), *,
+                    cache_salt: str | None = None) -> int:
+        """Queue a prompt (token ids, non-empty); returns its request id."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise InvalidArgument("prompt_ids", prompt, "at least one token id")
+        request = Request(next(self._request_ids), prompt, params, cache_salt)
+        self.requests[request.request_id] = request
+        self.waiting.append(self._new_sequence(request, 0, prompt))
+        return request.request_id
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def generate(self, prompts, params: SamplingParams = SamplingParams()) -> list[RequestOutput]:
+        """Run ``prompts`` (lists of token ids) to completion; outputs in prompt order."""
+        ids = [self.add_request(p, params) for p in prompts]
+        done = {}
+        while self.has_unfinished():
+            done.update((out.request_id, out) for out in self.step())
+        return [done[i] for i in ids]
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run and sample one batch; returns the requests that finished in it."""
+        budget = self.config.max_num_batched_tokens
+        decoders, decode_slots, cow_copies, preempted = self._grow_decoders()
+        budget -= len(decoders)
+        chunks: list[tuple[Sequence, int]] = []  # (sequence, tokens computed this step)
+        for seq in sorted(self.running, key=lambda s: s.priority):
+            if seq.is_prefilling and budget > 0:
+                chunks.append((seq, min(self.config.chunk_size, seq.prefill_end - seq.num_computed, budget)))
+                budget -= chunks[-1][1]
+        if not preempted:  # NOTE: admitting right after a preemption would only thrash
+            self._swap_in()
+            self._admit(chunks, budget)
+        if not decoders and not chunks:
+            return []
+
+        in_use = self.mgr.num_pages - self.mgr.num_free_pages
+        self.stats.peak_pages_in_use = max(self.stats.peak_pages_in_use, in_use)
+        self.stats.peak_running = max(self.stats.peak_running, len(self.running))
+        self.stats.num_steps += 1
+        self.cache.copy(cow_copies)  # copy-on-write before this step's writes
+        logits, batch = self._run(decoders, decode_slots, chunks)
+        return self._process(logits, batch)
+
+    # ------------------------------------------------------------- scheduling
+    def _new_sequence(self, request: Request, child: int, tokens: list[int]) -> Sequence:
+        gen = None
+        if request.params.temperature > 0:
+            gen = torch.Generator(device=self.device)
+            if request.params.seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(request.params.seed + child)
+        seq = Sequence(next(self._seq_ids), request, child, list(tokens), gen)
+        request.sequences.append(seq)
+        return seq
+
+    def _grow_decoders(self):
+        """One ``append_batch`` for every decoding sequence, preempting until it fits."""
+        preempted = False
+        while True:
+            decoders = sorted((s for s in self.running if not s.is_prefilling), key=lambda s: s.priority)
+            if not decoders:
+                return [], np.zeros(0, np.int64), np.zeros((0, 2), np.int32), preempted
+            ids = [s.seq_id for s in decoders]
+            # NOTE: the appended token is the last sampled one; with prefix caching its id makes
+            # the page it fills matchable by later prompts.
+            token_ids = [s.tokens[-1] for s in decoders] if self.config.enable_prefix_caching else None
+            try:
+                step = self.mgr.append_batch(ids, 1, token_ids=token_ids)
+            except OutOfPages:
+                # NOTE: a decoding sequence is the victim, never one mid-prefill: a prefill needs
+                # no new pages (its prompt was allocated at admission), and with prefix caching
+                # its not-yet-written pages are already indexed, so freeing it would leave
+                # matchable pages holding no KV.
+                if len(self.running) == 1:
+                    raise  # one sequence alone does not fit: the cache is too small for it
+                self._preempt(decoders[-1])
+                preempted = True
+                continue
+            return decoders, step.slot_mapping, step.copies, preempted
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.stats.num_preemptions += 1
+        if self.config.preemption == "swap" and self.mgr.can_swap_out([seq.seq_id]):
+            self.cache.swap(self.mgr.swap_out([seq.seq_id]))  # before any page is reused
+            self.swapped.append(seq)
+            self.stats.num_swap_outs += 1
+            return
+        self.mgr.free(seq.seq_id)
+        seq.num_computed = seq.prefill_end = 0  # prompt + output so far are prefilled again
+        self.waiting.appendleft(seq)  # victims go lowest priority first, so this keeps the order
+        self.stats.num_recomputes += 1
+
+    def _swap_in(self) -> None:
+        self.swapped.sort(key=lambda s: s.priority)
+        while self.swapped and len(self.running) < self.config.max_num_seqs:
+            seq = self.swapped[0]
+            if not self.mgr.can_swap_in([seq.seq_id]):
+                return
+            self.cache.swap(self.mgr.swap_in([seq.seq_id]))
+            self.running.append(self.swapped.pop(0))  # decodes from the next step
+
+    def _admit(self, chunks: list, budget: int) -> None:
+        """Allocate waiting prompts that fit and append their first chunk to ``chunks``."""
+        while self.waiting and not self.swapped and budget > 0:
+            seq = self.waiting[0]
+            params, request = seq.request.params, seq.request
+            fork_room = params.n - 1 if request.num_cached_tokens is None else 0
+            if len(self.running) + 1 + fork_room > self.config.max_num_seqs:
+                break
+            # NOTE: with prefix caching, ``allocate`` indexes every full page of the prompt at
+            # once, before its K/V is written; a prompt admitted meanwhile could match (or copy)
+            # those pages. So prefills run one at a time: admit only when none is in flight.
+            if self.config.enable_prefix_caching and any(s.is_prefilling for s in self.running):
+                break
+            prompt = dict(token_ids=seq.tokens, cache_salt=request.cache_salt)
+            if not self.mgr.can_allocate(**prompt) and (self.running or self.swapped):
+                break  # otherwise allocate raises OutOfPages: the prompt can never fit
+            allocation = self.mgr.allocate(seq.seq_id, **prompt)
+            self.waiting.popleft()
+            seq.num_computed, seq.prefill_end = allocation.num_cached_tokens, len(seq.tokens)
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = allocation.num_cached_tokens
+            self.stats.num_cached_tokens += allocation.num_cached_tokens
+            # NOTE: copied now, while the source page is surely intact (a later allocation could
+            # evict it). A copy means the whole prompt was cached; if a decode token of this step
+            # filled the source page, its unwritten slot is the prompt's last position, which this
+            # sequence computes and writes itself after the copy.
+            self.cache.copy(allocation.copies)
+            self.running.append(seq)
+            chunks.append((seq, min(self.config.chunk_size, seq.prefill_end - seq.num_computed, budget)))
+            budget -= chunks[-1][1]
+
+    # ---------------------------------------------------------------- running
+    def _run(self, decoders, decode_slots, chunks):
+        """Plan the batch once, run the model; returns logits and the rows' sequences."""
+        batch = [(s, 1) for s in decoders] + chunks
+        slots = [decode_slots] + [self.mgr.slots(s.seq_id, s.num_computed, s.num_computed + n) for s, n in chunks]
+        tables = self.mgr.page_tables([s.seq_id for s, _ in batch])
+        query_lens = np.array([n for _, n in batch])
+        seq_lens = np.array([s.num_computed + n for s, n in batch])  # K/V present after this step
+        plan = self.cache.plan(tables.page_table, seq_lens, query_lens=query_lens, slot_mapping=np.concatenate(slots))
+
+        token_ids = [s.tokens[-1] for s in decoders]
+        positions = [s.num_computed for s in decoders]
+        rows, finishing, row = list(range(len(decoders))), list(decoders), len(decoders)
+        for seq, n in chunks:
+            token_ids += seq.tokens[seq.num_computed:seq.num_computed + n]
+            positions += range(seq.num_computed, seq.num_computed + n)
+            row += n
+            if seq.num_computed + n == seq.prefill_end:  # its last prompt token: sample from it
+                rows.append(row - 1)
+                finishing.append(seq)
+        for seq, n in batch:
+            seq.num_computed += n
+        self.stats.num_decode_tokens += len(decoders)
+        self.stats.num_prefill_tokens += int(query_lens.sum()) - len(decoders)
+        self.stats.num_prefill_chunks += len(chunks)
+
+        def as_tensor(values):
+            return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+        logits = self.runner.forward(as_tensor(token_ids), as_tensor(positions), self.cache, plan, as_tensor(rows))
+        return logits, finishing
+
+    def _process(self, logits: torch.Tensor, finishing: list[Sequence]) -> list[RequestOutput]:
+        finished = []
+        greedy = logits.argmax(dim=-1).tolist()  # NOTE: one device sync per step, not one per row
+        for row, best, seq in zip(logits, greedy, finishing):
+            request = seq.request
+            targets = [seq]
+            if request.first_logits is None:
+                request.first_logits = row.float().cpu()
+                # Parallel sampling: the children share every page of the prompt (ref_count += 1).
+                for child in range(1, request.params.n):
+                    sibling = self._new_sequence(request, child, seq.tokens)
+                    self.mgr.fork(seq.seq_id, sibling.seq_id)
+                    sibling.num_computed, sibling.prefill_end = seq.num_computed, seq.prefill_end
+                    self.running.append(sibling)
+                    targets.append(sibling)
+            for target in targets:
+                token = best if request.params.temperature == 0 else self._sample(row, target)
+                target.tokens.append(token)
+                if len(target.output_ids) >= request.params.max_new_tokens or token in request.params.stop_token_ids:
+                    self.running.remove(target)
+                    self.mgr.free(target.seq_id)
+                    request.num_finished += 1
+                    if request.num_finished == request.params.n:
+                        finished.append(self._output(request))
+        return finished
+
+    def _sample(self, logits: torch.Tensor, seq: Sequence) -> int:
+        """One token from ``logits`` ``[vocab_size]`` with the sequence's own generator."""
+        params = seq.request.params
+        scaled = logits.float() / params.temperature
+        if params.top_k is not None and params.top_k < scaled.shape[0]:
+            kth = torch.topk(scaled, params.top_k).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        return int(torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=seq.generator))
+
+    def _output(self, request: Request) -> RequestOutput:
+        del self.requests[request.request_id]
+        children = sorted(request.sequences, key=lambda s: s.child)
+        return RequestOutput(request.request_id, request.prompt_ids, [s.output_ids for s in children],
+                             request.num_cached_tokens or 0, request.first_logits)
+
+
+# --------------------------------------------------------------------------- demo model
+def tiny_llama(*, vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 8,
+               num_kv_heads: int = 2, head_dim: int = 16, max_positions: int = 512, seed: int = 0,
+               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A small ``LlamaForCausalLM`` with random weights and GQA, built locally (nothing downloaded).
+
+    NOTE: ``initializer_range=0.2`` (Llama's default is 0.02) makes the random model's logits
+    peaked enough that greedy decoding is well separated from the runner-up token and the
+    generated text is not one repeated token.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                         num_key_value_heads=num_kv_heads, head_dim=head_dim, max_position_embeddings=max_positions,
+                         initializer_range=0.2, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+                         pad_token_id=None)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def _demo() -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_llama(device=device)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 40, 17, 64)]
+    engine = Engine(model, EngineConfig(num_pages=24, page_size=4, max_num_batched_tokens=48, chunk_size=16))
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=12))
+    for prompt, out in zip(prompts, outputs):
+        want = model.generate(torch.tensor([prompt], device=device), max_new_tokens=12, do_sample=False)
+        same = want[0, len(prompt):].tolist() == out.output_ids[0]
+        print(f"prompt {len(prompt):3d} tokens -> {out.output_ids[0]}  {'== model.generate' if same else 'DIFFERS'}")
+    print(engine.stats)
+
+
+if __name__ == "__main__":
+    _demo()
