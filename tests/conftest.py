@@ -8,3 +8,25 @@ settings.register_profile("ci", max_examples=200, deadline=None, derandomize=Tru
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def run_python(tmp_path):
+    """Run ``code`` in a fresh interpreter, outside the source tree.
+
+    NOTE: ``python -c`` puts the current directory first on sys.path; from the repository root
+    that would import the source tree (without the built C++ core) instead of the installed
+    package, so these subprocesses run in a temporary directory.
+    """
+
+    def run(code: str, check: bool = True, **kwargs):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                              check=check, **kwargs)
+
+    return run

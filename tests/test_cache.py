@@ -5,8 +5,6 @@ The Triton backend of the same class is exercised in tests/kernels/test_cache_en
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -58,9 +56,9 @@ def test_layer_is_checked():
         _cache().k_cache(2)
 
 
-def test_importing_the_cache_does_not_import_triton():
+def test_importing_the_cache_does_not_import_triton(run_python):
     code = "import sys, pagedkv.cache; assert 'triton' not in sys.modules, 'triton imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_python(code)
 
 
 # --------------------------------------------------------------------------------- plan

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
 
 import pytest
 from hypothesis import given
@@ -401,7 +399,7 @@ def test_gpu_budget_bytes_takes_a_fraction_of_free_memory(monkeypatch):
         gpu_budget_bytes(True)
 
 
-def test_importing_spec_does_not_import_torch():
+def test_importing_spec_does_not_import_torch(run_python):
     code = "import sys, pagedkv.spec, pagedkv.commands.size; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run_python(code)
     assert out.stdout.strip() == "False"

@@ -53,11 +53,9 @@ def _case_id(case: dict) -> str:
 
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory) -> dict[str, dict]:
-    repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))  # compile for real, every run
-    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("compile_worker.py"))],
                           input=json.dumps(CASES), capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode:
