@@ -106,6 +106,9 @@ NB_MODULE(_core, m) {
   argument["token_ids_sum"] = int(Arg::token_ids_sum);
   argument["window"] = int(Arg::window);
   argument["start_released"] = int(Arg::start_released);
+  argument["num_computed_tokens"] = int(Arg::num_computed_tokens);
+  argument["num_computed_tokens_range"] = int(Arg::num_computed_tokens_range);
+  argument["num_computed_tokens_stop"] = int(Arg::num_computed_tokens_stop);
   using pagedkv::Invariant;
   invariant["pages_cover_tokens"] = int(Invariant::pages_cover_tokens);
   invariant["page_in_range"] = int(Invariant::page_in_range);
@@ -120,6 +123,9 @@ NB_MODULE(_core, m) {
   invariant["cpu_conservation"] = int(Invariant::cpu_conservation);
   invariant["hash_index"] = int(Invariant::hash_index);
   invariant["hash_index_size"] = int(Invariant::hash_index_size);
+  invariant["committed_tokens"] = int(Invariant::committed_tokens);
+  invariant["pending_tokens"] = int(Invariant::pending_tokens);
+  invariant["pending_pages"] = int(Invariant::pending_pages);
   m.attr("STATUS") = status;
   m.attr("ARGUMENT") = argument;
   m.attr("INVARIANT") = invariant;
@@ -248,16 +254,30 @@ NB_MODULE(_core, m) {
       .def(
           "allocate",
           [](BlockManager& self, int64_t seq_id, int64_t num_tokens, Int64Array token_ids,
-             uint64_t salt) -> nb::object {
+             uint64_t salt, nb::handle num_computed_tokens) -> nb::object {
+            // NOTE: a handle rather than std::optional<int64_t> (see page_tables); None means
+            // the whole prompt.
+            int64_t computed = num_tokens;
+            if (!num_computed_tokens.is_none() && !nb::try_cast<int64_t>(num_computed_tokens, computed))
+              throw nb::type_error("num_computed_tokens must be an int in the int64 range or None");
             int64_t num_cached = 0;
             std::vector<int32_t> copies;
-            Failure f = self.allocate(seq_id, num_tokens, token_ids_of(token_ids), salt,
+            Failure f = self.allocate(seq_id, num_tokens, token_ids_of(token_ids), salt, computed,
                                       num_cached, copies);
             if (!f.ok()) return failure(f);
             return nb::make_tuple(num_cached, copy_list(copies));
           },
           "seq_id"_a, "num_tokens"_a, "token_ids"_a.none() = nb::none(), "salt"_a = 0,
+          "num_computed_tokens"_a.none() = nb::none(),
           "(tokens found in the prefix cache, [(src_page, dst_page)]) or a Failure.")
+      .def(
+          "commit",
+          [](BlockManager& self, int64_t seq_id, int64_t num_computed_tokens) -> nb::object {
+            int64_t indexed = 0;
+            Failure f = self.commit(seq_id, num_computed_tokens, indexed);
+            return f.ok() ? nb::int_(indexed) : failure(f);
+          },
+          "seq_id"_a, "num_computed_tokens"_a, "Pages newly indexed, or a Failure.")
       .def(
           "append",
           [](BlockManager& self, int64_t seq_id, int64_t num_tokens,

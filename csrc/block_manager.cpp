@@ -269,7 +269,7 @@ Failure BlockManager::can_allocate(int64_t num_tokens, TokenIds token_ids, uint6
     Failure f = check_token_ids(token_ids);
     if (!f.ok()) return f;
   }
-  const AllocatePlan plan = plan_allocate(num_tokens, token_ids, salt, false);
+  const AllocatePlan plan = plan_allocate(num_tokens, token_ids, salt, 0);
   out = plan.need <= num_free_pages() - watermark_pages_;
   return Failure{};
 }
@@ -325,7 +325,7 @@ int64_t BlockManager::acquire_slot() {
 }
 
 Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds token_ids,
-                               uint64_t salt, int64_t& num_cached,
+                               uint64_t salt, int64_t num_computed_tokens, int64_t& num_cached,
                                std::vector<int32_t>& copies) {
   if (seq_id < 0) return invalid(Arg::seq_id, seq_id);
   if (!is_count(num_tokens)) return invalid(Arg::num_tokens, num_tokens);
@@ -335,25 +335,35 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
     Failure f = check_token_ids(token_ids);
     if (!f.ok()) return f;
   }
+  if (num_computed_tokens < 0 || num_computed_tokens > num_tokens)
+    return invalid(Arg::num_computed_tokens, num_computed_tokens, num_tokens);
   if (index_.find(seq_id) >= 0) return fail(Status::sequence_exists, seq_id);
   const bool caching = enable_prefix_caching_ && token_ids.given();
-  const AllocatePlan plan = plan_allocate(num_tokens, token_ids, salt, caching);
+  const int64_t ps = page_size_;
+  // Pages [num_hits, done) are offered to the index below, done = max(num_hits, committed / ps)
+  // <= max(num_hits, num_computed_tokens / ps): hash that many at least.
+  const AllocatePlan plan = plan_allocate(num_tokens, token_ids, salt,
+                                          caching ? page_math_.index(num_computed_tokens) : 0);
   const int64_t available = num_free_pages() - watermark_pages_;
   if (plan.need > available)
     return fail(Status::out_of_pages, plan.need, std::max<int64_t>(available, 0), num_pages_);
 
-  const int64_t ps = page_size_;
-  const int64_t num_full = page_math_.index(num_tokens);
   const int64_t num_hits = static_cast<int64_t>(hits_.size());
+  const int64_t committed = std::max(num_computed_tokens, plan.num_cached);
+  // NOTE: hit pages are indexed already; the prompt's own pages are offered up to the
+  // committed tokens only (the KV of the others is not written yet). A hit page that was
+  // copied (whole prompt cached) is never offered: its hash belongs to the source page.
+  const int64_t done = std::max(num_hits, page_math_.index(committed));
   const size_t len = static_cast<size_t>(page_math_.pages_for(num_tokens));
   std::vector<int32_t> pages;
   pages.reserve(len);
   std::unique_ptr<SequenceCache> cache;
   if (caching) {
-    reserve_cache(num_full - num_hits);
+    reserve_cache(done - num_hits);
     cache = std::make_unique<SequenceCache>();
     cache->salt = salt;
-    cache->tail.assign(token_ids.data + num_full * ps, token_ids.data + num_tokens);
+    cache->committed = committed;
+    cache->tail.assign(token_ids.data + done * ps, token_ids.data + num_tokens);
   }
   copies.clear();
   copies.reserve(2);
@@ -392,10 +402,10 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
   seq.cache = std::move(cache);
   seq.pages.swap(pages);
   if (caching) {
-    for (int64_t i = num_hits; i < num_full; ++i)
+    for (int64_t i = num_hits; i < done; ++i)
       cache_page(seq.pages, static_cast<size_t>(i), hashes_[i], salt, nullptr, 0,
                  token_ids.data + i * ps);
-    seq.cache->hash = num_full ? hashes_[num_full - 1] : 0;
+    seq.cache->hash = done ? hashes_[done - 1] : 0;
   }
   index_.insert(seq_id, slot);
   num_cached = plan.num_cached;
@@ -442,8 +452,10 @@ Failure BlockManager::append(int64_t seq_id, int64_t num_tokens, TokenIds token_
   copies.clear();
   copies.reserve(2);
   reserve_pages(seq.pages, new_len);
-  reserve_tail(seq, num_tokens, token_ids.given());
-  reserve_cache(pages_filled(seq, num_tokens, token_ids.given()));
+  if (seq.cache) {
+    reserve_tail(seq, num_tokens, token_ids.given());
+    reserve_cache(pages_filled(seq, num_tokens, token_ids.given()));
+  }
   grow(seq, num_tokens, new_len, copies, token_ids.data);
   return Failure{};
 }
@@ -499,12 +511,16 @@ Failure BlockManager::append_batch(const int64_t* seq_ids, size_t num_seq_ids,
     total_tokens += n;
   }
   if (need > free_pages) return fail(Status::out_of_pages, need, free_pages, num_pages_);
-  if (token_ids.given() && enable_prefix_caching_) {
+  if (enable_prefix_caching_) {
+    // NOTE: without token ids, only sequences with pending prompt pages fill any (the append
+    // commits them); the loop runs only with prefix caching on, off the plain decode path.
+    const bool has_tokens = token_ids.given();
     int64_t filled = 0;
     for (size_t i = 0; i < num_seq_ids; ++i) {
       Sequence& seq = seqs_[batch_slots_[i]];
-      reserve_tail(seq, num_tokens[i], true);
-      filled += pages_filled(seq, num_tokens[i], true);
+      if (!seq.cache) continue;
+      reserve_tail(seq, num_tokens[i], has_tokens);
+      filled += pages_filled(seq, num_tokens[i], has_tokens);
     }
     reserve_cache(filled);
   }
@@ -691,6 +707,20 @@ Failure BlockManager::check_queue(int queue, const std::vector<int64_t>& refs,
   return Failure{};
 }
 
+Failure BlockManager::check_committed(const Sequence& seq) const {
+  const SequenceCache& cache = *seq.cache;
+  if (cache.committed > seq.num_tokens)
+    return broken(Invariant::committed_tokens, seq.seq_id, cache.committed, seq.num_tokens);
+  if (!cache.tail_known) return Failure{};
+  const int64_t pending = cache.pending();
+  const int64_t first = seq.num_tokens - pending;  // position of the first token not offered
+  if (cache.head > cache.tail.size() || first < 0 || page_math_.offset(first) != 0)
+    return broken(Invariant::pending_tokens, seq.seq_id, seq.num_tokens, pending);
+  if (pending >= page_size_ && first + page_size_ <= cache.committed)
+    return broken(Invariant::pending_pages, seq.seq_id, cache.committed, page_math_.index(first));
+  return Failure{};
+}
+
 Failure BlockManager::check_invariants() const {
   const int64_t n = num_pages_;
   const int64_t num_cpu = num_cpu_pages_;
@@ -707,6 +737,10 @@ Failure BlockManager::check_invariants() const {
       if (page == kNullPage) continue;
       if (page < 0 || page >= limit) return broken(Invariant::page_in_range, seq.seq_id, page, limit);
       ++counts[page];
+    }
+    if (seq.cache) {
+      Failure f = check_committed(seq);
+      if (!f.ok()) return f;
     }
   }
   for (int64_t p = 0; p < n; ++p)

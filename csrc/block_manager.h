@@ -62,6 +62,9 @@ enum class Arg : int32_t {
   token_ids_sum = 19,   // values: len(token_ids), sum(num_tokens)   (append_batch)
   window = 20,          // values: value (out of [1, kMaxCount])
   start_released = 21,  // values: start (its page was released by a sliding window)
+  num_computed_tokens = 22,        // values: value, num_tokens (allocate: out of [0, num_tokens])
+  num_computed_tokens_range = 23,  // values: value (commit: negative)
+  num_computed_tokens_stop = 24,   // values: value, seq_id, num_tokens(seq_id) (commit: above it)
 };
 
 // Which invariant check_invariants found broken: the detail keys of
@@ -82,6 +85,9 @@ enum class Invariant : int32_t {
   cpu_conservation = 11,       // values: free cpu pages, referenced cpu pages, num_cpu_pages
   hash_index = 12,             // values: hash, page, page has a hash (0/1), the page's hash
   hash_index_size = 13,        // values: pages carrying a hash, index entries
+  committed_tokens = 14,       // values: seq_id, committed tokens, num_tokens
+  pending_tokens = 15,         // values: seq_id, num_tokens, pending token ids
+  pending_pages = 16,          // values: seq_id, committed tokens, page index never offered
 };
 
 // An expected failure, returned by value. `status == Status::ok` means success.
@@ -286,14 +292,21 @@ class BlockManager {
   // Every mutator checks everything, then reserves all memory it needs, then changes state:
   // a failure (or std::bad_alloc) leaves the manager exactly as it was.
 
-  // num_cached: prompt tokens found in the prefix cache; copies: (src, dst) pairs.
+  // num_computed_tokens in [0, num_tokens]: with prefix caching and token ids, only the full
+  // pages wholly inside max(num_computed_tokens, num_cached) tokens are indexed now (the rest
+  // at commit or an append). num_cached: prompt tokens found in the prefix cache; copies:
+  // (src, dst) pairs.
   Failure allocate(int64_t seq_id, int64_t num_tokens, TokenIds token_ids, uint64_t salt,
-                   int64_t& num_cached, std::vector<int32_t>& copies);
+                   int64_t num_computed_tokens, int64_t& num_cached,
+                   std::vector<int32_t>& copies);
   Failure allocate(int64_t seq_id, int64_t num_tokens) {
     int64_t num_cached = 0;
     std::vector<int32_t> copies;
-    return allocate(seq_id, num_tokens, TokenIds{}, 0, num_cached, copies);
+    return allocate(seq_id, num_tokens, TokenIds{}, 0, num_tokens, num_cached, copies);
   }
+  // The first num_computed_tokens tokens of seq_id have their KV written: index each full page
+  // wholly inside them not offered yet (prefix_cache.cpp). indexed: pages newly indexed.
+  Failure commit(int64_t seq_id, int64_t num_computed_tokens, int64_t& indexed);
   Failure append(int64_t seq_id, int64_t num_tokens, TokenIds token_ids,
                  std::vector<int32_t>& copies);
   // token_ids: sum(num_tokens) ids in call order, or not given.
@@ -333,12 +346,19 @@ class BlockManager {
 
  private:
   // Prefix-caching state of a sequence allocated with token ids
-  // (ReferenceBlockManager._seq_salt / _seq_hash / _seq_tail).
+  // (ReferenceBlockManager._seq_salt / _seq_hash / _seq_tail / _seq_committed).
   struct SequenceCache {
     uint64_t salt = 0;
-    uint64_t hash = 0;        // hash of the last full page
+    uint64_t hash = 0;        // chained hash of the last page offered to the index
+    int64_t committed = 0;    // tokens whose KV the engine reported written
     bool tail_known = true;   // until an append came without token ids
-    std::vector<int64_t> tail;  // token ids of the partly filled last page
+    // Pending token ids: tail[head, size) are the ids from the first page not yet offered to
+    // the index to the end of the sequence (a whole uncommitted prompt, or less than a page).
+    // NOTE: an offset rather than erasing offered pages from the front, so committing a long
+    // prompt chunk by chunk moves no memory; compacted once fewer than a page remain.
+    size_t head = 0;
+    std::vector<int64_t> tail;
+    int64_t pending() const { return static_cast<int64_t>(tail.size() - head); }
   };
 
   // NOTE: kept to 64 bytes (the decode step touches every sequence of the batch); the state
@@ -379,6 +399,7 @@ class BlockManager {
   void queue_remove(int32_t page);
   Failure check_queue(int queue, const std::vector<int64_t>& refs,
                       std::vector<char>& on_queue) const;
+  Failure check_committed(const Sequence& seq) const;  // (ReferenceBlockManager._check_committed)
 
   bool is_cached(int32_t page) const {
     return enable_prefix_caching_ && keys_[page].slot >= 0;
@@ -396,20 +417,28 @@ class BlockManager {
     int64_t num_cached = 0;  // tokens found cached
     bool copy = false;       // the last hit page is copied, not shared
   };
-  // Fills hits_ (and hashes_ for every full page when want_hashes). May throw std::bad_alloc.
+  // Fills hits_, and hashes_ with the hash of every page matched and of the first
+  // num_hash_pages full pages at least. May throw std::bad_alloc.
   AllocatePlan plan_allocate(int64_t num_tokens, TokenIds token_ids, uint64_t salt,
-                             bool want_hashes);
+                             int64_t num_hash_pages);
   bool key_matches(int32_t page, const int64_t* block, uint64_t salt, int32_t parent,
                    uint64_t parent_gen) const;
   // Indexes the full page pages[i] under hash h if its parent page is cached; its tokens are
   // head[0, num_head) followed by rest[0, page_size - num_head). Needs a reserved key slot.
-  void cache_page(const std::vector<int32_t>& pages, size_t i, uint64_t h, uint64_t salt,
+  // Returns whether the page was indexed.
+  bool cache_page(const std::vector<int32_t>& pages, size_t i, uint64_t h, uint64_t salt,
                   const int64_t* head, size_t num_head, const int64_t* rest);
+  // Offers to the index, in order, each full page of seq's pending token ids (which end at
+  // position `end`) lying wholly before `stop`; returns the pages indexed. Needs
+  // reserve_cache(pages_to_offer(seq, end, stop)). Never allocates.
+  int64_t offer_pages(Sequence& seq, int64_t end, int64_t stop);
+  int64_t pages_to_offer(const Sequence& seq, int64_t end, int64_t stop) const;
   void uncache(int32_t page);
   // Room for n more cached pages (key slots and index entries). May throw std::bad_alloc.
   void reserve_cache(int64_t n);
-  // Tracks appended token ids of seq (num_tokens before the append: start); indexes each page
-  // they fill. Needs reserve_cache(pages_filled) and tail capacity (reserve_tail).
+  // Tracks appended token ids of seq (num_tokens before the append: start) and commits through
+  // the new length: pending prompt pages first, then each page the new ids fill. Needs
+  // reserve_cache(pages_filled) and tail capacity (reserve_tail).
   void extend_cached_tokens(Sequence& seq, int64_t start, const int64_t* token_ids,
                             int64_t n);
   int64_t pages_filled(const Sequence& seq, int64_t n, bool has_tokens) const;

@@ -1,6 +1,7 @@
 // Prefix caching in the C++ core: the hash index, matching a prompt against cached pages,
-// indexing full pages, eviction and reset. Mirrors ReferenceBlockManager._plan_allocate,
-// _cache_page, _uncache, _extend_cached_tokens and reset_prefix_cache (pagedkv/_reference.py).
+// indexing full pages as they are committed, eviction and reset. Mirrors
+// ReferenceBlockManager._plan_allocate, commit, _cache_page, _uncache, _extend_cached_tokens,
+// _offer_pages and reset_prefix_cache (pagedkv/_reference.py).
 #include <algorithm>
 #include <cstring>
 
@@ -9,6 +10,7 @@
 #include "page_hash.h"
 
 namespace pagedkv {
+using internal::invalid;
 
 // ================================================================== HashIndex
 HashIndex::HashIndex() { rehash(16); }
@@ -69,7 +71,7 @@ PrefixCacheStats BlockManager::prefix_cache_stats() const {
 }
 
 BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, TokenIds token_ids,
-                                                       uint64_t salt, bool want_hashes) {
+                                                       uint64_t salt, int64_t num_hash_pages) {
   AllocatePlan plan;
   hits_.clear();
   const int64_t pages = page_math_.pages_for(num_tokens);
@@ -77,10 +79,10 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
   if (!enable_prefix_caching_ || !token_ids.given()) return plan;
   const int64_t ps = page_size_;
   const int64_t num_full = page_math_.index(num_tokens);
-  if (want_hashes) hashes_.resize(static_cast<size_t>(num_full));
+  hashes_.resize(static_cast<size_t>(std::max(num_full, int64_t{0})));
   // NOTE: one hash-index probe and one page_size comparison per full page: no scan of the
-  // cache. The match stops at the first miss; allocate still hashes every full page (its own
-  // pages become matchable), can_allocate stops there. The cost is the hash chain itself
+  // cache. The match stops at the first miss; allocate still hashes the pages it indexes (up
+  // to the committed tokens), can_allocate stops there. The cost is the hash chain itself
   // (serial: each page's hash starts from its parent's); the probe and the comparison of page
   // i overlap with hashing page i + 1 in the CPU's out-of-order window.
   uint64_t parent_hash = 0;
@@ -90,7 +92,7 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
   for (int64_t i = 0; i < num_full; ++i) {
     const int64_t* block = token_ids.data + i * ps;
     const uint64_t h = page_hash(parent_hash, block, static_cast<size_t>(ps), salt) & hash_mask_;
-    if (want_hashes) hashes_[i] = h;
+    hashes_[i] = h;
     if (matching) {
       const int32_t page = hash_index_.find(h);
       if (page != kNullPage && key_matches(page, block, salt, parent, parent_gen)) {
@@ -99,9 +101,9 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
         parent_gen = page_gen_[page];
       } else {
         matching = false;
-        if (!want_hashes) break;
       }
     }
+    if (!matching && i + 1 >= num_hash_pages) break;
     parent_hash = h;
   }
   const int64_t num_hits = static_cast<int64_t>(hits_.size());
@@ -144,23 +146,23 @@ void BlockManager::reserve_cache(int64_t n) {
     free_key_slots_.reserve(std::min(std::max(want, 2 * free_key_slots_.capacity()), max_slots));
 }
 
-void BlockManager::cache_page(const std::vector<int32_t>& pages, size_t i, uint64_t h,
+bool BlockManager::cache_page(const std::vector<int32_t>& pages, size_t i, uint64_t h,
                               uint64_t salt, const int64_t* head, size_t num_head,
                               const int64_t* rest) {
-  if (i >= pages.size()) return;
+  if (i >= pages.size()) return false;
   const int32_t page = pages[i];
-  if (page < 0) return;
+  if (page < 0) return false;  // released by a sliding window before it was committed
   int32_t parent = kNullPage;
   uint64_t parent_gen = 0;
   if (i > 0) {
     const int32_t prev = pages[i - 1];
-    if (prev == kNullPage || !is_cached(prev)) return;
+    if (prev == kNullPage || !is_cached(prev)) return false;
     parent = prev;
     parent_gen = page_gen_[prev];
   }
   // NOTE: the first page indexed under a hash keeps it; an identical or colliding page
   // computed later is simply not cached.
-  if (hash_index_.find(h) != kNullPage || is_cached(page)) return;
+  if (hash_index_.find(h) != kNullPage || is_cached(page)) return false;
   const size_t ps = static_cast<size_t>(page_size_);
   int32_t slot;
   if (!free_key_slots_.empty()) {
@@ -180,6 +182,7 @@ void BlockManager::cache_page(const std::vector<int32_t>& pages, size_t i, uint6
   key.parent = parent;
   key.parent_gen = parent_gen;
   key.slot = slot;
+  return true;
 }
 
 void BlockManager::uncache(int32_t page) {
@@ -192,27 +195,87 @@ void BlockManager::uncache(int32_t page) {
 }
 
 int64_t BlockManager::pages_filled(const Sequence& seq, int64_t n, bool has_tokens) const {
-  if (!seq.cache || !seq.cache->tail_known || !has_tokens) return 0;
-  return page_math_.index(static_cast<int64_t>(seq.cache->tail.size()) + n);
+  if (!seq.cache || !seq.cache->tail_known) return 0;
+  // The pending prompt pages (an append commits them), then the pages the new ids fill.
+  return page_math_.index(seq.cache->pending() + (has_tokens ? n : 0));
 }
 
 void BlockManager::reserve_tail(Sequence& seq, int64_t n, bool has_tokens) {
   if (!seq.cache || !seq.cache->tail_known || !has_tokens) return;
   std::vector<int64_t>& tail = seq.cache->tail;
-  // The tail never holds more than min(len + n, page_size - 1) token ids.
-  const size_t want =
-      static_cast<size_t>(std::min(static_cast<int64_t>(tail.size()) + n, page_size_ - 1));
+  // Once the pending full pages are offered, the tail keeps the ids of the partly filled last
+  // page, then never holds more than min(those + n, page_size - 1) token ids.
+  const int64_t partial = page_math_.offset(seq.cache->pending());
+  const size_t want = static_cast<size_t>(std::min(partial + n, page_size_ - 1));
   if (tail.capacity() < want)
     tail.reserve(std::min(std::max(want, 2 * tail.capacity()), static_cast<size_t>(page_size_ - 1)));
+}
+
+int64_t BlockManager::pages_to_offer(const Sequence& seq, int64_t end, int64_t stop) const {
+  const int64_t pending = seq.cache->pending();
+  const int64_t first = end - pending;  // a page boundary
+  if (stop <= first) return 0;
+  return std::min(page_math_.index(pending), page_math_.index(stop - first));
+}
+
+int64_t BlockManager::offer_pages(Sequence& seq, int64_t end, int64_t stop) {
+  SequenceCache& cache = *seq.cache;
+  const int64_t ps = page_size_;
+  int64_t pending = cache.pending();
+  int64_t page = page_math_.index(end - pending);
+  int64_t indexed = 0;
+  while (pending >= ps && (page + 1) * ps <= stop) {
+    const int64_t* block = cache.tail.data() + cache.head;
+    const uint64_t h =
+        page_hash(cache.hash, block, static_cast<size_t>(ps), cache.salt) & hash_mask_;
+    indexed += cache_page(seq.pages, static_cast<size_t>(page), h, cache.salt, nullptr, 0, block);
+    cache.hash = h;
+    cache.head += static_cast<size_t>(ps);
+    pending -= ps;
+    ++page;
+  }
+  if (pending < ps && cache.head > 0) {
+    // Fewer than a page left: move them to the front (no allocation).
+    std::copy(cache.tail.begin() + static_cast<std::ptrdiff_t>(cache.head), cache.tail.end(),
+              cache.tail.begin());
+    cache.tail.resize(static_cast<size_t>(pending));
+    cache.head = 0;
+  }
+  return indexed;
+}
+
+Failure BlockManager::commit(int64_t seq_id, int64_t num_computed_tokens, int64_t& indexed) {
+  indexed = 0;
+  int64_t slot = -1;
+  Failure f = resident(seq_id, slot);
+  if (!f.ok()) return f;
+  Sequence& seq = seqs_[slot];
+  if (num_computed_tokens < 0)
+    return invalid(Arg::num_computed_tokens_range, num_computed_tokens);
+  if (num_computed_tokens > seq.num_tokens)
+    return invalid(Arg::num_computed_tokens_stop, num_computed_tokens, seq_id, seq.num_tokens);
+  // NOTE: monotone: a value at or below the committed count changes nothing.
+  if (!seq.cache || num_computed_tokens <= seq.cache->committed) return Failure{};
+  SequenceCache& cache = *seq.cache;
+  if (cache.tail_known) reserve_cache(pages_to_offer(seq, seq.num_tokens, num_computed_tokens));
+  // Nothing below allocates.
+  cache.committed = num_computed_tokens;
+  if (cache.tail_known) indexed = offer_pages(seq, seq.num_tokens, num_computed_tokens);
+  return Failure{};
 }
 
 void BlockManager::extend_cached_tokens(Sequence& seq, int64_t start, const int64_t* token_ids,
                                         int64_t n) {
   SequenceCache& cache = *seq.cache;
+  // NOTE: appended tokens are written in the step that appends them, and so is everything
+  // before them: the append commits the whole sequence, pending prompt pages first.
+  cache.committed = seq.num_tokens;
   if (!cache.tail_known) return;
+  if (cache.pending() >= page_size_) offer_pages(seq, start, start);
   if (token_ids == nullptr) {
     // Tokens unknown from here on: cache no more pages of this sequence.
     cache.tail_known = false;
+    cache.head = 0;
     std::vector<int64_t>().swap(cache.tail);
     return;
   }

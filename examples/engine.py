@@ -12,17 +12,21 @@ reads through page tables. Each ``Engine.step``:
 3. admits waiting requests while ``can_allocate`` says their prompt fits (swapped sequences
    first), within a per-step token budget; ``allocate`` gives pages to the whole prompt, or
    finds part of it in the prefix cache;
-4. executes the copy-on-write copies, plans the batch once (``cache.plan``) and runs the
+4. commits every prefill chunk of the step (``commit``): with prefix caching, the full pages
+   those chunks complete become matchable by prompts admitted in later steps;
+5. executes the copy-on-write copies, plans the batch once (``cache.plan``) and runs the
    model: per layer, ``cache.write`` then ``cache.decode`` (all decode) or ``cache.prefill``
    (any chunk in the batch);
-5. samples, forks the ``n`` children of a parallel-sampling request when its prompt is done
+6. samples, forks the ``n`` children of a parallel-sampling request when its prompt is done
    (they share the prompt's pages; copy-on-write splits the last one), and frees finished
    sequences.
 
 Policies (each a ``# NOTE:`` below): first come, first served; the victim of a preemption is the
-latest-arrived *decoding* sequence, never one mid-prefill; with prefix caching on, prompts are
-admitted one at a time (no other prefill in flight), because ``allocate`` makes every full page
-of a prompt matchable before its chunks have written the K/V.
+latest-arrived running sequence, decoding or in the middle of its prefill; prompts are
+allocated with ``num_computed_tokens=0`` and their chunks committed step by step, so only pages
+whose K/V is written (or written in the step that commits them) are ever matchable, and several
+prefills run at once with prefix caching on; a prompt whose prefix a prefill in flight is still
+computing waits for those pages instead of computing the prefix a second time.
 
 The same code runs on the CPU (the torch reference kernels) and on CUDA (the Triton kernels).
 Needs torch and ``transformers`` (the ``examples`` extra); pagedkv itself needs neither.
@@ -318,6 +322,12 @@ class Engine:
             self._admit(chunks, budget)
         if not decoders and not chunks:
             return []
+        # NOTE: each chunk's K/V is written by this step's forward pass, before any attention
+        # reads it, so its pages may become matchable now. Committed after the admissions, so a
+        # prompt admitted in this step never finds them: a whole-prompt hit copies its last page
+        # at admission, before the forward pass would have written it.
+        for seq, n in chunks:
+            self.mgr.commit(seq.seq_id, seq.num_computed + n)
 
         in_use = self.mgr.num_pages - self.mgr.num_free_pages
         self.stats.peak_pages_in_use = max(self.stats.peak_pages_in_use, in_use)
@@ -354,13 +364,12 @@ class Engine:
             try:
                 step = self.mgr.append_batch(ids, 1, token_ids=token_ids)
             except OutOfPages:
-                # NOTE: a decoding sequence is the victim, never one mid-prefill: a prefill needs
-                # no new pages (its prompt was allocated at admission), and with prefix caching
-                # its not-yet-written pages are already indexed, so freeing it would leave
-                # matchable pages holding no KV.
+                # NOTE: the victim is the latest arrival, even in the middle of its prefill:
+                # only its committed pages are matchable, and their K/V was written by earlier
+                # steps, so freeing it leaves no matchable page without K/V.
                 if len(self.running) == 1:
                     raise  # one sequence alone does not fit: the cache is too small for it
-                self._preempt(decoders[-1])
+                self._preempt(max(self.running, key=lambda s: s.priority))
                 preempted = True
                 continue
             return decoders, step.slot_mapping, step.copies, preempted
@@ -387,6 +396,18 @@ class Engine:
             self.cache.swap(self.mgr.swap_in([seq.seq_id]))
             self.running.append(self.swapped.pop(0))  # decodes from the next step
 
+    def _prefix_in_flight(self, seq: Sequence) -> bool:
+        """Whether a prefill in flight will commit full pages of ``seq``'s prefix that are not
+        matchable yet (same salt): ``seq`` would find more of its prompt cached by waiting."""
+        ps = self.config.page_size
+        for other in self.running:
+            if not other.is_prefilling or other.request.cache_salt != seq.request.cache_salt:
+                continue
+            shared = _common_prefix_len(seq.tokens, other.tokens[:other.prefill_end])
+            if shared // ps > other.num_computed // ps:
+                return True
+        return False
+
     def _admit(self, chunks: list, budget: int) -> None:
         """Allocate waiting prompts that fit and append their first chunk to ``chunks``."""
         while self.waiting and not self.swapped and budget > 0:
@@ -395,24 +416,29 @@ class Engine:
             fork_room = params.n - 1 if request.num_cached_tokens is None else 0
             if len(self.running) + 1 + fork_room > self.config.max_num_seqs:
                 break
-            # NOTE: with prefix caching, ``allocate`` indexes every full page of the prompt at
-            # once, before its K/V is written; a prompt admitted meanwhile could match (or copy)
-            # those pages. So prefills run one at a time: admit only when none is in flight.
-            if self.config.enable_prefix_caching and any(s.is_prefilling for s in self.running):
+            # NOTE: in-batch prefix sharing (as SGLang's scheduler does): a prompt whose prefix
+            # another prefill is still computing waits until those pages are committed, rather
+            # than computing the same prefix again alongside it. Prompts that share nothing
+            # not yet cached with a prefill in flight are admitted at once.
+            if self.config.enable_prefix_caching and self._prefix_in_flight(seq):
                 break
             prompt = dict(token_ids=seq.tokens, cache_salt=request.cache_salt)
             if not self.mgr.can_allocate(**prompt) and (self.running or self.swapped):
                 break  # otherwise allocate raises OutOfPages: the prompt can never fit
-            allocation = self.mgr.allocate(seq.seq_id, **prompt)
+            # NOTE: nothing of the prompt is computed yet: with prefix caching, only the pages
+            # found cached count as committed; ``step`` commits the chunks as they are scheduled.
+            allocation = self.mgr.allocate(seq.seq_id, **prompt, num_computed_tokens=0)
             self.waiting.popleft()
             seq.num_computed, seq.prefill_end = allocation.num_cached_tokens, len(seq.tokens)
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = allocation.num_cached_tokens
             self.stats.num_cached_tokens += allocation.num_cached_tokens
             # NOTE: copied now, while the source page is surely intact (a later allocation could
-            # evict it). A copy means the whole prompt was cached; if a decode token of this step
-            # filled the source page, its unwritten slot is the prompt's last position, which this
-            # sequence computes and writes itself after the copy.
+            # evict it). A copy means the whole prompt was cached. The source page was committed
+            # by an earlier step's chunk (this step's chunks are committed after admission), so
+            # its K/V is written; if a decode token of this step filled it, its one unwritten
+            # slot is the prompt's last position, which this sequence computes and writes itself
+            # after the copy.
             self.cache.copy(allocation.copies)
             self.running.append(seq)
             chunks.append((seq, min(self.config.chunk_size, seq.prefill_end - seq.num_computed, budget)))
@@ -490,6 +516,14 @@ class Engine:
         children = sorted(request.sequences, key=lambda s: s.child)
         return RequestOutput(request.request_id, request.prompt_ids, [s.output_ids for s in children],
                              request.num_cached_tokens or 0, request.first_logits)
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 # --------------------------------------------------------------------------- demo model

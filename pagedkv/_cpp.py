@@ -53,6 +53,8 @@ def _invalid_argument(argument: str, values: tuple[int, ...]) -> Exception:
         return invalid_argument("token_ids", f"{v} token ids", "token_ids_len", values[1])
     if argument == "token_ids_sum":
         return invalid_argument("token_ids", f"{v} token ids", "token_ids_sum", values[1])
+    if argument == "num_computed_tokens_stop":
+        return invalid_argument("num_computed_tokens", v, "num_computed_tokens", values[1], values[2])
     # Range errors: let the facade's own check build the error, so the text is the facade's.
     ranges = {
         "num_pages": lambda: check.count("num_pages", v),
@@ -69,6 +71,8 @@ def _invalid_argument(argument: str, values: tuple[int, ...]) -> Exception:
         "max_pages_range": lambda: check.as_int("max_pages", v, 0, check.MAX_COUNT),
         "token_ids": lambda: check.int_array("token_ids", np.array([v], dtype=np.int64), 0, check.MAX_TOKEN_ID),
         "window": lambda: check.count("window", v),
+        "num_computed_tokens": lambda: check.as_int("num_computed_tokens", v, 0, values[1]),
+        "num_computed_tokens_range": lambda: check.as_int("num_computed_tokens", v, 0, check.MAX_SEQ_ID),
     }
     try:
         ranges[argument]()
@@ -220,9 +224,23 @@ class CppBlockManager:
         return out
 
     # --------------------------------------------------------------- mutators
-    def allocate(self, seq_id: int, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0):
+    def allocate(
+        self,
+        seq_id: int,
+        num_tokens: int,
+        token_ids: np.ndarray | None = None,
+        salt: int = 0,
+        num_computed_tokens: int | None = None,
+    ):
         """Returns (tokens found cached, copy-on-write copies); token_ids: int64 array or None."""
-        out = self._core.allocate(seq_id, num_tokens, _ids(token_ids), salt)
+        out = self._core.allocate(seq_id, num_tokens, _ids(token_ids), salt, num_computed_tokens)
+        if out.__class__ is _Failure:
+            raise _error(out)
+        return out
+
+    def commit(self, seq_id: int, num_computed_tokens: int) -> int:
+        """Returns the pages newly indexed."""
+        out = self._core.commit(seq_id, num_computed_tokens)
         if out.__class__ is _Failure:
             raise _error(out)
         return out

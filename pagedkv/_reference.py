@@ -12,6 +12,11 @@ Free pages live in two queues. ``_free`` holds pages without cached content; ``_
 holds unreferenced pages whose content is still indexed by the prefix cache, least recently
 freed first. New pages come from ``_free`` first and only then evict the oldest cached page.
 
+With prefix caching, a sequence's full pages enter the index only once their KV is written:
+``allocate(..., num_computed_tokens=k)`` offers the pages wholly inside the first k tokens,
+``commit(seq_id, n)`` those inside the first n, and an append everything up to the sequence's
+new length. Until then a page is not matchable, and a sequence freed first leaves none behind.
+
 Must not import torch, triton or hypothesis.
 """
 
@@ -96,11 +101,14 @@ class ReferenceBlockManager:
         self._tables: dict[int, array] = {}
         self._num_tokens: dict[int, int] = {}
         self._swapped: set[int] = set()
-        # per sequence, with prefix caching: salt, hash of its last full page, and the token ids
-        # of its partly filled last page (None once an append came without token ids)
+        # per sequence allocated with token ids (prefix caching on): its salt; the chained hash
+        # of the last page offered to the index; the token ids from the first page not yet
+        # offered to the end of the sequence (None once an append came without token ids); and
+        # the tokens committed so far (their KV is written: pages inside them may be indexed)
         self._seq_salt: dict[int, int] = {}
         self._seq_hash: dict[int, int] = {}
         self._seq_tail: dict[int, list[int] | None] = {}
+        self._seq_committed: dict[int, int] = {}
 
     # ----------------------------------------------------------------- queries
     @property
@@ -144,8 +152,20 @@ class ReferenceBlockManager:
         return self._pages_to_append(seq_id, num_tokens, {}) <= self.num_free_pages
 
     # --------------------------------------------------------------- mutators
-    def allocate(self, seq_id: int, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0):
-        """Returns (tokens found cached, copy-on-write copies)."""
+    def allocate(
+        self,
+        seq_id: int,
+        num_tokens: int,
+        token_ids: np.ndarray | None = None,
+        salt: int = 0,
+        num_computed_tokens: int | None = None,
+    ):
+        """Returns (tokens found cached, copy-on-write copies).
+
+        ``num_computed_tokens`` (checked by the facade to lie in [0, num_tokens]; None = all):
+        the prompt's full pages wholly inside the first ``max(num_computed_tokens, tokens found
+        cached)`` tokens become matchable now, the others at ``commit`` or an append.
+        """
         if seq_id in self._tables:
             raise SequenceExists(seq_id)
         token_ids = _token_list(token_ids)
@@ -177,13 +197,18 @@ class ReferenceBlockManager:
         self._tables[seq_id] = table
         self._num_tokens[seq_id] = num_tokens
         if token_ids is not None and self.enable_prefix_caching:
-            self._seq_salt[seq_id] = salt
-            num_full = num_tokens // self.page_size
             ps = self.page_size
-            for i in range(len(hits), num_full):
+            committed = max(num_tokens if num_computed_tokens is None else num_computed_tokens, num_cached)
+            # NOTE: hit pages are indexed already; the prompt's own pages are offered up to the
+            # committed tokens only (the KV of the others is not written yet). A hit page that
+            # was copied (whole prompt cached) is never offered: its hash belongs to the source.
+            done = max(len(hits), committed // ps)
+            for i in range(len(hits), done):
                 self._cache_page(table, i, hashes[i], token_ids[i * ps : (i + 1) * ps], salt)
-            self._seq_hash[seq_id] = hashes[num_full - 1] if num_full else 0
-            self._seq_tail[seq_id] = list(token_ids[num_full * self.page_size :])
+            self._seq_salt[seq_id] = salt
+            self._seq_hash[seq_id] = hashes[done - 1] if done else 0
+            self._seq_tail[seq_id] = list(token_ids[done * ps :])
+            self._seq_committed[seq_id] = committed
         return num_cached, copies
 
     def append(self, seq_id: int, num_tokens: int, token_ids: np.ndarray | None = None) -> list[tuple[int, int]]:
@@ -222,6 +247,25 @@ class ReferenceBlockManager:
                 out += 1
         return slots, np.array(copies, dtype=np.int32).reshape(-1, 2)
 
+    def commit(self, seq_id: int, num_computed_tokens: int) -> int:
+        """The first ``num_computed_tokens`` tokens have their KV written; returns pages indexed.
+
+        Offers to the index, in order, each full page wholly inside them that was not offered
+        yet. A value at or below the committed count is a no-op (commits are monotone), and so
+        is a sequence without known token ids or without prefix caching.
+        """
+        table = self._resident_table(seq_id)
+        num_tokens = self._num_tokens[seq_id]
+        if num_computed_tokens > num_tokens:
+            name = "num_computed_tokens"
+            raise invalid_argument(name, num_computed_tokens, name, seq_id, num_tokens)
+        if seq_id not in self._seq_committed or num_computed_tokens <= self._seq_committed[seq_id]:
+            return 0
+        self._seq_committed[seq_id] = num_computed_tokens
+        if self._seq_tail[seq_id] is None:
+            return 0
+        return self._offer_pages(seq_id, table, num_tokens, num_computed_tokens)
+
     def fork(self, parent_id: int, child_id: int) -> None:
         parent = self._resident_table(parent_id)
         if child_id in self._tables:
@@ -236,6 +280,7 @@ class ReferenceBlockManager:
             self._seq_hash[child_id] = self._seq_hash[parent_id]
             tail = self._seq_tail[parent_id]
             self._seq_tail[child_id] = None if tail is None else list(tail)
+            self._seq_committed[child_id] = self._seq_committed[parent_id]
 
     def free(self, seq_id: int) -> None:
         table = self._table(seq_id)
@@ -376,6 +421,8 @@ class ReferenceBlockManager:
                 if not 0 <= page < limit:
                     raise InvariantViolation.of("page_in_range", seq_id, page, limit)
                 counts[page] += 1
+            if seq_id in self._seq_committed:
+                self._check_committed(seq_id)
         for name, want, have in (("ref_count", refs, self._ref_count), ("cpu_ref_count", cpu_refs, self._cpu_ref_count)):
             if want != have:
                 bad = next(p for p in range(len(want)) if want[p] != have[p])
@@ -403,6 +450,20 @@ class ReferenceBlockManager:
         num_hashed = sum(1 for h in self._page_hash if h is not None)
         if num_hashed != len(self._index):
             raise InvariantViolation.of("hash_index_size", num_hashed, len(self._index))
+
+    def _check_committed(self, seq_id: int) -> None:
+        """Committed tokens fit the sequence, and every full page inside them was offered."""
+        tokens, committed = self._num_tokens[seq_id], self._seq_committed[seq_id]
+        if committed > tokens:
+            raise InvariantViolation.of("committed_tokens", seq_id, committed, tokens)
+        tail = self._seq_tail[seq_id]
+        if tail is None:
+            return
+        first = tokens - len(tail)  # position of the first token not yet offered
+        if first < 0 or first % self.page_size:
+            raise InvariantViolation.of("pending_tokens", seq_id, tokens, len(tail))
+        if len(tail) >= self.page_size and first + self.page_size <= committed:
+            raise InvariantViolation.of("pending_pages", seq_id, committed, first // self.page_size)
 
     def snapshot(self) -> dict:
         """Complete observable state, for parity and atomicity tests."""
@@ -435,7 +496,7 @@ class ReferenceBlockManager:
     def _forget(self, seq_id: int) -> None:
         del self._tables[seq_id]
         del self._num_tokens[seq_id]
-        for per_seq in (self._seq_salt, self._seq_hash, self._seq_tail):
+        for per_seq in (self._seq_salt, self._seq_hash, self._seq_tail, self._seq_committed):
             per_seq.pop(seq_id, None)
 
     def _plan_allocate(self, num_tokens: int, token_ids, salt: int):
@@ -461,23 +522,27 @@ class ReferenceBlockManager:
         evictable_hits = sum(1 for page in hits if self._ref_count[page] == 0)
         return pages - len(hits) + copy + evictable_hits, hits, num_cached, hashes
 
-    def _cache_page(self, table: array, i: int, h: int, block, salt: int) -> None:
-        """Index the full page ``table[i]`` under ``h`` if its parent page is cached."""
+    def _cache_page(self, table: array, i: int, h: int, block, salt: int) -> bool:
+        """Index the full page ``table[i]`` under ``h`` if its parent page is cached; returns
+        whether it was indexed."""
         page = table[i]
+        if page == NULL_PAGE:
+            return False  # released by a sliding window before it was committed
         if i == 0:
             parent = (-1, 0)
         else:
             prev = table[i - 1]
             if prev == NULL_PAGE or self._page_hash[prev] is None:
-                return
+                return False
             parent = (prev, self._page_gen[prev])
         # NOTE: the first page indexed under a hash keeps it; an identical or colliding page
         # computed later is simply not cached.
         if h in self._index or self._page_hash[page] is not None:
-            return
+            return False
         self._index[h] = page
         self._page_hash[page] = h
         self._page_key[page] = _CacheKey(tuple(block), salt, parent)
+        return True
 
     def _uncache(self, page: int) -> None:
         del self._index[self._page_hash[page]]
@@ -570,19 +635,39 @@ class ReferenceBlockManager:
         return table
 
     def _extend_cached_tokens(self, seq_id: int, table: array, start: int, token_ids) -> None:
-        """Track appended token ids; index each page they fill (prefix caching only)."""
+        """Track appended token ids and commit through the new length (prefix caching only).
+
+        NOTE: appended tokens are written in the step that appends them, and so is everything
+        before them: the append commits the whole sequence, prompt pages still pending first.
+        """
+        end = self._num_tokens[seq_id]
+        self._seq_committed[seq_id] = end
         tail = self._seq_tail[seq_id]
         if tail is None:
             return
         if token_ids is None:
+            self._offer_pages(seq_id, table, start, start)
             self._seq_tail[seq_id] = None  # tokens unknown from here on: cache no more pages
             return
-        ps = self.page_size
         tail.extend(token_ids)
-        first_page = start // ps
-        while len(tail) >= ps:
-            h = page_hash(self._seq_hash[seq_id], tail[:ps], self._seq_salt[seq_id]) & self._hash_mask
-            self._cache_page(table, first_page, h, tail[:ps], self._seq_salt[seq_id])
+        self._offer_pages(seq_id, table, end, end)
+
+    def _offer_pages(self, seq_id: int, table: array, end: int, stop: int) -> int:
+        """Offer to the index, in order, each full page of the sequence's pending token ids
+        (which end at position ``end``) lying wholly before ``stop``; returns pages indexed."""
+        tail = self._seq_tail[seq_id]
+        salt = self._seq_salt[seq_id]
+        ps = self.page_size
+        page = (end - len(tail)) // ps
+        h = self._seq_hash[seq_id]
+        offered = indexed = 0
+        while len(tail) - offered >= ps and (page + 1) * ps <= stop:
+            block = tail[offered : offered + ps]
+            h = page_hash(h, block, salt) & self._hash_mask
+            indexed += self._cache_page(table, page, h, block, salt)
+            offered += ps
+            page += 1
+        if offered:
+            del tail[:offered]  # NOTE: once per call, not per page (a long prompt's tail)
             self._seq_hash[seq_id] = h
-            del tail[:ps]
-            first_page += 1
+        return indexed

@@ -262,7 +262,15 @@ class BlockManager:
         """
         return self._impl.can_allocate(*self._prompt(num_tokens, token_ids, cache_salt))
 
-    def allocate(self, seq_id: int, num_tokens: int | None = None, *, token_ids=None, cache_salt=None) -> Allocation:
+    def allocate(
+        self,
+        seq_id: int,
+        num_tokens: int | None = None,
+        *,
+        token_ids=None,
+        cache_salt=None,
+        num_computed_tokens: int | None = None,
+    ) -> Allocation:
         """Create sequence ``seq_id`` holding a prompt of ``num_tokens`` tokens.
 
         Args:
@@ -270,8 +278,14 @@ class BlockManager:
             num_tokens: prompt length; may be omitted when ``token_ids`` is given.
             token_ids: the prompt's token ids (ints in ``[0, 2**31)``); with prefix caching on,
                 the longest run of cached full pages matching the prompt is reused and the
-                prompt's own full pages become matchable.
+                prompt's own full pages become matchable once their KV is written (see
+                ``num_computed_tokens``).
             cache_salt: tenant key (str/bytes): prompts under different salts share nothing.
+            num_computed_tokens: prompt tokens whose KV exists once this step's writes land
+                (an int in ``[0, num_tokens]``; ``None``: the whole prompt). With chunked
+                prefill, pass the end of the first chunk and ``commit`` the next ones: only full
+                pages wholly inside ``max(num_computed_tokens, num_cached_tokens)`` tokens
+                become matchable now. Ignored without token ids or prefix caching.
 
         Returns:
             ``Allocation(num_cached_tokens, copies)``; ``num_cached_tokens`` is at most
@@ -281,9 +295,37 @@ class BlockManager:
             SequenceExists: ``seq_id`` is live.
             OutOfPages: not enough free pages above the watermark (hits on cached free pages
                 count as taken).
+            InvalidArgument: ``num_computed_tokens`` outside ``[0, num_tokens]``.
         """
         seq_id = check.seq_id(seq_id)
-        return Allocation(*self._impl.allocate(seq_id, *self._prompt(num_tokens, token_ids, cache_salt)))
+        num_tokens, tokens, salt = self._prompt(num_tokens, token_ids, cache_salt)
+        if num_computed_tokens is not None:
+            num_computed_tokens = check.as_int("num_computed_tokens", num_computed_tokens, 0, num_tokens)
+        return Allocation(*self._impl.allocate(seq_id, num_tokens, tokens, salt, num_computed_tokens))
+
+    def commit(self, seq_id: int, num_computed_tokens: int) -> int:
+        """Report that the first ``num_computed_tokens`` tokens of ``seq_id`` have their KV written.
+
+        With prefix caching, each full page wholly inside them that is not matchable yet
+        becomes matchable, in order (a page is indexed only if its parent page is, and the first
+        page indexed under a hash keeps it). Call it after each prefill chunk's writes are
+        issued, with the number of tokens computed so far; appends commit by themselves.
+
+        Args:
+            seq_id: a sequence on the GPU.
+            num_computed_tokens: int in ``[0, num_tokens(seq_id)]``. A value at or below an
+                earlier commit is a no-op (commits are monotone); so is a sequence without
+                known token ids or a manager without prefix caching.
+
+        Returns:
+            Pages newly indexed by this call.
+
+        Raises:
+            UnknownSequence, SequenceSwapped, InvalidArgument (``num_computed_tokens`` negative
+            or above ``num_tokens(seq_id)``).
+        """
+        seq_id = check.seq_id(seq_id)
+        return self._impl.commit(seq_id, check.as_int("num_computed_tokens", num_computed_tokens, 0, check.MAX_SEQ_ID))
 
     def _appended(self, num_tokens, token_ids):
         if token_ids is None:
@@ -303,7 +345,9 @@ class BlockManager:
 
         Args:
             token_ids: the new tokens' ids; with prefix caching, each page they fill becomes
-                matchable. Without them the sequence's later pages are never cached.
+                matchable. Without them the sequence's later pages are never cached. Either
+                way the append commits the whole sequence (see ``commit``): the new tokens'
+                KV, and everything before it, is written in this step.
 
         Returns:
             Copy-on-write copies ``[(src_page, dst_page)]`` the cache must execute before writing

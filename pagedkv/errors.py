@@ -155,6 +155,11 @@ INVARIANT_DETAILS: dict[str, tuple[str, str]] = {
     "cpu_conservation": ("cpu_conservation", "{0} free + {1} referenced cpu pages != {2}"),
     "hash_index": ("hash_index", "index maps hash {0:#x} to page {1}, which carries {2}"),
     "hash_index_size": ("hash_index", "{0} pages carry a hash but the index has {1} entries"),
+    "committed_tokens": ("committed_tokens", "sequence {0} has {1} committed tokens but holds {2}"),
+    "pending_tokens": ("committed_tokens", "sequence {0} holds {1} tokens but its {2} token ids not yet offered to "
+                       "the prefix cache do not start at a page boundary"),
+    "pending_pages": ("committed_tokens", "sequence {0} has {1} committed tokens but its page {2}, wholly inside "
+                      "them, was never offered to the prefix cache"),
     # Only the C++ core's intrusive free queues can break these two.
     "free_list_links": ("free_list_links", "page {0}'s links on its free queue do not point back to its neighbours"),
     "free_list_size": ("free_list_size", "{0} pages are linked on a free queue but its size says {1}"),
@@ -170,6 +175,7 @@ EXPECTED: dict[str, str] = {
     "num_tokens_len": "len(token_ids) = {0}",
     "token_ids_len": "one token id per new token ({0})",
     "token_ids_sum": "sum(num_tokens) = {0}",
+    "num_computed_tokens": "at most num_tokens({0}) = {1}",
 }
 
 

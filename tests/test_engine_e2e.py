@@ -225,3 +225,79 @@ def test_prefix_hit_on_a_page_filled_in_the_same_step(model, reference):
     assert [o.num_cached_tokens for o in outputs] == [0, 47]  # c's last page is a copy of a's page 11
     _check_against_reference(outputs, [a, c], reference)
     _check_drained(eng)
+
+
+def test_concurrent_chunked_prefills_share_a_long_prefix(model, reference):
+    """Two prefills in flight at once, the second reading the first one's committed pages."""
+    page_size, chunk = 4, 16
+    shared, x, y = _prompts([32, 48, 40], seed=5)
+    y[0] = (x[0] + 1) % VOCAB  # the prompts part right after the shared prefix
+    a, b = shared + x, shared + y
+    eng = _engine(model, num_pages=96, page_size=page_size, chunk_size=chunk, enable_prefix_caching=True)
+    id_a = eng.add_request(a, SamplingParams(max_new_tokens=MAX_NEW))
+    eng.step()
+    eng.step()  # a has computed, and committed, the shared prefix (and is still prefilling)
+    assert eng.mgr.prefix_cache_stats().num_cached_pages == 32 // page_size
+    id_b = eng.add_request(b, SamplingParams(max_new_tokens=MAX_NEW))
+    done, concurrent = {}, 0
+    while eng.has_unfinished():
+        done.update((out.request_id, out) for out in eng.step())
+        seqs = [eng.requests[i].sequences[0] for i in (id_a, id_b) if i in eng.requests]
+        if len(seqs) == 2 and all(s.is_prefilling for s in seqs):
+            concurrent += 1
+            table_a, table_b = (eng.mgr.page_table(s.seq_id) for s in seqs)
+            assert table_a[:8] == table_b[:8] and table_a[8:] != table_b[8:]  # the prefix's pages are shared
+    assert concurrent >= 2
+    assert done[id_b].num_cached_tokens == 32
+    assert eng.stats.num_prefill_tokens == len(a) + len(b) - 32  # the shared prefix computed once
+    _check_against_reference([done[id_a], done[id_b]], [a, b], reference)
+    _check_drained(eng)
+
+
+@pytest.mark.parametrize("preemption", ["recompute", "swap"])
+def test_preempting_a_prefill_with_prefix_caching_keeps_tokens(model, reference, preemption):
+    """The latest arrival is preempted in the middle of its chunked prefill; with prefix caching
+    its committed pages stay matchable and its re-admission (recompute) hits them."""
+    page_size = 4
+    short, long_ = _prompts([8, 48], seed=6)
+    eng = _engine(model, num_pages=16, page_size=page_size, chunk_size=4, max_num_batched_tokens=8, max_num_seqs=4,
+                  enable_prefix_caching=True, preemption=preemption, num_cpu_pages=32 if preemption == "swap" else 0)
+    victims = []
+    preempt = eng._preempt
+
+    def spy(seq):
+        victims.append(seq.is_prefilling)
+        preempt(seq)
+
+    eng._preempt = spy
+    outputs = eng.generate([short, long_], SamplingParams(max_new_tokens=MAX_NEW))
+    assert True in victims, "no sequence was preempted in the middle of its prefill"
+    if preemption == "recompute":
+        assert eng.mgr.prefix_cache_stats().hit_tokens > 0  # its committed pages were found again
+    _check_against_reference(outputs, [short, long_], reference)
+    _check_drained(eng)
+
+
+def test_prompts_admitted_together_hit_only_written_pages(model, reference):
+    """Admission without waiting for prefills in flight (as vLLM's scheduler admits): three
+    prompts with a 40-token common prefix, two admitted in the same step and one a step later,
+    all prefill at once; each may reuse only pages whose K/V an earlier step has written."""
+    page_size, chunk = 4, 16
+    prefix, x, y, z = _prompts([40, 9, 7, 5], seed=7)
+    prompts = [prefix + x, prefix + y, prefix + z]
+    eng = _engine(model, num_pages=96, page_size=page_size, chunk_size=chunk, enable_prefix_caching=True)
+    eng._prefix_in_flight = lambda seq: False  # admit every prompt that fits
+    ids = [eng.add_request(p, SamplingParams(max_new_tokens=MAX_NEW)) for p in prompts[:2]]
+    done = {}
+    done.update((out.request_id, out) for out in eng.step())  # both admitted, first chunks run
+    in_flight = [eng.requests[i].sequences[0].is_prefilling for i in ids]
+    ids.append(eng.add_request(prompts[2], SamplingParams(max_new_tokens=MAX_NEW)))
+    while eng.has_unfinished():
+        done.update((out.request_id, out) for out in eng.step())
+    _check_against_reference([done[i] for i in ids], prompts, reference)
+    assert in_flight == [True, True]
+    # the second prompt found nothing (the first one's chunk was not written at its admission);
+    # the third found the first chunk, written in step 1, and nothing the first prompt was
+    # still computing
+    assert [done[i].num_cached_tokens for i in ids] == [0, 0, chunk]
+    _check_drained(eng)

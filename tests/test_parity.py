@@ -8,7 +8,8 @@ exception type, ``str()`` and fields, and after every operation the complete ``s
 Hypothesis (``st.randoms``, so failing sequences shrink). Prefix-caching configurations draw
 prompts from a tiny vocabulary with shared prefixes and salts, some with truncated hashes, so
 hits, whole-prompt-hit copies, LRU evictions and hash collisions all happen; they also swap
-sequences to the CPU tier and release sliding windows.
+sequences to the CPU tier, release sliding windows, and prefill in chunks (``allocate`` with
+``num_computed_tokens``, then ``commit``), freeing, forking or swapping some mid-prefill.
 
 Skipped when the extension is not built, unless ``PAGEDKV_IMPL=cpp`` demands it.
 """
@@ -126,6 +127,8 @@ class Lockstep:
                 event("whole_prompt_copy")
         elif op in ("swap_out", "swap_in", "release_window", "reset_prefix_cache"):
             event(op)
+        elif op == "commit" and outcome[1][1]:
+            event("commit_indexed")
         if op != "reset_prefix_cache" and set(before["index"].items()) - set(after["index"].items()):
             event("eviction")  # a cached page lost its content
         if op == "append" and after["index"] != before["index"]:
@@ -154,8 +157,8 @@ def random_op(rng: random.Random, lock: Lockstep) -> None:
         return rng.randint(1, 2 * page_size + 1)
 
     op = rng.choices(
-        ["allocate", "append", "append_batch", "fork", "free", "page_tables", "csr", "slots", "query"],
-        weights=[20, 15, 20, 12, 12, 8, 5, 5, 7],
+        ["allocate", "append", "append_batch", "fork", "free", "page_tables", "csr", "slots", "query", "commit"],
+        weights=[20, 15, 20, 12, 12, 8, 5, 5, 7, 3],
     )[0]
     if op == "allocate":
         lock.do("allocate", some_id() if rng.random() < 0.3 else rng.randrange(80), some_count())
@@ -176,6 +179,10 @@ def random_op(rng: random.Random, lock: Lockstep) -> None:
         lock.do("append_batch", ids, counts)
     elif op == "fork":
         lock.do("fork", some_id(), some_id() if rng.random() < 0.3 else rng.randrange(40, 80))
+    elif op == "commit":  # a no-op here (no token ids), but checked like any call
+        seq_id = some_id()
+        n = lock.py.num_tokens(seq_id) if seq_id in lock.py else 4
+        lock.do("commit", seq_id, rng.randint(0, n + 1))
     elif op == "free":
         lock.do("free", some_id())
     elif op == "page_tables":
@@ -249,20 +256,29 @@ def random_cache_op(rng: random.Random, lock: Lockstep) -> None:
         return ids
 
     op = rng.choices(
-        ["prompt", "can_prompt", "append_ids", "batch_ids", "swap_out", "swap_in", "can_swap",
+        ["prompt", "can_prompt", "commit", "append_ids", "batch_ids", "swap_out", "swap_in", "can_swap",
          "window", "reset", "query", "base"],
-        weights=[22, 4, 10, 8, 6, 6, 3, 5, 1, 4, 31],
+        weights=[22, 4, 12, 10, 8, 6, 6, 3, 5, 1, 4, 31],
     )[0]
     if op == "prompt":
         tokens, salt = _prompt(rng, lock)
         seq_id = some_id(live) if rng.random() < 0.1 else rng.randrange(200)
         ids = np.array(tokens, dtype=np.int64) if rng.random() < 0.3 else tokens
+        kwargs = {}
+        if rng.random() < 0.5:  # chunked prefill: the first chunk only (sometimes out of range)
+            kwargs["num_computed_tokens"] = rng.choice([rng.randint(0, len(tokens)), 0, len(tokens) + 1, -1])
         if rng.random() < 0.15:
-            outcome = lock.do("allocate", seq_id, len(tokens) + rng.choice([0, 0, 1]), token_ids=ids, cache_salt=salt)
+            outcome = lock.do(
+                "allocate", seq_id, len(tokens) + rng.choice([0, 0, 1]), token_ids=ids, cache_salt=salt, **kwargs
+            )
         else:
-            outcome = lock.do("allocate", seq_id, token_ids=ids, cache_salt=salt)
+            outcome = lock.do("allocate", seq_id, token_ids=ids, cache_salt=salt, **kwargs)
         if outcome[0] == "returned":
             lock.prompts.append((tokens, salt))
+    elif op == "commit":
+        seq_id = some_id(resident) if rng.random() < 0.9 else some_id(live)
+        n = lock.py.num_tokens(seq_id) if seq_id in lock.py else 4
+        lock.do("commit", seq_id, rng.choice([rng.randint(0, n), n, rng.randint(0, n + 2)]))
     elif op == "can_prompt":
         tokens, salt = _prompt(rng, lock)
         lock.do("can_allocate", token_ids=tokens, cache_salt=salt)
@@ -508,6 +524,20 @@ def test_direct_bad_arguments_raise_typed_errors():
         mgr.slots(0, -1, 2)
     with pytest.raises(InvalidArgument, match="max_pages"):
         mgr.page_tables(np.array([0], dtype=np.int64), -1)
+    facade = BlockManager(4, 4, backend="python")
+    facade.allocate(0, 4)
+    for direct, public in [
+        (lambda: mgr.allocate(1, 3, None, 0, 4), lambda: facade.allocate(1, 3, num_computed_tokens=4)),
+        (lambda: mgr.allocate(1, 3, None, 0, -2), lambda: facade.allocate(1, 3, num_computed_tokens=-2)),
+        (lambda: mgr.commit(0, -1), lambda: facade.commit(0, -1)),
+        (lambda: mgr.commit(0, 5), lambda: facade.commit(0, 5)),
+    ]:
+        with pytest.raises(InvalidArgument) as got:
+            direct()
+        with pytest.raises(InvalidArgument) as want:
+            public()
+        assert str(got.value) == str(want.value)
+    assert mgr.commit(0, 4) == 0
     assert mgr.snapshot() == {
         "free": [1, 2, 3],
         "evictable": [],
@@ -537,12 +567,12 @@ def test_direct_random_integers_never_crash():
             salt = rng.choice([0, 1, 2**64 - 1])
             op = rng.choice(
                 ["allocate", "append", "fork", "free", "slots", "ref_count", "num_tokens", "can_append", "release_window",
-                 "is_swapped", "allocate_ids", "append_ids", "can_allocate_ids", "reset_prefix_cache"]
+                 "is_swapped", "allocate_ids", "append_ids", "can_allocate_ids", "reset_prefix_cache", "commit"]
             )
             args = {
                 "free": (a,), "ref_count": (a,), "num_tokens": (a,), "is_swapped": (a,), "reset_prefix_cache": (),
-                "slots": (a, b, min(c, 100)), "allocate_ids": (a, b, tokens, salt), "append_ids": (a, b, tokens),
-                "can_allocate_ids": (b, tokens, salt),
+                "slots": (a, b, min(c, 100)), "allocate_ids": (a, b, tokens, salt, c if rng.random() < 0.5 else None),
+                "append_ids": (a, b, tokens), "can_allocate_ids": (b, tokens, salt),
             }.get(op, (a, b))
             if op in ("append", "append_ids") and b > 100:
                 args = (a, 100, *args[2:])  # keep outputs small; huge counts are covered by OutOfPages above
@@ -592,7 +622,7 @@ def test_random_operations_cover_every_feature():
         for name, count in lock.events.items():
             events[name] = events.get(name, 0) + count
     wanted = [
-        "hit", "whole_prompt_copy", "eviction", "append_cached", "swap_out", "swap_in", "release_window",
+        "hit", "whole_prompt_copy", "eviction", "append_cached", "commit_indexed", "swap_out", "swap_in", "release_window",
         "reset_prefix_cache", "cpu_out_of_pages", "OutOfPages", "SequenceSwapped", "SequenceExists",
         "UnknownSequence", "DuplicateSequence", "InvalidArgument",
     ]
@@ -645,6 +675,53 @@ def test_stale_child_key_is_a_miss_after_its_parent_page_is_reused():
     lock.do("allocate", 2, token_ids=[5, 6, 4])  # page 0 caches [5] again (new generation)
     outcome = lock.do("allocate", 3, token_ids=[5, 6, 9])
     assert outcome[1][1][0] == ("int", 1)  # page 0 hits; page 1's key names the old page 0
+    drain(lock)
+
+
+def test_chunked_prefill_matches():
+    # Deferred indexing in lockstep: commits in chunks, a duplicate prompt that commits first,
+    # a free, a fork, a window and a swap in the middle of prefills, appends that commit.
+    lock = Lockstep(40, 2, enable_prefix_caching=True, num_cpu_pages=8, _hash_bits=3)
+    prompt = [1, 2, 1, 2, 0, 0, 1, 1, 2, 2, 0]
+    lock.do("allocate", 0, token_ids=prompt, num_computed_tokens=3)
+    lock.do("allocate", 1, token_ids=prompt, num_computed_tokens=0)  # hits page 0 only
+    for n in (5, 4, 9, 11):
+        lock.do("commit", 1, n)
+    for n in (6, 11):
+        assert lock.do("commit", 0, n)[1] == ("int", 0)  # sequence 1 owns those hashes now
+    lock.do("allocate", 2, token_ids=prompt + [2, 2], num_computed_tokens=1)
+    lock.do("fork", 2, 3)
+    lock.do("commit", 3, 13)
+    lock.do("commit", 2, 13)
+    lock.do("allocate", 4, token_ids=[0, 1] * 6, num_computed_tokens=2)
+    lock.do("release_window", 4, 3)
+    lock.do("commit", 4, 12)
+    lock.do("allocate", 5, token_ids=[2, 1] * 6, num_computed_tokens=4)
+    lock.do("swap_out", [5])
+    lock.do("commit", 5, 6)
+    lock.do("swap_in", [5])
+    lock.do("commit", 5, 12)
+    lock.do("allocate", 6, token_ids=[0, 2] * 5, num_computed_tokens=0)
+    lock.do("append", 6, token_ids=[1])
+    lock.do("allocate", 7, token_ids=[2, 0] * 5, num_computed_tokens=0)
+    lock.do("append_batch", [7, 6], [3, 1])
+    lock.do("free", 0)
+    lock.do("allocate", 8, token_ids=[1, 1] * 5, num_computed_tokens=3)
+    lock.do("free", 8)
+    lock.do("reset_prefix_cache")
+    lock.do("commit", 2, 13)
+    drain(lock)
+
+
+def test_long_prompt_committed_in_chunks_matches():
+    rng = np.random.default_rng(6)
+    lock = Lockstep(1300, 16, enable_prefix_caching=True)
+    prompt = rng.integers(0, 32000, 10_000)
+    lock.do("allocate", 0, token_ids=prompt, num_computed_tokens=512)
+    for n in range(1000, 10_001, 1000):
+        assert lock.do("commit", 0, n)[1][1] > 0
+    outcome = lock.do("allocate", 1, token_ids=np.concatenate([prompt[:6_000], rng.integers(0, 32000, 100)]))
+    assert outcome[1][1][0] == ("int", 6_000)
     drain(lock)
 
 

@@ -1,11 +1,10 @@
 """Prefix caching: hits, copy-on-write of a partial hit, LRU eviction, salts, collisions."""
 
-import subprocess
-import sys
+import os
 
 import pytest
 
-from pagedkv import BlockManager, InvalidArgument, InvalidType, OutOfPages
+from pagedkv import BlockManager, InvalidArgument, InvalidType, OutOfPages, SequenceSwapped, UnknownSequence
 from pagedkv._hashing import page_hash, salt_hash
 
 
@@ -172,11 +171,216 @@ def test_bad_prompts(kwargs, error, name):
     assert mgr.snapshot() == before
 
 
-def test_page_hash_is_deterministic_across_processes():
+def test_page_hash_is_deterministic_across_processes(run_python):
     code = "from pagedkv._hashing import page_hash, salt_hash; print(page_hash(page_hash(0, [1, 2, 3], 0), [4], salt_hash('x')))"
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)}
+    outs = {run_python(code, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
     assert outs == {f"{page_hash(page_hash(0, [1, 2, 3], 0), [4], salt_hash('x'))}\n"}
     # pinned value: the hash is part of the format (identical in both backends, stable over releases)
     assert page_hash(0, [1, 2, 3], 0) == page_hash(0, (1, 2, 3), 0)
     assert page_hash(0, [1, 2, 3], 0) != page_hash(0, [1, 2, 3], salt_hash("x"))
     assert page_hash(0, [1, 2], 0) != page_hash(0, [2, 1], 0)
+
+
+# ------------------------------------------------- deferred indexing (chunked prefill)
+def test_uncommitted_prompt_pages_are_not_matchable():
+    mgr = _mgr()
+    mgr.allocate(0, token_ids=range(12), num_computed_tokens=6)  # first chunk: 6 of 12 tokens
+    assert mgr.prefix_cache_stats().num_cached_pages == 1  # page 0 only: page 1 is half written
+    got = mgr.allocate(1, token_ids=range(12))
+    assert got.num_cached_tokens == 4 and mgr.page_table(1)[0] == mgr.page_table(0)[0]
+    assert set(mgr.page_table(1)[1:]).isdisjoint(mgr.page_table(0))
+    mgr.check_invariants()
+
+
+def test_commit_makes_pages_matchable_in_order_and_is_monotone():
+    mgr = _mgr()
+    mgr.allocate(0, token_ids=range(12), num_computed_tokens=0)
+    assert mgr.prefix_cache_stats().num_cached_pages == 0
+    assert mgr.commit(0, 3) == 0  # no full page inside 3 tokens
+    assert mgr.commit(0, 7) == 1  # page 0
+    assert mgr.commit(0, 5) == 0 and mgr.commit(0, 7) == 0  # smaller or equal: no-op
+    assert mgr.allocate(1, token_ids=[*range(4), 50, 51, 52, 53, 54]).num_cached_tokens == 4
+    assert mgr.commit(0, 12) == 2  # pages 1 and 2
+    assert mgr.allocate(2, token_ids=range(12)).num_cached_tokens == 11  # whole prompt: last page copied
+    mgr.check_invariants()
+
+
+def test_commit_keeps_the_chaining_and_first_owner_rules():
+    mgr = _mgr()
+    mgr.allocate(0, token_ids=range(12), num_computed_tokens=0)
+    mgr.allocate(1, token_ids=range(12), num_computed_tokens=0)  # nothing to hit yet
+    assert mgr.commit(1, 12) == 3  # sequence 1 writes first: its pages own the hashes
+    assert mgr.commit(0, 12) == 0  # identical pages computed later are not cached
+    assert mgr.allocate(2, token_ids=range(12)).num_cached_tokens == 11
+    assert mgr.page_table(2)[:2] == mgr.page_table(1)[:2]
+    mgr.check_invariants()
+
+
+def test_free_mid_prefill_leaves_nothing_unwritten_matchable():
+    mgr = _mgr()
+    mgr.allocate(0, token_ids=range(12), num_computed_tokens=4)
+    pages = mgr.page_table(0)
+    mgr.free(0)
+    snap = mgr.snapshot()
+    assert snap["evictable"] == [pages[0]]  # the committed page stays matchable
+    assert snap["free"][-2:] == [pages[2], pages[1]]  # the others were never indexed
+    assert mgr.allocate(1, token_ids=range(12)).num_cached_tokens == 4
+    mgr.check_invariants()
+
+
+def test_appends_commit_pending_prompt_pages_first():
+    mgr = _mgr()
+    mgr.allocate(0, token_ids=range(10), num_computed_tokens=2)
+    mgr.append(0, token_ids=[10, 11])  # the prompt's rest and the new tokens are written in this step
+    assert mgr.prefix_cache_stats().num_cached_pages == 3
+    assert mgr.allocate(1, token_ids=[*range(12), 7]).num_cached_tokens == 12
+    mgr.allocate(2, token_ids=[9] * 10, num_computed_tokens=0)
+    mgr.append_batch([2], 1, token_ids=[9])
+    assert mgr.prefix_cache_stats().num_cached_pages == 5  # sequence 2's pages 0 and 1
+
+
+def test_append_without_token_ids_commits_the_prompt_then_stops():
+    mgr = _mgr()
+    mgr.allocate(0, token_ids=range(10), num_computed_tokens=0)
+    mgr.append_batch([0], 3)  # unknown tokens fill page 2: pages 0 and 1 are still indexed
+    assert mgr.prefix_cache_stats().num_cached_pages == 2
+    assert mgr.commit(0, 13) == 0
+    assert mgr.allocate(1, token_ids=range(13)).num_cached_tokens == 8
+
+
+def test_allocate_commits_at_least_the_cached_tokens():
+    mgr = _mgr()
+    mgr.allocate(0, token_ids=range(8))
+    mgr.allocate(1, token_ids=[*range(8), 20, 21, 22, 23, 24], num_computed_tokens=0)  # 8 cached
+    assert mgr.prefix_cache_stats().num_cached_pages == 2  # page 2 of sequence 1 waits
+    assert mgr.commit(1, 8) == 0  # already committed by the hit
+    assert mgr.commit(1, 12) == 1
+    mgr.check_invariants()
+
+
+def test_fork_copies_the_committed_state():
+    mgr = _mgr()
+    mgr.allocate(0, token_ids=range(12), num_computed_tokens=4)
+    mgr.fork(0, 1)
+    assert mgr.commit(1, 4) == 0
+    assert mgr.commit(1, 12) == 2  # the shared pages 1 and 2
+    assert mgr.commit(0, 12) == 0  # already indexed, through the child
+    mgr.free(0)
+    mgr.free(1)
+    assert mgr.prefix_cache_stats().num_evictable_pages == 3
+    mgr.check_invariants()
+
+
+def test_window_released_or_swapped_pages_are_never_indexed():
+    mgr = _mgr(num_cpu_pages=8)
+    mgr.allocate(0, token_ids=range(12), num_computed_tokens=0)
+    assert mgr.release_window(0, 5) == 1  # page 0 released before it was committed
+    assert mgr.commit(0, 12) == 0  # page 1's parent is not indexed: nothing is
+    mgr.allocate(1, token_ids=range(12), num_computed_tokens=4)
+    mgr.swap_out([1])
+    with pytest.raises(SequenceSwapped):
+        mgr.commit(1, 8)
+    mgr.swap_in([1])
+    assert mgr.commit(1, 12) == 0  # swapped-in pages are not cached, so nothing chains onto them
+    assert mgr.prefix_cache_stats().num_cached_pages == 1
+    mgr.check_invariants()
+
+
+def test_commit_is_a_no_op_without_token_ids_or_prefix_caching():
+    mgr = _mgr()
+    mgr.allocate(0, 8)
+    assert mgr.commit(0, 8) == 0
+    plain = BlockManager(8, 4)
+    plain.allocate(0, token_ids=range(8), num_computed_tokens=3)
+    assert plain.commit(0, 8) == 0
+    assert mgr.prefix_cache_stats().num_cached_pages == plain.prefix_cache_stats().num_cached_pages == 0
+
+
+@pytest.mark.parametrize(
+    "value, error, text",
+    [
+        (-1, InvalidArgument, "num_computed_tokens must be an int in [0, 6], got -1"),
+        (7, InvalidArgument, "num_computed_tokens must be an int in [0, 6], got 7"),
+        (2.0, InvalidType, "num_computed_tokens must be an int"),
+        (True, InvalidType, "num_computed_tokens must be an int"),
+    ],
+)
+@pytest.mark.parametrize("caching", [True, False])
+def test_bad_num_computed_tokens(value, error, text, caching):
+    mgr = BlockManager(16, 4, enable_prefix_caching=caching)
+    before = mgr.snapshot()
+    for kwargs in (dict(token_ids=range(6)), dict(num_tokens=6)):  # validated even where ignored
+        with pytest.raises(error) as info:
+            mgr.allocate(0, **kwargs, num_computed_tokens=value)
+        assert str(info.value).startswith(text)
+    assert mgr.snapshot() == before
+
+
+def test_commit_errors_change_nothing():
+    mgr = _mgr(num_cpu_pages=4)
+    mgr.allocate(0, token_ids=range(6), num_computed_tokens=0)
+    mgr.allocate(1, 3)
+    mgr.swap_out([1])
+    before = mgr.snapshot()
+    cases = [
+        ((5, 0), UnknownSequence, "unknown sequence 5"),
+        ((1, 0), SequenceSwapped, "sequence 1 is swapped out"),
+        ((0, 7), InvalidArgument, "num_computed_tokens must be at most num_tokens(0) = 6, got 7"),
+        ((0, -1), InvalidArgument, "num_computed_tokens must be an int in [0, "),
+        ((0, 1.5), InvalidType, "num_computed_tokens must be an int"),
+    ]
+    for args, error, text in cases:
+        with pytest.raises(error) as info:
+            mgr.commit(*args)
+        assert str(info.value).startswith(text), str(info.value)
+    assert mgr.snapshot() == before
+    mgr.check_invariants()
+
+
+def test_chunked_prefill_trace_replays_on_every_backend(tmp_path):
+    from pagedkv._backend import resolve
+    from pagedkv._recorder import replay
+
+    path = tmp_path / "trace.jsonl"
+    mgr = _mgr(record=path)
+    mgr.allocate(0, token_ids=range(12), num_computed_tokens=4)
+    mgr.allocate(1, token_ids=range(12))
+    assert mgr.commit(0, 12) == 0
+    with pytest.raises(InvalidArgument):
+        mgr.commit(0, 13)
+    mgr.free(1)
+    mgr.close_trace()
+    assert '"commit"' in path.read_text()
+    for backend in ["python"] + (["cpp"] if resolve() == "cpp" else []):
+        result = replay(path, backend)
+        assert result.divergence is None and result.num_calls == 5
+
+
+class _EagerIndexing:
+    """A manager that ignores ``num_computed_tokens`` and ``commit``: it indexes every full page
+    of a prompt at ``allocate``, before its KV is written (the bug deferred indexing fixes)."""
+
+    def __init__(self):
+        self._mgr = BlockManager(num_pages=16, page_size=2, enable_prefix_caching=True, backend="python")
+
+    def __getattr__(self, name):
+        return getattr(self._mgr, name)
+
+    def allocate(self, seq_id, num_tokens=None, *, num_computed_tokens=None, **kwargs):
+        return self._mgr.allocate(seq_id, num_tokens, **kwargs)
+
+    def commit(self, seq_id, num_computed_tokens):
+        return self._mgr.commit(seq_id, 0)  # checks the sequence, indexes nothing
+
+
+def test_shipped_machine_catches_hits_on_unwritten_pages():
+    from hypothesis import Phase, settings
+
+    from pagedkv.testing import block_manager_machine
+
+    machine = block_manager_machine(_EagerIndexing)
+    machine.TestCase.settings = settings(
+        max_examples=200, stateful_step_count=20, deadline=None, derandomize=True, phases=[Phase.generate]
+    )
+    with pytest.raises(AssertionError, match="reads back .*'unwritten'"):
+        machine.TestCase().runTest()

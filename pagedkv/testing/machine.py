@@ -13,6 +13,12 @@ Invariants checked after every step:
   ``(salt, prefix up to and including the token)`` — what a real KV entry depends on — so a
   prefix-cache hit must read back exactly the prompt it claims to match, under its own salt;
   other tokens get unique ints;
+* **chunked prefill** (managers with ``commit``): a prompt is sometimes allocated with
+  ``num_computed_tokens=k`` and only its first k values are written; the slots of the others
+  hold a poison value until ``commit_prefill`` writes the next chunk and calls ``commit`` (an
+  append first writes the rest, as an engine finishing the prefill in that step would). Only
+  written positions are read back, so a prefix-cache hit on a page whose KV is not written yet
+  reads poison and fails the shadow-store check;
 * freeing every sequence returns the manager to a state equivalent to a new one.
 
 Managers with ``enable_prefix_caching``, ``num_cpu_pages > 0`` or ``release_window`` also get
@@ -48,6 +54,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.caching = bool(getattr(self.mgr, "enable_prefix_caching", False))
         self.has_cpu = getattr(self.mgr, "num_cpu_pages", 0) > 0
         self.history: dict[int, list] = {}  # seq_id -> value of each token, in order
+        self.written: dict[int, int] = {}  # seq_id -> positions [0, written) hold their KV
+        self.chunked = self.caching and callable(getattr(self.mgr, "commit", None))
         self.prompt: dict[int, tuple | None] = {}  # seq_id -> (salt, token ids) while known
         self.swapped: set[int] = set()
         self.store: dict[int, object] = {}  # GPU slot -> value (the shadow KV cache)
@@ -58,6 +66,25 @@ class BlockManagerMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------- helpers
     def _resident(self) -> list[int]:
         return sorted(s for s in self.history if s not in self.swapped)
+
+    def _done(self) -> list[int]:
+        """Resident sequences whose every token is written (not in the middle of a prefill)."""
+        return [s for s in self._resident() if self.written[s] == len(self.history[s])]
+
+    def _prefilling(self) -> list[int]:
+        return [s for s in self._resident() if self.written[s] < len(self.history[s])]
+
+    def _write_positions(self, seq_id: int, start: int, stop: int) -> None:
+        """Write the KV of positions ``[start, stop)`` of a sequence (its history's values)."""
+        table = self.mgr.page_table(seq_id)
+        values = self.history[seq_id]
+        for pos in range(start, stop):
+            self.store[self._slot(table, pos)] = values[pos]
+        self.written[seq_id] = max(self.written[seq_id], stop)
+
+    def _finish_prefill(self, seq_id: int) -> None:
+        """Before an append (which commits the whole sequence): write the rest of the prompt."""
+        self._write_positions(seq_id, self.written[seq_id], len(self.history[seq_id]))
 
     def _pick(self, ids: list[int], index: int) -> int:
         return ids[index % len(ids)]
@@ -86,6 +113,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for slot, value in zip(slots, values):
             self.store[int(slot)] = value
         self.history[seq_id].extend(values)
+        self.written[seq_id] = len(self.history[seq_id])
 
     def _new_values(self, seq_id: int, token_ids: list[int] | None, n: int) -> list:
         """Values of ``n`` appended tokens; prefix-keyed while the sequence's ids are known."""
@@ -126,6 +154,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.mgr.allocate(seq_id, num_tokens)
         self.next_seq += 1
         self.history[seq_id] = []
+        self.written[seq_id] = 0
         self.prompt[seq_id] = None
         table = self.mgr.page_table(seq_id)
         assert self.mgr.num_tokens(seq_id) == num_tokens
@@ -136,26 +165,53 @@ class BlockManagerMachine(RuleBasedStateMachine):
         prefix=st.sampled_from([(), (1, 2, 3, 4, 5, 6, 7, 8), (1, 2, 3, 4, 5, 6, 7, 9, 1, 1, 1, 1)]),
         suffix=st.lists(st.integers(0, 2), max_size=12),
         salt=st.sampled_from([None, "tenant-b"]),
+        first_chunk=st.one_of(st.none(), st.integers(0, 24)),
     )
-    def allocate_prompt(self, prefix, suffix, salt) -> None:
-        """Prompts over a tiny vocabulary and shared prefixes, so prefix-cache hits happen."""
+    def allocate_prompt(self, prefix, suffix, salt, first_chunk) -> None:
+        """Prompts over a tiny vocabulary and shared prefixes, so prefix-cache hits happen.
+
+        With ``first_chunk`` (and a manager with ``commit``), a chunked prefill: only the first
+        ``first_chunk`` prompt tokens are computed in this step.
+        """
         tokens = list(prefix) + suffix or [0]
         seq_id = self.next_seq
+        computed = None if first_chunk is None or not self.chunked else min(first_chunk, len(tokens))
+        kwargs = dict(token_ids=tokens, cache_salt=salt)
+        if computed is not None:
+            kwargs["num_computed_tokens"] = computed
         if not self.mgr.can_allocate(token_ids=tokens, cache_salt=salt):
-            self._expect_out_of_pages(lambda: self.mgr.allocate(seq_id, token_ids=tokens, cache_salt=salt))
+            self._expect_out_of_pages(lambda: self.mgr.allocate(seq_id, **kwargs))
             return
-        cached, copies = self.mgr.allocate(seq_id, token_ids=tokens, cache_salt=salt)
+        cached, copies = self.mgr.allocate(seq_id, **kwargs)
         event("prefix cache hit" if cached else "prefix cache miss")
         self.next_seq += 1
         assert 0 <= cached < len(tokens) and cached % self.page_size in (0, self.page_size - 1)
         self._copy_pages(copies)
-        self.history[seq_id] = []
         self.prompt[seq_id] = (salt, ())
-        values = self._new_values(seq_id, tokens, len(tokens))
+        self.history[seq_id] = self._new_values(seq_id, tokens, len(tokens))
         table = self.mgr.page_table(seq_id)
         # the cached positions are not written: they must already hold this prompt's values
-        self.history[seq_id].extend(values[:cached])
-        self._write(seq_id, [self._slot(table, p) for p in range(cached, len(tokens))], values[cached:])
+        self.written[seq_id] = cached
+        written = len(tokens) if computed is None else max(computed, cached)
+        if written < len(tokens):
+            event("chunked prefill")
+            # NOTE: not computed yet, so these slots hold garbage: a poison value that no
+            # history holds, so that a hit on them fails the read-back check.
+            for pos in range(written, len(tokens)):
+                self.store[self._slot(table, pos)] = ("unwritten", seq_id, pos)
+        self._write_positions(seq_id, cached, written)
+
+    @precondition(lambda self: self.chunked and self._prefilling())
+    @rule(index=st.integers(0, 64), chunk=st.integers(1, 12))
+    def commit_prefill(self, index: int, chunk: int) -> None:
+        """The next chunk of a prefill: write its KV, then ``commit`` through its end."""
+        seq_id = self._pick(self._prefilling(), index)
+        stop = min(self.written[seq_id] + chunk, len(self.history[seq_id]))
+        self._write_positions(seq_id, self.written[seq_id], stop)
+        indexed = self.mgr.commit(seq_id, stop)
+        assert 0 <= indexed <= stop // self.page_size
+        if indexed:
+            event("commit indexed pages")
 
     @precondition(lambda self: self._resident())
     @rule(index=st.integers(0, 64), num_tokens=st.integers(1, 8), with_ids=st.booleans())
@@ -166,6 +222,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             return
         start = self.mgr.num_tokens(seq_id)
         token_ids = [(start + i) % 3 for i in range(num_tokens)] if with_ids and self.caching else None
+        self._finish_prefill(seq_id)  # an append commits the whole sequence
         copies = self.mgr.append(seq_id, num_tokens, token_ids=token_ids) if token_ids else self.mgr.append(seq_id, num_tokens)
         if copies:
             event("copy-on-write in append")
@@ -186,6 +243,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         except OutOfPages:
             assert self._state() == before, "a failed append_batch changed the manager"
             return
+        for seq_id in seq_ids:
+            self._finish_prefill(seq_id)  # an append commits the whole sequence
         self._copy_pages(plan.copies.tolist())
         slots = plan.slot_mapping.tolist()
         assert len(slots) == sum(counts)
@@ -194,14 +253,16 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self._write(seq_id, slots[offset : offset + n], self._new_values(seq_id, None, n))
             offset += n
 
-    @precondition(lambda self: self._resident() and len(self.history) < self.max_seqs)
+    @precondition(lambda self: self._done() and len(self.history) < self.max_seqs)
     @rule(index=st.integers(0, 64))
     def fork(self, index: int) -> None:
-        parent = self._pick(self._resident(), index)
+        # NOTE: only sequences whose prefill is done, as an engine forks (parallel sampling)
+        parent = self._pick(self._done(), index)
         child = self.next_seq
         self.next_seq += 1
         self.mgr.fork(parent, child)
         self.history[child] = list(self.history[parent])
+        self.written[child] = self.written[parent]
         self.prompt[child] = self.prompt[parent]
         assert self.mgr.page_table(child) == self.mgr.page_table(parent)
 
@@ -211,6 +272,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         seq_id = self._pick(sorted(self.history), index)
         self.mgr.free(seq_id)
         del self.history[seq_id]
+        del self.written[seq_id]
         self.prompt.pop(seq_id, None)
         self.swapped.discard(seq_id)
 
@@ -241,10 +303,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self._copy_pages(plan.copies.tolist(), self.cpu_store, self.store)
         self.swapped.difference_update(seq_ids)
 
-    @precondition(lambda self: hasattr(self.mgr, "release_window") and self._resident())
+    @precondition(lambda self: hasattr(self.mgr, "release_window") and self._done())
     @rule(index=st.integers(0, 64), window=st.integers(1, 12))
     def release_window(self, index: int, window: int) -> None:
-        seq_id = self._pick(self._resident(), index)
+        seq_id = self._pick(self._done(), index)
         self.mgr.release_window(seq_id, window)
         table = self.mgr.page_table(seq_id)
         history = self.history[seq_id]
@@ -266,6 +328,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         choices = ["free", "append", "fork_unknown", "allocate_existing", "fork_existing"]
         if self.swapped:
             choices.append("append_swapped")
+        if self.chunked:
+            choices += ["commit_unknown", "commit_swapped"] if self.swapped else ["commit_unknown"]
         choice = data.draw(st.sampled_from(choices))
         expected: type[PagedKVError] = UnknownSequence
         if choice == "free":
@@ -277,6 +341,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
         elif choice == "append_swapped":
             expected = SequenceSwapped
             call = lambda: self.mgr.append(min(self.swapped), 1)  # noqa: E731
+        elif choice == "commit_unknown":
+            call = lambda: self.mgr.commit(unknown, 0)  # noqa: E731
+        elif choice == "commit_swapped":
+            expected = SequenceSwapped
+            call = lambda: self.mgr.commit(min(self.swapped), 0)  # noqa: E731
         elif choice == "allocate_existing" and self.history:
             expected = SequenceExists
             call = lambda: self.mgr.allocate(min(self.history), 1)  # noqa: E731
@@ -298,6 +367,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for seq_id in list(self.history):
             self.mgr.free(seq_id)
         self.history.clear()
+        self.written.clear()
         self.prompt.clear()
         self.swapped.clear()
         assert self.mgr.num_free_pages == self.num_pages, "freeing every sequence leaked pages"
@@ -328,12 +398,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @invariant()
     def shadow_store_reads_back_each_history(self) -> None:
+        # NOTE: only written positions: the rest of a chunked prefill holds no KV yet.
         for seq_id, values in self.history.items():
             table = self.mgr.page_table(seq_id)
             store = self.cpu_store if seq_id in self.swapped else self.store
             assert self.mgr.num_tokens(seq_id) == len(values)
-            want = [v for v in values if v is not _RELEASED]
-            got = [store.get(self._slot(table, p)) for p, v in enumerate(values) if v is not _RELEASED]
+            written = range(self.written[seq_id])
+            want = [values[p] for p in written if values[p] is not _RELEASED]
+            got = [store.get(self._slot(table, p)) for p in written if values[p] is not _RELEASED]
             assert got == want, f"sequence {seq_id} reads back {got}, wrote {want}"
 
 
