@@ -273,6 +273,11 @@ def render(report: dict) -> str:
         if sharing:
             row += " " + ("-" if p["sharing_saving"] is None else f"{100 * p['sharing_saving']:6.1f}").rjust(6)
         lines.append(row)
+    for p in report["points"]:
+        if p["rejected"]:
+            reasons = ", ".join(f"{n:,} {why.replace('_', ' ')}" for why, n in sorted(p["rejected"].items()))
+            lines.append(f"note: {p['label']} rejected {sum(p['rejected'].values()):,} of {w['num_requests']:,} "
+                         f"requests ({reasons}); they are left out of its figures")
     lines += ["", "tokens/reserv/intern/extern: the Figure-2 breakdown of the pool (sums to 100%), averaged over "
               "steps with a non-empty queue (basis); util = tokens / allocated; usage = vLLM's KV-cache usage; "
               "tail = mean slots left unfilled at completion; hole = 1 - largest hole / free (static); "
