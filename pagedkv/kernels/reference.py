@@ -140,19 +140,13 @@ def paged_decode(
 ) -> torch.Tensor:
     """Decode attention; see ``kernels.paged_decode``. Returns ``[num_seqs, num_heads, head_dim]``.
 
-    The scale arguments are those of quantized pages (see ``gather_kv``).
+    Decode is prefill with one query token per sequence; the scale arguments are those of
+    quantized pages (see ``gather_kv``).
     """
-    scales = dict(k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache)
-    out = torch.empty_like(q) if out is None else out
-    for i, seq_len in enumerate(seq_lens.tolist()):
-        # NOTE: only keys the query may see are gathered, so pages released before the window
-        # (NULL_PAGE entries) are never touched.
-        start = max(seq_len - sliding_window, 0) if sliding_window else 0
-        keys, values = gather_kv(k_cache, v_cache, page_table[i], seq_len, start, **scales)
-        q_positions = torch.tensor([seq_len - 1], device=q.device)
-        out[i] = attend(q[i:i + 1], keys, values, q_positions, sm_scale=sm_scale, sliding_window=sliding_window,
-                        logits_soft_cap=logits_soft_cap, key_start=start)[0]
-    return out
+    qo_indptr = torch.arange(q.shape[0] + 1, device=q.device)
+    return paged_prefill(q, k_cache, v_cache, page_table, seq_lens, qo_indptr, sm_scale=sm_scale,
+                         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, out=out, k_scale=k_scale,
+                         v_scale=v_scale, k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache)
 
 
 def paged_prefill(
@@ -183,6 +177,8 @@ def paged_prefill(
         lo, hi = bounds[i], bounds[i + 1]
         if hi == lo:
             continue
+        # NOTE: only keys some query may see are gathered, so pages released before the window
+        # (NULL_PAGE entries) are never touched.
         start = max(seq_len - (hi - lo) - sliding_window + 1, 0) if sliding_window else 0
         keys, values = gather_kv(k_cache, v_cache, page_table[i], seq_len, start, **scales)
         q_positions = torch.arange(seq_len - (hi - lo), seq_len, device=q.device)
