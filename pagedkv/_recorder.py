@@ -15,12 +15,13 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from .errors import PagedKVError
+from .errors import InvalidTrace, PagedKVError
 
 FORMAT = "pagedkv-trace/1"
 
@@ -107,31 +108,93 @@ class ReplayResult(NamedTuple):
     divergence: Divergence | None
 
 
+#: Largest pool (GPU + CPU pages) a replay builds from a trace header: a forged header must not
+#: make ``pagedkv replay`` allocate tens of GB of page state.
+MAX_REPLAY_PAGES = 2**27
+#: Header fields of a trace and their bounds (what ``BlockManager`` accepts).
+_CONFIG = {"num_pages": (1, 2**31 - 1), "page_size": (1, 2**31 - 1), "watermark_pages": (0, 2**31 - 1),
+           "enable_prefix_caching": (0, 1), "num_cpu_pages": (0, 2**31 - 1), "hash_bits": (1, 64)}
+
+
+def _config(path, header) -> dict:
+    """The manager configuration of a trace header, checked (``InvalidTrace`` names the field)."""
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise InvalidTrace(str(path), 1, f"not a pagedkv trace (the first line must be a JSON object with "
+                           f"format {FORMAT!r}, as BlockManager(record=...) writes)")
+    cfg = header.get("config")
+    if not isinstance(cfg, dict):
+        raise InvalidTrace(str(path), 1, "the header has no config object")
+    for key, (lo, hi) in _CONFIG.items():
+        value = cfg.get(key)
+        if not isinstance(value, int) or not lo <= value <= hi:
+            raise InvalidTrace(str(path), 1, f"config field {key!r} must be an int in [{lo}, {hi}], got {value!r}")
+    if cfg["num_pages"] + cfg["num_cpu_pages"] > MAX_REPLAY_PAGES:
+        raise InvalidTrace(str(path), 1, f"config asks for {cfg['num_pages'] + cfg['num_cpu_pages']:,} pages; "
+                           f"replay builds at most {MAX_REPLAY_PAGES:,} (about 25 bytes of host memory each)")
+    if cfg["watermark_pages"] >= cfg["num_pages"]:
+        raise InvalidTrace(str(path), 1, f"config field 'watermark_pages' must be below num_pages, "
+                           f"got {cfg['watermark_pages']!r}")
+    return cfg
+
+
+def _record(path, line_no: int, line: str) -> tuple[str, list, object, object]:
+    """One call record ``[method, args, result]`` or ``[method, args, null, [error, message]]``."""
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        raise InvalidTrace(str(path), line_no, f"not JSON ({exc})") from None
+    if not isinstance(record, list) or len(record) not in (3, 4):
+        raise InvalidTrace(str(path), line_no, "a call record must be [method, args, result] or "
+                           "[method, args, null, [error, message]]")
+    method, args, expected = record[:3]
+    if method not in RECORDED or not isinstance(args, list):
+        raise InvalidTrace(str(path), line_no, f"unknown call {method!r} (or its arguments are not a list)")
+    error = record[3] if len(record) == 4 else None
+    if error is not None and not (isinstance(error, list) and len(error) == 2):
+        raise InvalidTrace(str(path), line_no, "the error of a call record must be [error type, message]")
+    return method, args, expected, error
+
+
 def replay(path, backend: str | None = None) -> ReplayResult:
-    """Re-execute a recorded trace against ``backend``; stop at the first divergence."""
+    """Re-execute a recorded trace against ``backend``; stop at the first divergence.
+
+    Raises:
+        InvalidTrace: the file is not a pagedkv trace (names the line and what is wrong).
+        OSError: the file cannot be read (missing, a directory, not gzip).
+    """
     from ._backend import implementation, resolve
 
-    with _open(path, "r") as f:
-        header = json.loads(f.readline())
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a pagedkv trace (first line must carry format {FORMAT!r})")
-        cfg = header["config"]
-        impl = implementation(resolve(backend))(
-            cfg["num_pages"], cfg["page_size"], cfg["watermark_pages"], cfg["enable_prefix_caching"],
-            cfg["num_cpu_pages"], cfg["hash_bits"],
-        )
-        count = 0
-        for index, line in enumerate(f):
-            method, args, expected, *error = json.loads(line)
-            call_args = [np.asarray(a, dtype=np.int64) if i in _ARRAY_ARGS.get(method, ()) and a is not None else a
-                         for i, a in enumerate(args)]
+    impl_class = implementation(resolve(backend))
+    try:
+        with _open(path, "r") as f:
+            header_line = f.readline()
             try:
-                got = _encode(getattr(impl, method)(*call_args))
-                got_error = None
-            except PagedKVError as exc:
-                got, got_error = None, [type(exc).__name__, str(exc)]
-            want_error = error[0] if error else None
-            if (got, got_error) != (expected, want_error):
-                return ReplayResult(index, Divergence(index, method, args, want_error or expected, got_error or got))
-            count += 1
+                header = json.loads(header_line) if header_line.strip() else None
+            except ValueError:
+                header = None
+            cfg = _config(path, header)
+            impl = impl_class(cfg["num_pages"], cfg["page_size"], cfg["watermark_pages"],
+                              bool(cfg["enable_prefix_caching"]), cfg["num_cpu_pages"], cfg["hash_bits"])
+            count = 0
+            for index, line in enumerate(f):
+                if not line.strip():
+                    continue
+                method, args, expected, error = _record(path, index + 2, line)
+                try:
+                    call_args = [np.asarray(a, dtype=np.int64) if i in _ARRAY_ARGS.get(method, ()) and a is not None
+                                 else a for i, a in enumerate(args)]
+                    got = _encode(getattr(impl, method)(*call_args))
+                    got_error = None
+                except PagedKVError as exc:
+                    got, got_error = None, [type(exc).__name__, str(exc)]
+                except (TypeError, ValueError, OverflowError, IndexError, KeyError, AttributeError) as exc:
+                    raise InvalidTrace(str(path), index + 2, f"the arguments of {method} are not ones "
+                                       f"BlockManager records ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+                if (got, got_error) != (expected, error):
+                    return ReplayResult(count, Divergence(count, method, args, error or expected, got_error or got))
+                count += 1
+    except UnicodeDecodeError as exc:
+        raise InvalidTrace(str(path), 0, f"not a text file (byte {exc.start} is not UTF-8)") from None
+    except (EOFError, zlib.error) as exc:
+        raise InvalidTrace(str(path), 0, f"a truncated or corrupt gzip file ({exc})") from None
     return ReplayResult(count, None)

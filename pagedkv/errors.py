@@ -140,6 +140,36 @@ class DuplicateSequence(InvalidArgument):
         return f"{self.name} names sequence {self.value!r} more than once; each id may appear once per call"
 
 
+class InvalidTrace(PagedKVError, ValueError):
+    """A file that should be a trace is not one: ``path``, the 1-based ``line`` (0: the whole
+    file) and what is wrong with it (``reason``)."""
+
+    def __init__(self, path: str, line: int, reason: str):
+        super().__init__(path, line, reason)
+        self.path = path
+        self.line = line
+        self.reason = reason
+
+    def __str__(self) -> str:
+        where = f"{self.path} line {self.line}" if self.line else str(self.path)
+        return f"{where}: {self.reason}"
+
+
+class MissingDependency(PagedKVError, ModuleNotFoundError):
+    """An optional dependency is not installed; names the extra that brings it."""
+
+    def __init__(self, module: str, feature: str, extra: str):
+        super().__init__(module, feature, extra)
+        self.module = module
+        self.feature = feature
+        self.extra = extra
+        self.name = module  # ModuleNotFoundError's own field
+
+    def __str__(self) -> str:
+        return (f"{self.feature} needs {self.module}, which is not installed; "
+                f"install it with: pip install 'pagedkv[{self.extra}]'")
+
+
 #: The detail of each broken invariant ``check_invariants`` reports, by key: (invariant name,
 #: format of the detail filled with the fields in order). Both backends build their
 #: InvariantViolation through ``InvariantViolation.of``, so each text is written once.

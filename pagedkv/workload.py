@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _validate as check
-from .errors import InvalidArgument, InvalidType
+from .errors import InvalidArgument, InvalidTrace, InvalidType
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +251,24 @@ def load_csv(path: str | PathLike, *, prompt_column: str | None = None, output_c
         OSError: the file cannot be read.
     """
     path = Path(path)
+    try:
+        prompts, outputs, times, skipped = _read_csv(path, prompt_column, output_column, arrival_column,
+                                                     skip_bad_rows)
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument("path", str(path), f"a UTF-8 text CSV file (byte {exc.start} is not UTF-8)") from None
+    except csv.Error as exc:
+        raise InvalidArgument("path", str(path), f"a CSV file ({exc})") from None
+    if not prompts:
+        raise InvalidArgument("path", str(path), f"a CSV with at least one usable request row ({skipped} skipped)")
+    t = np.asarray(times, dtype=np.float64)
+    order = np.argsort(t, kind="stable")
+    t = t[order] - t.min()
+    return Workload(path.name, np.asarray(prompts, dtype=np.int64)[order],
+                    np.asarray(outputs, dtype=np.int64)[order], t, skipped)
+
+
+def _read_csv(path: Path, prompt_column, output_column, arrival_column, skip_bad_rows: bool):
+    """(prompt lengths, output lengths, times, rows skipped) of a CSV trace."""
     with path.open(newline="", encoding="utf-8-sig") as f:  # NOTE: -sig drops a leading BOM
         reader = csv.reader(f)
         header = next(reader, None)
@@ -258,9 +276,9 @@ def load_csv(path: str | PathLike, *, prompt_column: str | None = None, output_c
             raise InvalidArgument("path", str(path), "a CSV file with a header row")
         header = [h.strip() for h in header]
         cols = {
-            "prompt_column": _column(header, prompt_column, PROMPT_COLUMNS, "prompt_column", True),
-            "output_column": _column(header, output_column, OUTPUT_COLUMNS, "output_column", True),
-            "arrival_column": _column(header, arrival_column, ARRIVAL_COLUMNS, "arrival_column", False),
+            "prompt_column": _column(path, header, prompt_column, PROMPT_COLUMNS, "prompt_column", True),
+            "output_column": _column(path, header, output_column, OUTPUT_COLUMNS, "output_column", True),
+            "arrival_column": _column(path, header, arrival_column, ARRIVAL_COLUMNS, "arrival_column", False),
         }
         ip, io, ia = cols["prompt_column"], cols["output_column"], cols["arrival_column"]
         prompts, outputs, times = [], [], []
@@ -280,29 +298,32 @@ def load_csv(path: str | PathLike, *, prompt_column: str | None = None, output_c
             prompts.append(p)
             outputs.append(o)
             times.append(t)
-    if not prompts:
-        raise InvalidArgument("path", str(path), f"a CSV with at least one usable request row ({skipped} skipped)")
-    t = np.asarray(times, dtype=np.float64)
-    order = np.argsort(t, kind="stable")
-    t = t[order] - t.min()
-    return Workload(path.name, np.asarray(prompts, dtype=np.int64)[order],
-                    np.asarray(outputs, dtype=np.int64)[order], t, skipped)
+    return prompts, outputs, times, skipped
 
 
-def _column(header: list[str], name: str | None, known: tuple[str, ...], arg: str, required: bool) -> int | None:
+def _column(path: Path, header: list[str], name: str | None, known: tuple[str, ...], arg: str,
+            required: bool) -> int | None:
     lower = [h.lower() for h in header]
     if name is not None:
         if not isinstance(name, str):
             raise InvalidType(arg, name, "a column name")
         if name.lower() in lower:
             return lower.index(name.lower())
-        raise InvalidArgument(arg, name, f"one of the CSV columns {header}")
+        raise InvalidArgument(arg, name, f"one of the CSV columns {_columns(header)}")
     for candidate in known:
         if candidate.lower() in lower:
             return lower.index(candidate.lower())
     if required:
-        raise InvalidArgument(arg, None, f"a column name: none of {known} is in the CSV columns {header}")
+        what = arg.removesuffix("_column")
+        raise InvalidTrace(str(path), 1, f"no {what} length column among its columns {_columns(header)} (known "
+                           f"names: {', '.join(known)}); name it with {arg}= (--{what}-column on the command line)")
     return None
+
+
+def _columns(header: list[str]) -> str:
+    """The header as a short list for messages (a binary file's 'header' can be huge)."""
+    shown = [h if len(h) <= 40 else h[:37] + "..." for h in header[:8]]
+    return repr(shown)[:-1] + (f", ... {len(header) - 8} more]" if len(header) > 8 else "]")
 
 
 def _cell(row: list[str], index: int, header: list[str], path: Path, line: int) -> str:

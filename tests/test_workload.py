@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pagedkv import InvalidArgument
+from pagedkv.errors import InvalidTrace
 from pagedkv import workload as wl
 
 AZURE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "azure_llm_inference_2023_conv.csv"
@@ -95,15 +96,27 @@ def test_csv_bad_rows_name_the_row_or_are_skipped(tmp_path, row, what):
 
 def test_csv_missing_columns_and_empty_files(tmp_path):
     path = write(tmp_path, "a,b\n1,2\n")
-    with pytest.raises(InvalidArgument, match="prompt_column") as info:
+    with pytest.raises(InvalidTrace, match="prompt_column") as info:
         wl.load_csv(path)
-    assert "['a', 'b']" in str(info.value)
+    assert "['a', 'b']" in str(info.value) and "line 1" in str(info.value)
     with pytest.raises(InvalidArgument, match="output_column"):
         wl.load_csv(path, prompt_column="a", output_column="c")
     with pytest.raises(InvalidArgument, match="header"):
         wl.load_csv(write(tmp_path, ""))
     with pytest.raises(InvalidArgument, match="usable"):
         wl.load_csv(write(tmp_path, "prompt_len,output_len\nx,y\n"), skip_bad_rows=True)
+
+
+def test_csv_that_is_not_utf8_text_is_a_typed_error(tmp_path):
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("prompt_len,output_len\n\xe9,3\n".encode("latin-1"))
+    with pytest.raises(InvalidArgument, match="UTF-8") as info:
+        wl.load_csv(latin1)
+    assert info.value.name == "path"
+    nul = tmp_path / "nul.csv"
+    nul.write_bytes(b"prompt_len,output_len\n1\x00,2\n")
+    with pytest.raises(InvalidArgument, match="line 2"):
+        wl.load_csv(nul)
 
 
 @pytest.mark.skipif(not AZURE.exists(), reason="Azure trace not present at ../shared/traces")

@@ -21,7 +21,10 @@ import time
 from pathlib import Path
 
 from .. import _validate as check
-from ..errors import InvalidArgument, PagedKVError
+from ..errors import InvalidArgument
+
+#: Internal argument names that errors may carry -> the flag (``pagedkv.cli`` renames them).
+ARGUMENT_FLAGS = {"path": "--trace", "num_slots": "--slots"}
 
 DEFAULT_PAGE_SIZES = (1, 8, 16, 32, 64, 128, 256)
 DEFAULT_POLICIES = ("max", "pow2", "oracle")
@@ -29,6 +32,12 @@ DEFAULT_SLOTS = 15_700
 DEFAULT_MAX_LEN = 2048
 DEFAULT_NUM_REQUESTS = 1000
 POLICY_LABELS = {"max": "Max", "pow2": "Pow2", "oracle": "Oracle"}
+# NOTE: bounds on what one run may ask of the host, so a typo ("--slots 2147483647") is an error
+# instead of tens of GB of page state or a day of simulation. Each paged point's BlockManager
+# takes about 25 bytes per page: 2**25 pages are 0.8 GB.
+MAX_PAGES = 2**25
+MAX_REQUESTS = 10_000_000
+MAX_PARALLEL_SAMPLES = 1024
 
 
 def _int_list(text: str) -> list[int]:
@@ -91,26 +100,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the sweep. Returns 0, or 2 after printing a typed error to stderr."""
-    try:
-        report = sweep(args)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "frag.json").write_text(json.dumps(report, indent=2) + "\n")
-        if args.json:
-            print(json.dumps(report, indent=2), flush=True)
-        else:
-            print(render(report), flush=True)
-        written = [out / "frag.json"]
-        if not args.no_plot:
-            from ..plot import plot_frag
+    """Run the sweep. Returns 0; bad input raises a typed error (``pagedkv.cli`` prints it as
+    one line naming the flag and exits 2)."""
+    report = sweep(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "frag.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=2), flush=True)
+    else:
+        print(render(report), flush=True)
+    written = [out / "frag.json"]
+    if not args.no_plot:
+        from ..plot import plot_frag
 
-            written.append(plot_frag(report, out / "frag.png"))
-        print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
-        return 0
-    except (PagedKVError, OSError) as exc:
-        print(f"pagedkv frag: error: {exc}", file=sys.stderr)
-        return 2
+        written.append(plot_frag(report, out / "frag.png"))
+    print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
+    return 0
 
 
 def load_workload(args: argparse.Namespace):
@@ -190,7 +196,9 @@ def sweep(args: argparse.Namespace) -> dict:
     if not policies and not page_sizes:
         raise InvalidArgument("--page-sizes/--policies", "nothing", "at least one configuration to simulate")
     max_len = check.count("--max-len", args.max_len)
-    n = check.count("--parallel-samples", args.parallel_samples)
+    n = check.as_int("--parallel-samples", args.parallel_samples, 1, MAX_PARALLEL_SAMPLES)
+    if args.num_requests is not None:
+        check.as_int("--num-requests", args.num_requests, 1, MAX_REQUESTS)
     step_time = DEFAULT_STEP_TIME if args.step_time is None else args.step_time
     work = load_workload(args)
     budget = resolve_budget(args)
@@ -198,6 +206,10 @@ def sweep(args: argparse.Namespace) -> dict:
     for ps in page_sizes:
         if budget["pages"](ps) < 1:
             raise InvalidArgument("--page-sizes", ps, f"at most the budget of {C} slots")
+        if budget["pages"](ps) > MAX_PAGES:
+            raise InvalidArgument("--page-sizes", ps, f"a page size that splits the {C:,} slots into at most "
+                                  f"{MAX_PAGES:,} pages (the simulator's bound on host memory); use larger pages "
+                                  "or fewer --slots")
 
     configs = [("static", p) for p in policies] + [("paged", ps) for ps in page_sizes]
     bar = _progress(len(configs) * len(work))

@@ -27,7 +27,7 @@ import sys
 from fractions import Fraction
 
 from .. import _validate as check
-from ..errors import InvalidArgument, PagedKVError
+from ..errors import InvalidArgument
 from ..spec import (
     GPU_PRESETS,
     KV_SCALES,
@@ -46,6 +46,9 @@ from ..spec import (
     text_config,
     weights_bytes,
 )
+
+#: Internal argument names that errors may carry -> the flag (``pagedkv.cli`` renames them).
+ARGUMENT_FLAGS = {"path_or_dict": "--config", "num_params": "--params"}
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_CONTEXTS = tuple(k * 1024 for k in (1, 4, 8, 16, 32, 64, 128))
@@ -83,15 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the sizing report. Returns 0, or 2 after printing a typed error to stderr."""
-    try:
-        if args.list:
-            print(render_presets())
-            return 0
-        report = build_report(args)
-    except PagedKVError as exc:
-        print(f"pagedkv size: error: {exc}", file=sys.stderr)
-        return 2
+    """Print the sizing report. Returns 0; bad input raises a typed error (``pagedkv.cli``
+    prints it as one line naming the flag and exits 2)."""
+    if args.list:
+        print(render_presets())
+        return 0
+    report = build_report(args)
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     return 0
 
