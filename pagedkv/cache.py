@@ -25,13 +25,15 @@ import numbers
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+from ._optional import require
 
-from . import _validate as check
-from .block_manager import CSR, PageTables
-from .errors import InvalidArgument, InvalidType
-from .kernels import _common as common
-from .kernels import quant
+torch = require("torch", __name__)
+
+from . import _validate as check  # noqa: E402
+from .block_manager import CSR, PageTables  # noqa: E402
+from .errors import InvalidArgument, InvalidType  # noqa: E402
+from .kernels import _common as common  # noqa: E402
+from .kernels import quant  # noqa: E402
 
 _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import BackendUnavailable
+from ._optional import require
 
 #: Colours of the four breakdown parts (colour-blind safe: Okabe-Ito).
 COLORS = {"token_states": "#0072B2", "reserved": "#E69F00", "internal": "#D55E00", "external": "#999999"}
@@ -16,15 +16,9 @@ NAMES = {"token_states": "token states", "reserved": "reserved", "internal": "in
 
 
 def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise BackendUnavailable("matplotlib", "it is needed to draw the plot: pip install 'pagedkv[plot]', "
-                                 "or pass --no-plot") from None
-    return plt
+    matplotlib = require("matplotlib", "drawing the plot (or pass --no-plot)")
+    matplotlib.use("Agg")
+    return require("matplotlib.pyplot", "drawing the plot (or pass --no-plot)")
 
 
 def plot_frag(report: dict, path: str | Path) -> Path:

@@ -14,10 +14,12 @@ import functools
 import math
 from typing import NamedTuple
 
-import torch
+from .._optional import require
 
-from ..errors import InvalidArgument, InvalidType
-from . import quant
+torch = require("torch", __name__)
+
+from ..errors import InvalidArgument, InvalidType  # noqa: E402
+from . import quant  # noqa: E402
 
 #: Floating dtypes the KV cache and the attention kernels accept.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -9,12 +9,14 @@ Imports torch and triton; ``pagedkv/__init__.py`` never imports this module.
 
 from __future__ import annotations
 
-import torch
-import triton
-import triton.language as tl
+from .._optional import require
 
-from ..errors import InvalidArgument
-from . import _common as common
+torch = require("torch", __name__)
+triton = require("triton", __name__)
+tl = require("triton.language", __name__)
+
+from ..errors import InvalidArgument  # noqa: E402
+from . import _common as common  # noqa: E402
 
 #: Elements each program copies per loop iteration.
 _BLOCK = 2048

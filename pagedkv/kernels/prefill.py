@@ -12,13 +12,15 @@ Imports torch and triton; ``pagedkv/__init__.py`` never imports this module.
 
 from __future__ import annotations
 
-import torch
-import triton
-import triton.language as tl
+from .._optional import require
 
-from ..errors import InvalidArgument
-from . import _common as common
-from .decode import soft_cap
+torch = require("torch", __name__)
+triton = require("triton", __name__)
+tl = require("triton.language", __name__)
+
+from ..errors import InvalidArgument  # noqa: E402
+from . import _common as common  # noqa: E402
+from .decode import soft_cap  # noqa: E402
 
 
 @triton.jit

@@ -30,9 +30,11 @@ from __future__ import annotations
 import numbers
 from typing import NamedTuple
 
-import torch
+from .._optional import require
 
-from ..errors import InvalidArgument, InvalidType
+torch = require("torch", __name__)
+
+from ..errors import InvalidArgument, InvalidType  # noqa: E402
 
 
 class KVFormat(NamedTuple):

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import math
 
-import torch
+from .._optional import require
 
-from . import quant
+torch = require("torch", __name__)
+
+from . import quant  # noqa: E402
 
 
 def write_kv(

@@ -8,12 +8,14 @@ Imports torch and triton; ``pagedkv/__init__.py`` never imports this module.
 
 from __future__ import annotations
 
-import torch
-import triton
-import triton.language as tl
+from .._optional import require
 
-from . import _common as common
-from . import quant
+torch = require("torch", __name__)
+triton = require("triton", __name__)
+tl = require("triton.language", __name__)
+
+from . import _common as common  # noqa: E402
+from . import quant  # noqa: E402
 
 #: ``1.5 * 2**23``: adding and subtracting it rounds an fp32 of magnitude < 2**22 to an integer,
 #: ties to even (fp32 addition rounds to nearest even).

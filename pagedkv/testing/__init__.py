@@ -1,4 +1,4 @@
-"""Property-testing tools for block managers, shipped to users (requires ``hypothesis``).
+"""Property-testing tools for block managers, shipped to users (requires ``hypothesis``: ``pip install 'pagedkv[testing]'``).
 
 A user's test of their own engine's allocator is three lines::
 
@@ -12,8 +12,12 @@ store that catches copy-on-write and slot-mapping bugs. ``import pagedkv`` never
 package (nor hypothesis).
 """
 
-from .machine import BlockManagerMachine, block_manager_machine
-from .strategies import block_manager_configs, operations, token_counts
+from .._optional import require
+
+require("hypothesis", "pagedkv.testing")  # NOTE: before the submodules, for the message naming [testing]
+
+from .machine import BlockManagerMachine  # noqa: E402, block_manager_machine
+from .strategies import block_manager_configs, operations, token_counts  # noqa: E402
 
 __all__ = [
     "BlockManagerMachine",
