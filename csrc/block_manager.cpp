@@ -637,7 +637,8 @@ Failure BlockManager::page_tables(const int64_t* seq_ids, size_t n, int64_t max_
   }
   for (size_t i = 0; i < n; ++i) {
     const int64_t tokens = seqs_[batch_slots_[i]].num_tokens;
-    if (tokens > std::numeric_limits<int32_t>::max()) return fail(Status::int32_overflow, tokens);
+    if (tokens > std::numeric_limits<int32_t>::max())
+      return fail(Status::int32_overflow, seq_ids[i], tokens);
   }
   if (width > 0 && n > std::numeric_limits<size_t>::max() / 4 / static_cast<size_t>(width))
     throw std::bad_alloc();

@@ -33,7 +33,7 @@ enum class Status : int32_t {
   sequence_exists = 3,     // values: seq_id
   duplicate_sequence = 4,  // values: seq_id (argument: seq_ids)
   invalid_argument = 5,    // argument names which one; values depend on it (see Arg)
-  int32_overflow = 6,      // values: the value that does not fit an int32 output
+  int32_overflow = 6,      // values: seq_id, its num_tokens (beyond an int32 seq_lens)
   invariant_violation = 7, // invariant names which one; values depend on it (see Invariant)
   sequence_swapped = 8,    // values: seq_id, on_cpu (1 when swapped out, 0 when on the GPU)
 };

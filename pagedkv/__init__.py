@@ -20,12 +20,15 @@ from .errors import (
     DuplicateSequence,
     InvalidArgument,
     InvalidType,
+    InvalidTrace,
     InvariantViolation,
+    MissingDependency,
     NoContiguousSpace,
     OutOfPages,
     PagedKVError,
     SequenceExists,
     SequenceSwapped,
+    SequenceTooLong,
     UnknownSequence,
 )
 from .simulate import SimResult, simulate
@@ -97,5 +100,8 @@ __all__ = [
     "InvalidType",
     "InvariantViolation",
     "BackendUnavailable",
+    "InvalidTrace",
+    "MissingDependency",
+    "SequenceTooLong",
     "backend",
 ]

@@ -20,7 +20,7 @@ import numpy as np
 from . import _core
 from . import _validate as check
 from .errors import DuplicateSequence, InvariantViolation, OutOfPages, PagedKVError
-from .errors import SequenceExists, SequenceSwapped, UnknownSequence, invalid_argument
+from .errors import SequenceExists, SequenceSwapped, SequenceTooLong, UnknownSequence, invalid_argument
 
 _Failure = _core.Failure
 _STATUS = _core.STATUS
@@ -67,7 +67,7 @@ def _invalid_argument(argument: str, values: tuple[int, ...]) -> Exception:
         "seq_id": lambda: check.seq_id(v),
         "child_id": lambda: check.seq_id(v, "child_id"),
         "page_id": lambda: check.as_int("page_id", v, 0, values[1] - 1),
-        "start_range": lambda: check.as_int("start", v, 0, check.MAX_COUNT),
+        "start_range": lambda: check.as_int("start", v, 0, check.MAX_SEQ_ID),
         "max_pages_range": lambda: check.as_int("max_pages", v, 0, check.MAX_COUNT),
         "token_ids": lambda: check.int_array("token_ids", np.array([v], dtype=np.int64), 0, check.MAX_TOKEN_ID),
         "window": lambda: check.count("window", v),
@@ -108,12 +108,7 @@ def _error(failure) -> Exception:
     if status == _STATUS["invalid_argument"]:
         return _invalid_argument(_ARGUMENT[failure.argument], values)
     if status == _STATUS["int32_overflow"]:
-        # NOTE: the reference builds seq_lens with np.array(..., dtype=np.int32), which raises
-        # numpy's OverflowError; let numpy raise its own for the same value.
-        try:
-            np.array([values[0]], dtype=np.int32)
-        except OverflowError as exc:
-            return exc
+        return SequenceTooLong(values[0], values[1])
     if status == _STATUS["invariant_violation"]:
         return _invariant_violation(_INVARIANT[failure.invariant], values)
     return InvariantViolation("backend_failure", f"pagedkv._core returned {failure!r}")

@@ -29,10 +29,12 @@ import numpy as np
 
 from ._hashing import page_hash
 from .errors import DuplicateSequence, InvariantViolation, OutOfPages
-from .errors import SequenceExists, SequenceSwapped, UnknownSequence, invalid_argument
+from .errors import SequenceExists, SequenceSwapped, SequenceTooLong, UnknownSequence, invalid_argument
 
 #: Page id written in padded page-table entries and in entries released by a sliding window.
 NULL_PAGE = -1
+#: Largest value of an int32 output (``seq_lens`` of ``page_tables``).
+INT32_MAX = 2**31 - 1
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -387,11 +389,14 @@ class ReferenceBlockManager:
             if max_pages < width:
                 raise invalid_argument("max_pages", max_pages, "max_pages", width)
             width = max_pages
+        lens = [self._num_tokens[s] for s in seq_ids]
+        for s, n in zip(seq_ids, lens):
+            if n > INT32_MAX:
+                raise SequenceTooLong(s, n)
         pad = array("i", [NULL_PAGE]) * width
         rows = b"".join(t.tobytes() + pad[len(t):].tobytes() for t in tables)
         out = np.frombuffer(rows, dtype=np.int32).reshape(len(tables), width).copy()
-        seq_lens = np.array([self._num_tokens[s] for s in seq_ids], dtype=np.int32)
-        return out, seq_lens
+        return out, np.array(lens, dtype=np.int32)
 
     def csr(self, seq_ids: np.ndarray):
         seq_ids = seq_ids.tolist()

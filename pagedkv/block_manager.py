@@ -20,18 +20,34 @@ from ._hashing import salt_hash
 from .errors import InvalidArgument, InvalidType, invalid_argument
 
 
+#: Most entries ``page_tables`` builds in one ``[batch_size, max_pages]`` int32 table (1 GiB).
+MAX_TABLE_ENTRIES = 2**28
+
+
 class Allocation(NamedTuple):
     """Result of ``allocate``.
 
     Attributes:
         num_cached_tokens: prompt tokens whose KV is already in the cache (prefix-cache hit);
             the engine computes only positions ``[num_cached_tokens, num_tokens)``.
-        copies: (src_page, dst_page) copies to execute before writing (a hit that ends inside a
-            page copies that page rather than sharing it).
+        copies: int32 ``[num_copies, 2]``; (src_page, dst_page) copies to execute before writing
+            (a whole-prompt hit copies its last page rather than sharing it). The same type as
+            ``StepPlan.copies``, ``SwapPlan.copies`` and what ``append`` returns.
     """
 
     num_cached_tokens: int
-    copies: list
+    copies: np.ndarray
+
+
+_NO_COPIES = np.zeros((0, 2), dtype=np.int32)
+_NO_COPIES.flags.writeable = False
+
+
+def _copy_plan(pairs) -> np.ndarray:
+    """A backend's list of (src_page, dst_page) pairs as the int32 ``[K, 2]`` array callers get."""
+    if not len(pairs):
+        return _NO_COPIES
+    return np.array(pairs, dtype=np.int32).reshape(-1, 2)
 
 
 class SwapPlan(NamedTuple):
@@ -219,7 +235,13 @@ class BlockManager:
         )
 
     def __contains__(self, seq_id: object) -> bool:
-        return self._impl.has_sequence(check.seq_id(seq_id))
+        """Whether ``seq_id`` is live (on the GPU or swapped out); False for anything that is
+        not a valid sequence id, as for any container."""
+        try:
+            seq_id = check.seq_id(seq_id)
+        except (InvalidArgument, InvalidType):
+            return False
+        return self._impl.has_sequence(seq_id)
 
     def usage(self) -> float:
         """Fraction of pages not on the free list, in ``[0, 1]`` (vLLM's KV-cache usage)."""
@@ -301,7 +323,8 @@ class BlockManager:
         num_tokens, tokens, salt = self._prompt(num_tokens, token_ids, cache_salt)
         if num_computed_tokens is not None:
             num_computed_tokens = check.as_int("num_computed_tokens", num_computed_tokens, 0, num_tokens)
-        return Allocation(*self._impl.allocate(seq_id, num_tokens, tokens, salt, num_computed_tokens))
+        cached, copies = self._impl.allocate(seq_id, num_tokens, tokens, salt, num_computed_tokens)
+        return Allocation(cached, _copy_plan(copies))
 
     def commit(self, seq_id: int, num_computed_tokens: int) -> int:
         """Report that the first ``num_computed_tokens`` tokens of ``seq_id`` have their KV written.
@@ -340,7 +363,7 @@ class BlockManager:
         """Whether ``append(seq_id, num_tokens)`` would succeed now (copy-on-write included)."""
         return self._impl.can_append(check.seq_id(seq_id), check.count("num_tokens", num_tokens))
 
-    def append(self, seq_id: int, num_tokens: int | None = None, *, token_ids=None) -> list[tuple[int, int]]:
+    def append(self, seq_id: int, num_tokens: int | None = None, *, token_ids=None) -> np.ndarray:
         """Grow ``seq_id`` by ``num_tokens`` tokens (default 1, or ``len(token_ids)``).
 
         Args:
@@ -350,14 +373,15 @@ class BlockManager:
                 KV, and everything before it, is written in this step.
 
         Returns:
-            Copy-on-write copies ``[(src_page, dst_page)]`` the cache must execute before writing
-            the new tokens: non-empty when the last page was shared and partly filled.
+            int32 ``[num_copies, 2]``: the (src_page, dst_page) copy-on-write copies the cache
+            must execute before writing the new tokens; one row when the last page was shared
+            and partly filled, else none.
 
         Raises:
             UnknownSequence, SequenceSwapped, OutOfPages.
         """
         seq_id = check.seq_id(seq_id)
-        return self._impl.append(seq_id, *self._appended(num_tokens, token_ids))
+        return _copy_plan(self._impl.append(seq_id, *self._appended(num_tokens, token_ids)))
 
     def append_batch(self, seq_ids, num_tokens=1, *, token_ids=None) -> StepPlan:
         """Grow every sequence of a decode or chunked-prefill step, all or nothing.
@@ -456,8 +480,9 @@ class BlockManager:
             int64 ``[stop - start]``. Use it for the prompt tokens of a new sequence.
         """
         seq_id = check.seq_id(seq_id)
-        stop = self._impl.num_tokens(seq_id) if stop is None else check.as_int("stop", stop, 0, check.MAX_COUNT)
-        return self._impl.slots(seq_id, check.as_int("start", start, 0, check.MAX_COUNT), stop)
+        # NOTE: positions are int64, like num_tokens: a windowed sequence may pass 2**31 tokens.
+        stop = self._impl.num_tokens(seq_id) if stop is None else check.as_int("stop", stop, 0, check.MAX_SEQ_ID)
+        return self._impl.slots(seq_id, check.as_int("start", start, 0, check.MAX_SEQ_ID), stop)
 
     def page_tables(self, seq_ids, max_pages: int | None = None) -> PageTables:
         """Padded page tables of a batch.
@@ -468,10 +493,19 @@ class BlockManager:
 
         Returns:
             ``PageTables(page_table int32 [B, max_pages], seq_lens int32 [B])``.
+
+        Raises:
+            InvalidArgument: ``max_pages`` below the longest table, or so large that the table
+                would pass ``MAX_TABLE_ENTRIES`` entries.
+            SequenceTooLong: a sequence holds more than 2**31 - 1 tokens (int32 ``seq_lens``).
         """
+        ids = check.seq_ids(seq_ids)
         if max_pages is not None:
             max_pages = check.as_int("max_pages", max_pages, 0, check.MAX_COUNT)
-        return PageTables(*self._impl.page_tables(check.seq_ids(seq_ids), max_pages))
+            if ids.shape[0] * max_pages > MAX_TABLE_ENTRIES:
+                raise invalid_argument("max_pages", max_pages, "max_pages_size", MAX_TABLE_ENTRIES // ids.shape[0],
+                                       ids.shape[0], MAX_TABLE_ENTRIES)
+        return PageTables(*self._impl.page_tables(ids, max_pages))
 
     def csr(self, seq_ids) -> CSR:
         """FlashInfer's ``(indptr, indices, last_page_len)`` for a batch (int32 arrays)."""
@@ -512,8 +546,10 @@ class BlockManager:
         """A manager with as many pages as ``budget_bytes`` of KV cache holds.
 
         Args:
-            spec: ``pagedkv.spec.KVCacheSpec`` of the model (one page = ``page_size`` tokens of
-                K and V in every layer, ``spec.page_bytes(page_size)`` bytes).
+            spec: the model's KV shape: a ``pagedkv.spec.KVCacheSpec``, a ``ModelPreset``, a
+                preset name (``"llama-3-8b"``), or a Hugging Face ``config.json`` path or dict
+                (see ``pagedkv.spec.as_kv_spec``). One page is ``page_size`` tokens of K and V
+                in every layer, ``spec.page_bytes(page_size)`` bytes.
             budget_bytes: bytes for the KV cache, e.g. ``pagedkv.spec.gpu_budget_bytes(0.9)``
                 (a fraction of the GPU's free memory) or ``kv_budget_bytes(...)``.
             page_size: tokens per page.

@@ -158,8 +158,16 @@ class PagedKVCache:
             self.device = torch.device(device)
         except (RuntimeError, TypeError):
             raise InvalidArgument("device", device, "a torch device such as 'cuda', 'cuda:1' or 'cpu'") from None
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise InvalidArgument("device", device, "a device this machine has: torch.cuda.is_available() is "
+                                      f"False (no CUDA GPU, or torch {torch.__version__} is a CPU build); "
+                                      "use device='cpu' or leave it None")
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            elif self.device.index >= torch.cuda.device_count():
+                raise InvalidArgument("device", device, f"one of the {torch.cuda.device_count()} CUDA devices "
+                                      "(cuda:0 ...)")
         if backend is None:
             backend = "triton" if self.device.type == "cuda" else "torch"
         if backend not in _BACKENDS:

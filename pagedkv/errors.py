@@ -100,6 +100,19 @@ class SequenceSwapped(PagedKVError, ValueError):
         return f"sequence {self.seq_id!r} is on the GPU, not swapped out; only swapped-out sequences can be swapped in"
 
 
+class SequenceTooLong(PagedKVError, OverflowError):
+    """A sequence holds more tokens than an int32 ``seq_lens`` entry can say (``page_tables``)."""
+
+    def __init__(self, seq_id: int, num_tokens: int):
+        super().__init__(seq_id, num_tokens)
+        self.seq_id = seq_id
+        self.num_tokens = num_tokens
+
+    def __str__(self) -> str:
+        return (f"sequence {self.seq_id!r} holds {self.num_tokens} tokens, more than the 2147483647 an int32 "
+                "seq_lens entry (the kernels' metadata) holds; split it or use slots() and csr()")
+
+
 class _ArgumentError(PagedKVError):
     """Fields shared by the bad-argument errors: ``name``, ``value`` and ``expected``."""
 
@@ -202,6 +215,8 @@ EXPECTED: dict[str, str] = {
     "start": "at most stop = {0}",
     "start_released": "a position whose page was not released by the window",
     "max_pages": "at least the longest page table ({0} pages)",
+    "max_pages_size": "at most {0} for {1} sequences (a [batch_size, max_pages] int32 table holds at most "
+                      "{2:,} entries)",
     "num_tokens_len": "len(token_ids) = {0}",
     "token_ids_len": "one token id per new token ({0})",
     "token_ids_sum": "sum(num_tokens) = {0}",

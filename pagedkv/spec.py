@@ -420,18 +420,47 @@ def kv_budget_bytes(memory_bytes: int, weights_bytes: int = 0, mem_fraction: flo
     return math.floor(fraction * memory_bytes) - weights_bytes - reserve_bytes
 
 
-def num_pages_for_budget(spec: KVCacheSpec, budget_bytes: int, page_size: int) -> int:
+def as_kv_spec(value, name: str = "spec") -> KVCacheSpec:
+    """A ``KVCacheSpec`` from what a user has at hand.
+
+    Args:
+        value: a ``KVCacheSpec``; a ``ModelPreset`` (its ``spec``); a preset name such as
+            ``"llama-3-8b"`` or a Hugging Face id of one; a Hugging Face ``config.json`` path,
+            its model directory, or the parsed dict.
+
+    Raises:
+        InvalidType: none of these. InvalidArgument: an unknown preset name or a bad config.
+    """
+    if isinstance(value, KVCacheSpec):
+        return value
+    if isinstance(value, ModelPreset):
+        return value.spec
+    if isinstance(value, Mapping):
+        return KVCacheSpec.from_hf_config(value)
+    if isinstance(value, (str, os.PathLike)):
+        if os.path.exists(os.fspath(value)):
+            return KVCacheSpec.from_hf_config(value)
+        if isinstance(value, str):
+            return model_preset(value).spec
+    raise InvalidType(name, value, "a KVCacheSpec, a ModelPreset, a preset name, or a Hugging Face config.json "
+                      "path or dict (KVCacheSpec.from_hf_config)")
+
+
+def num_pages_for_budget(spec, budget_bytes: int, page_size: int) -> int:
     """Pages of ``page_size`` tokens (all layers, K and V) that fit in ``budget_bytes``.
+
+    Args:
+        spec: anything ``as_kv_spec`` takes: a ``KVCacheSpec``, a ``ModelPreset``, a preset
+            name, or a Hugging Face config path or dict.
 
     Returns:
         ``budget_bytes // spec.page_bytes(page_size)`` (>= 1).
 
     Raises:
-        InvalidType: ``spec`` is not a KVCacheSpec.
-        InvalidArgument: the budget holds less than one page.
+        InvalidType: ``spec`` is none of those.
+        InvalidArgument: the budget holds less than one page, an unknown preset, a bad config.
     """
-    if not isinstance(spec, KVCacheSpec):
-        raise InvalidType("spec", spec, "a KVCacheSpec")
+    spec = as_kv_spec(spec)
     page = spec.page_bytes(page_size)
     budget_bytes = check.as_int("budget_bytes", budget_bytes, 0, 2**62)
     if budget_bytes < page:

@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import numpy as np
 
 from . import _validate as check
-from .block_manager import Allocation, StepPlan
+from .block_manager import _NO_COPIES, Allocation, StepPlan
 from .errors import DuplicateSequence, InvalidArgument, InvariantViolation, NoContiguousSpace
 from .errors import SequenceExists, UnknownSequence
 
@@ -229,7 +229,7 @@ class StaticAllocator:
                 ``num_tokens``. Used by ``pow2`` and ``oracle``; at most ``max_len`` when set.
 
         Returns:
-            ``Allocation(0, [])``, as ``BlockManager``: no prefix cache, nothing to copy.
+            ``Allocation(0, int32 [0, 2] copies)``, as ``BlockManager``: no prefix cache, nothing to copy.
 
         Raises:
             SequenceExists: ``seq_id`` is live.
@@ -250,21 +250,21 @@ class StaticAllocator:
         self._regions[seq_id] = [start, size, block, num_tokens]
         self._num_reserved += size
         self._num_blocked += block
-        return Allocation(0, [])
+        return Allocation(0, _NO_COPIES)
 
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
         """Whether ``append(seq_id, num_tokens)`` would succeed now."""
         region = self._region(check.seq_id(seq_id))
         return self._growth(region, check.count("num_tokens", num_tokens)) is not None
 
-    def append(self, seq_id: int, num_tokens: int = 1) -> list[tuple[int, int]]:
+    def append(self, seq_id: int, num_tokens: int = 1) -> np.ndarray:
         """Store ``num_tokens`` more tokens of ``seq_id`` in its region.
 
         A region that is full grows in place into the hole right after it (first/best fit) or
         into the rest of its buddy block; regions never move.
 
         Returns:
-            ``[]``: contiguous regions are never shared, so there is nothing to copy.
+            int32 ``[0, 2]``: contiguous regions are never shared, so there is nothing to copy.
 
         Raises:
             UnknownSequence. NoContiguousSpace (an OutOfPages): the region is full and cannot grow in place.
@@ -276,7 +276,7 @@ class StaticAllocator:
             raise NoContiguousSpace(region[3] + num_tokens - region[1], self._room_after(region),
                                     self._num_slots, self.num_free_slots)
         self._grow(region, num_tokens, extra)
-        return []
+        return _NO_COPIES
 
     def append_batch(self, seq_ids, num_tokens=1) -> StepPlan:
         """Grow every sequence of a step, all or nothing (see ``BlockManager.append_batch``).

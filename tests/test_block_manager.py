@@ -21,7 +21,8 @@ from pagedkv import (
 
 def test_new_manager_hands_out_pages_in_order():
     mgr = BlockManager(num_pages=8, page_size=4)
-    assert mgr.allocate(0, 9) == (0, [])  # no prefix cache: nothing cached, nothing copied
+    alloc = mgr.allocate(0, 9)  # no prefix cache: nothing cached, nothing copied
+    assert alloc.num_cached_tokens == 0 and alloc.copies.shape == (0, 2) and alloc.copies.dtype == np.int32
     assert mgr.page_table(0) == [0, 1, 2]
     assert mgr.num_tokens(0) == 9
     assert mgr.num_free_pages == 5
@@ -43,7 +44,7 @@ def test_append_fills_the_last_page_then_takes_new_ones(page_size):
     mgr = BlockManager(num_pages=20, page_size=page_size)
     mgr.allocate(7, 1)
     for n in range(2, 3 * page_size + 2):
-        assert mgr.append(7) == []
+        assert mgr.append(7).tolist() == []
         assert len(mgr.page_table(7)) == -(-n // page_size)
     mgr.check_invariants()
 
@@ -54,12 +55,12 @@ def test_copy_on_write_on_shared_partial_last_page():
     mgr.fork(0, 1)
     assert mgr.ref_count(0) == mgr.ref_count(1) == 2
     copies = mgr.append(1)
-    assert copies == [(1, 2)]  # child copies the partly filled page, then writes there
+    assert copies.dtype == np.int32 and copies.tolist() == [[1, 2]]  # child copies the partly filled page, then writes there
     assert mgr.page_table(1) == [0, 2]
     assert mgr.page_table(0) == [0, 1]
     assert mgr.ref_count(1) == 1 and mgr.ref_count(0) == 2
     # the parent now owns page 1 alone: appending writes in place
-    assert mgr.append(0) == []
+    assert mgr.append(0).shape == (0, 2)
     mgr.check_invariants()
 
 
@@ -67,7 +68,7 @@ def test_full_shared_pages_are_never_copied():
     mgr = BlockManager(num_pages=8, page_size=4)
     mgr.allocate(0, 8)
     mgr.fork(0, 1)
-    assert mgr.append(1) == []
+    assert mgr.append(1).tolist() == []
     assert mgr.page_table(1) == [0, 1, 2]
     assert mgr.ref_count(0) == 2 and mgr.ref_count(2) == 1
 

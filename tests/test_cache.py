@@ -192,7 +192,7 @@ def test_copy_on_write_plan_copies_every_layer():
     mgr.allocate(0, 6)
     cache.kv.copy_(torch.randn(cache.kv.shape))
     mgr.fork(0, 1)
-    copies = mgr.append(1)  # the list form BlockManager.append returns
+    copies = mgr.append(1)  # the int32 [K, 2] array BlockManager.append returns
     assert len(copies) == 1
     src, dst = copies[0]
     before = cache.kv.clone()

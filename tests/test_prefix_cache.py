@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 
 from pagedkv import BlockManager, InvalidArgument, InvalidType, OutOfPages, SequenceSwapped, UnknownSequence
@@ -14,10 +15,11 @@ def _mgr(num_pages=16, page_size=4, **kw):
 
 def test_second_prompt_reuses_full_pages_of_the_first():
     mgr = _mgr()
-    assert mgr.allocate(0, token_ids=range(10)) == (0, [])
+    alloc = mgr.allocate(0, token_ids=range(10))
+    assert alloc.num_cached_tokens == 0 and alloc.copies.tolist() == []
     assert mgr.page_table(0) == [0, 1, 2]
     got = mgr.allocate(1, token_ids=[*range(8), 99, 98, 97])
-    assert got.num_cached_tokens == 8 and got.copies == []
+    assert got.num_cached_tokens == 8 and got.copies.tolist() == []
     assert mgr.page_table(1)[:2] == [0, 1]
     assert mgr.ref_count(0) == mgr.ref_count(1) == 2
     stats = mgr.prefix_cache_stats()
@@ -39,7 +41,7 @@ def test_whole_prompt_hit_copies_the_last_page_instead_of_sharing_it():
     got = mgr.allocate(1, token_ids=range(8))
     # the engine must compute the last token, which lands in page 1: copy it, do not share it
     assert got.num_cached_tokens == 7
-    assert got.copies == [(1, 2)]
+    assert got.copies.dtype == np.int32 and got.copies.tolist() == [[1, 2]]
     assert mgr.page_table(1) == [0, 2]
     assert mgr.ref_count(1) == 1 and mgr.ref_count(0) == 2
     mgr.check_invariants()

@@ -335,8 +335,10 @@ def test_num_pages_for_budget_is_floor_of_whole_pages():
     with pytest.raises(InvalidArgument) as info:
         num_pages_for_budget(spec, page - 1, 16)
     assert info.value.name == "budget_bytes"
-    with pytest.raises(InvalidType):
+    with pytest.raises(InvalidArgument, match="llama-3-8b"):  # a name is a preset lookup, listing the presets
         num_pages_for_budget("llama", page, 16)
+    with pytest.raises(InvalidType):
+        num_pages_for_budget(42, page, 16)
     with pytest.raises(InvalidType):
         num_pages_for_budget(spec, float(page), 16)
 

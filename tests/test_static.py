@@ -133,7 +133,7 @@ def test_append_within_the_reservation_and_slot_mapping():
     assert plan.slot_mapping.tolist() == [5, 6, 9 + 2]
     assert plan.copies.shape == (0, 2) and plan.copies.dtype == np.int32
     assert alloc.num_tokens(3) == 7 and alloc.slots(4).tolist() == [9, 10, 11]
-    assert alloc.append(3, 2) == []
+    assert alloc.append(3, 2).tolist() == []
     alloc.check_invariants()
 
 

@@ -16,7 +16,7 @@ from .._optional import require
 
 require("hypothesis", "pagedkv.testing")  # NOTE: before the submodules, for the message naming [testing]
 
-from .machine import BlockManagerMachine  # noqa: E402, block_manager_machine
+from .machine import BlockManagerMachine, block_manager_machine  # noqa: E402
 from .strategies import block_manager_configs, operations, token_counts  # noqa: E402
 
 __all__ = [

@@ -224,7 +224,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         token_ids = [(start + i) % 3 for i in range(num_tokens)] if with_ids and self.caching else None
         self._finish_prefill(seq_id)  # an append commits the whole sequence
         copies = self.mgr.append(seq_id, num_tokens, token_ids=token_ids) if token_ids else self.mgr.append(seq_id, num_tokens)
-        if copies:
+        if len(copies):
             event("copy-on-write in append")
         self._copy_pages(copies)
         table = self.mgr.page_table(seq_id)
