@@ -10,6 +10,12 @@ settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--kernel-report", action="store_true", default=False,
+                     help="print the Triton compile report (shared memory, registers, spills per kernel "
+                     "config) and the quantized-cache accuracy figures after the run")
+
+
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 

@@ -78,6 +78,14 @@ def paged_batch(device):
 
 
 def pytest_terminal_summary(terminalreporter, config):
+    # NOTE: the figures are for reading on purpose (`pytest --kernel-report`), not in every run.
+    if not config.getoption("--kernel-report"):
+        return
+    accuracy = getattr(config, "pagedkv_accuracy_report", None)  # set by test_quant_kernels.py
+    if accuracy:
+        terminalreporter.section("quantized KV accuracy (decode vs fp32 attention)")
+        for line in accuracy:
+            terminalreporter.write_line(line)
     report = getattr(config, "pagedkv_compile_report", None)  # set by test_compile_cuda.py
     if not report:
         return

@@ -265,7 +265,7 @@ def _predicted_sigma(q, k, v, k_steps, v_steps, out, sm_scale):
 
 @pytest.mark.parametrize("kv_dtype, kv_scale", [("int8", "per_token_head"), ("fp8_e4m3", "per_tensor"),
                                                  ("fp8_e4m3", "per_token_head")])
-def test_accuracy_budget_against_fp32(device, kv_dtype, kv_scale, record_property, capsys):
+def test_accuracy_budget_against_fp32(device, kv_dtype, kv_scale, record_property, request):
     """Decode through a quantized cache vs fp32 attention on the unquantized K/V.
 
     Budget, from the error model of ``_predicted_sigma`` (rounding errors uniform within a step,
@@ -310,7 +310,7 @@ def test_accuracy_budget_against_fp32(device, kv_dtype, kv_scale, record_propert
                    predicted_mean_abs_error=predicted_mean, max_error_in_sigmas=float((error / sigma).max()))
     for name, value in figures.items():
         record_property(name, value)
-    with capsys.disabled():
-        print(f"\n[accuracy] {kv_dtype} {kv_scale}: " + ", ".join(f"{n} {v:.4g}" for n, v in figures.items()))
+    request.config.__dict__.setdefault("pagedkv_accuracy_report", []).append(
+        f"{kv_dtype} {kv_scale}: " + ", ".join(f"{n} {v:.4g}" for n, v in figures.items()))
     assert figures["mean_abs_error"] <= 2.0 * predicted_mean
     assert figures["max_error_in_sigmas"] <= 6.0
