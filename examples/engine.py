@@ -536,7 +536,11 @@ def tiny_llama(*, vocab_size: int = 256, hidden_size: int = 64, num_layers: int 
     peaked enough that greedy decoding is well separated from the runner-up token and the
     generated text is not one repeated token.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ModuleNotFoundError:
+        raise SystemExit("examples/engine.py needs transformers: pip install torch==2.13.0 && "
+                         "pip install '.[examples]' (the CPU build of torch first, see the README)") from None
 
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                          num_hidden_layers=num_layers, num_attention_heads=num_heads,
@@ -547,19 +551,71 @@ def tiny_llama(*, vocab_size: int = 256, hidden_size: int = 64, num_layers: int 
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
-def _demo() -> None:
+def _demo() -> int:
+    """Three runs that show what the engine does, each checked against ``model.generate``.
+
+    1. Tight memory: four requests whose pages cannot all fit, so sequences are preempted
+       (swapped to the CPU tier, or freed and recomputed) and resumed.
+    2. Prefix caching: requests that share a system prompt, and a second turn that resends a
+       first turn's prompt and answer, find those pages cached.
+    3. Parallel sampling: one prompt with ``n=3`` forks three children that share its pages.
+
+    Returns the exit code: 0 when every greedy output equals ``model.generate``'s.
+    """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_llama(device=device)
     gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_new_tokens=12)
+    failures = 0
+
+    def check(title: str, prompts, outputs) -> None:
+        nonlocal failures
+        print(title)
+        for prompt, out in zip(prompts, outputs):
+            want = model.generate(torch.tensor([prompt], device=device), max_new_tokens=12, do_sample=False)
+            same = want[0, len(prompt):].tolist() == out.output_ids[0]
+            failures += not same
+            print(f"  prompt {len(prompt):3d} tokens, {out.num_cached_tokens:3d} found cached -> "
+                  f"{out.output_ids[0]}  {'== model.generate' if same else 'DIFFERS from model.generate'}")
+
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 40, 17, 64)]
-    engine = Engine(model, EngineConfig(num_pages=24, page_size=4, max_num_batched_tokens=48, chunk_size=16))
-    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=12))
-    for prompt, out in zip(prompts, outputs):
-        want = model.generate(torch.tensor([prompt], device=device), max_new_tokens=12, do_sample=False)
-        same = want[0, len(prompt):].tolist() == out.output_ids[0]
-        print(f"prompt {len(prompt):3d} tokens -> {out.output_ids[0]}  {'== model.generate' if same else 'DIFFERS'}")
-    print(engine.stats)
+    for preemption in ("swap", "recompute"):
+        engine = Engine(model, EngineConfig(num_pages=19, page_size=4, max_num_batched_tokens=48, chunk_size=16,
+                                            preemption=preemption, num_cpu_pages=32))
+        check(f"1. 19 pages of 4 tokens for 4 requests that need 41 in all: preemption by {preemption}", prompts,
+              engine.generate(prompts, params))
+        s = engine.stats
+        print(f"  {s.num_preemptions} preemptions ({s.num_swap_outs} swapped out, {s.num_recomputes} recomputed), "
+              f"peak {s.peak_pages_in_use} of 19 pages in use, {s.num_steps} steps")
+
+    system = torch.randint(0, 256, (32,), generator=gen).tolist()
+    turn1 = [system + torch.randint(0, 256, (n,), generator=gen).tolist() for n in (6, 11)]
+    engine = Engine(model, EngineConfig(num_pages=128, page_size=4, enable_prefix_caching=True))
+    first = engine.generate(turn1, params)
+    turn2 = [prompt + out.output_ids[0] + torch.randint(0, 256, (5,), generator=gen).tolist()
+             for prompt, out in zip(turn1, first)]
+    check("2. prefix caching: two requests share a 32-token system prompt, then each sends a second turn",
+          turn1 + turn2, first + engine.generate(turn2, params))
+    print(f"  {engine.stats.num_cached_tokens} prompt tokens found cached in all, "
+          f"hit rate {engine.mgr.prefix_cache_stats().hit_rate:.2f}")
+
+    engine = Engine(model, EngineConfig(num_pages=64, page_size=4))
+    request_id = engine.add_request(prompts[1], SamplingParams(max_new_tokens=8, temperature=1.0, n=3, seed=7))
+    shared = 0
+    while engine.has_unfinished():
+        outputs = engine.step()
+        running = engine.running
+        if len(running) == 3 and not shared:
+            tables = [engine.mgr.page_table(seq.seq_id) for seq in running]
+            shared = sum(engine.mgr.ref_count(p) == 3 for p in tables[0])
+    (out,) = [o for o in outputs if o.request_id == request_id]
+    print(f"3. parallel sampling: n=3 children of a {len(prompts[1])}-token prompt share {shared} of its "
+          "pages (ref count 3)")
+    for i, ids in enumerate(out.output_ids):
+        print(f"  child {i}: {ids}")
+    print("all greedy outputs equal model.generate" if not failures else f"{failures} outputs DIFFER")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    _demo()
+    sys.exit(_demo())

@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
+import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -301,3 +303,19 @@ def test_prompts_admitted_together_hit_only_written_pages(model, reference):
     # still computing
     assert [done[i].num_cached_tokens for i in ids] == [0, 0, chunk]
     _check_drained(eng)
+
+
+def test_the_demo_shows_preemption_prefix_caching_and_forking(tmp_path):
+    # NOTE: the README's `python examples/engine.py`, as a new user runs it (a subprocess, outside
+    # the source tree so the installed pagedkv is imported).
+    path = Path(__file__).resolve().parents[1] / "examples" / "engine.py"
+    proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "DIFFER" not in out and "all greedy outputs equal model.generate" in out
+    preemptions = [int(m) for m in re.findall(r"(\d+) preemptions", out)]
+    assert len(preemptions) == 2 and all(n > 0 for n in preemptions)
+    assert int(re.search(r"(\d+) swapped out", out)[1]) > 0
+    assert sum(int(m) for m in re.findall(r"swapped out, (\d+) recomputed", out)) > 0
+    assert int(re.search(r"(\d+) prompt tokens found cached in all", out)[1]) > 0
+    assert int(re.search(r"share (\d+) of its pages", out)[1]) > 0
