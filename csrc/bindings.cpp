@@ -126,6 +126,8 @@ NB_MODULE(_core, m) {
   invariant["committed_tokens"] = int(Invariant::committed_tokens);
   invariant["pending_tokens"] = int(Invariant::pending_tokens);
   invariant["pending_pages"] = int(Invariant::pending_pages);
+  invariant["node_pages"] = int(Invariant::node_pages);
+  invariant["node_dependents"] = int(Invariant::node_dependents);
   m.attr("STATUS") = status;
   m.attr("ARGUMENT") = argument;
   m.attr("INVARIANT") = invariant;
@@ -421,17 +423,22 @@ NB_MODULE(_core, m) {
             };
             const pagedkv::PrefixCacheStats& st = s.stats;
             nb::object stats = nb::make_tuple(st.queries, st.hits, st.query_tokens, st.hit_tokens);
+            nb::object cached = nb::make_tuple(arr(std::move(s.cached_pages)), arr(std::move(s.cached_nodes)),
+                                               arr(std::move(s.cached_hashes)));
+            nb::object nodes = nb::make_tuple(arr(std::move(s.node_ids)), arr(std::move(s.node_hashes)),
+                                              arr(std::move(s.node_parents)), arr(std::move(s.node_deps)),
+                                              arr(std::move(s.node_indptr)), arr(std::move(s.node_pages)));
             return nb::make_tuple(arr(std::move(s.free)), arr(std::move(s.evictable)),
                                   arr(std::move(s.ref_count)), arr(std::move(s.cpu_free)),
                                   arr(std::move(s.cpu_ref_count)), arr(std::move(s.seq_ids)),
                                   arr(std::move(s.num_tokens)), arr(std::move(s.indptr)),
-                                  arr(std::move(s.pages)), arr(std::move(s.swapped)),
-                                  arr(std::move(s.index_hashes)), arr(std::move(s.index_pages)),
+                                  arr(std::move(s.pages)), arr(std::move(s.swapped)), cached, nodes,
                                   stats);
           },
           "(free, evictable, ref_count, cpu_free, cpu_ref_count, seq_ids, num_tokens, indptr, "
-          "pages, swapped, index_hashes, index_pages) as numpy arrays, then (queries, hits, "
-          "query_tokens, hit_tokens).")
+          "pages, swapped) as numpy arrays, then the cached pages (pages, nodes, hashes), the live "
+          "nodes (ids, hashes, parents, dependents, indptr, pages) and (queries, hits, query_tokens, "
+          "hit_tokens).")
       .def("debug_set_ref_count", &BlockManager::debug_set_ref_count, "page_id"_a, "value"_a)
       .def("debug_set_page", &BlockManager::debug_set_page, "seq_id"_a, "index"_a, "page_id"_a);
 }

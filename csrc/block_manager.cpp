@@ -146,8 +146,8 @@ BlockManager::BlockManager(int64_t num_pages, int64_t page_size, int64_t waterma
   for (int64_t p = 0; p < num_cpu_pages; ++p) cpu_free_[p] = static_cast<int32_t>(p);
   cpu_free_size_ = num_cpu_pages;
   if (enable_prefix_caching) {
-    keys_.resize(static_cast<size_t>(num_pages));
-    page_gen_.assign(static_cast<size_t>(num_pages), 0);
+    prefix_ = PrefixIndex(num_pages, page_size);
+    block_.resize(static_cast<size_t>(page_size));
   }
 }
 
@@ -194,7 +194,7 @@ int32_t BlockManager::take_free_page() {
   if (page == kNullPage) {
     page = queue_pop_head(kEvictable);
     if (page == kNullPage) return kNullPage;  // unreachable: callers checked the free count
-    uncache(page);
+    prefix_.detach(page);  // NOTE: evicted: its node may be deleted, or stay a ghost
   }
   ref_count_[page] = 1;
   return page;
@@ -269,7 +269,7 @@ Failure BlockManager::can_allocate(int64_t num_tokens, TokenIds token_ids, uint6
     Failure f = check_token_ids(token_ids);
     if (!f.ok()) return f;
   }
-  const AllocatePlan plan = plan_allocate(num_tokens, token_ids, salt, 0);
+  const AllocatePlan plan = plan_allocate(num_tokens, token_ids, salt);
   out = plan.need <= num_free_pages() - watermark_pages_;
   return Failure{};
 }
@@ -340,30 +340,28 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
   if (index_.find(seq_id) >= 0) return fail(Status::sequence_exists, seq_id);
   const bool caching = enable_prefix_caching_ && token_ids.given();
   const int64_t ps = page_size_;
-  // Pages [num_hits, done) are offered to the index below, done = max(num_hits, committed / ps)
-  // <= max(num_hits, num_computed_tokens / ps): hash that many at least.
-  const AllocatePlan plan = plan_allocate(num_tokens, token_ids, salt,
-                                          caching ? page_math_.index(num_computed_tokens) : 0);
+  const AllocatePlan plan = plan_allocate(num_tokens, token_ids, salt);
   const int64_t available = num_free_pages() - watermark_pages_;
   if (plan.need > available)
     return fail(Status::out_of_pages, plan.need, std::max<int64_t>(available, 0), num_pages_);
 
   const int64_t num_hits = static_cast<int64_t>(hits_.size());
   const int64_t committed = std::max(num_computed_tokens, plan.num_cached);
-  // NOTE: hit pages are indexed already; the prompt's own pages are offered up to the
-  // committed tokens only (the KV of the others is not written yet). A hit page that was
-  // copied (whole prompt cached) is never offered: its hash belongs to the source page.
-  const int64_t done = std::max(num_hits, page_math_.index(committed));
+  // NOTE: shared hit pages are indexed already: the sequence chains after the last of them.
+  // The prompt's own pages, the private copy of a whole-prompt hit's last page included (it
+  // holds the same content once the engine writes its last token), are offered up to the
+  // committed tokens only: the KV of the others is not written yet.
+  const int64_t shared = num_hits - (plan.copy ? 1 : 0);
   const size_t len = static_cast<size_t>(page_math_.pages_for(num_tokens));
   std::vector<int32_t> pages;
   pages.reserve(len);
   std::unique_ptr<SequenceCache> cache;
   if (caching) {
-    reserve_cache(done - num_hits);
+    reserve_cache(page_math_.index(committed) - shared);
     cache = std::make_unique<SequenceCache>();
     cache->salt = salt;
     cache->committed = committed;
-    cache->tail.assign(token_ids.data + done * ps, token_ids.data + num_tokens);
+    cache->tail.assign(token_ids.data + shared * ps, token_ids.data + num_tokens);
   }
   copies.clear();
   copies.reserve(2);
@@ -402,10 +400,9 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
   seq.cache = std::move(cache);
   seq.pages.swap(pages);
   if (caching) {
-    for (int64_t i = num_hits; i < done; ++i)
-      cache_page(seq.pages, static_cast<size_t>(i), hashes_[i], salt, nullptr, 0,
-                 token_ids.data + i * ps);
-    seq.cache->hash = done ? hashes_[done - 1] : 0;
+    seq.cache->node = shared ? prefix_.node_of(seq.pages[static_cast<size_t>(shared - 1)]) : PrefixIndex::kRoot;
+    prefix_.acquire(seq.cache->node);
+    offer_pages(seq, num_tokens, committed);
   }
   index_.insert(seq_id, slot);
   num_cached = plan.num_cached;
@@ -568,6 +565,7 @@ Failure BlockManager::fork(int64_t parent_id, int64_t child_id) {
   child.window_start = window_start;
   child.cache = std::move(cache);
   child.pages.swap(pages);
+  if (child.cache) prefix_.acquire(child.cache->node);
   index_.insert(child_id, slot);
   return Failure{};
 }
@@ -585,6 +583,7 @@ Failure BlockManager::free(int64_t seq_id) {
     if (seq.swapped) release_cpu(page); else release(page);
   }
   std::vector<int32_t>().swap(seq.pages);
+  if (seq.cache) prefix_.release(seq.cache->node);
   seq.cache.reset();
   seq.seq_id = -1;
   seq.num_tokens = 0;
@@ -701,7 +700,7 @@ Failure BlockManager::check_queue(int queue, const std::vector<int64_t>& refs,
     const bool cached = is_cached(page);
     if (cached != (queue == kEvictable))
       return broken(Invariant::free_queue_cached, page, queue == kEvictable, cached,
-                    cached ? static_cast<int64_t>(keys_[page].hash) : 0);
+                    cached ? static_cast<int64_t>(prefix_.hash_of(prefix_.node_of(page))) : 0);
   }
   if (prev != q.tail) return broken(Invariant::free_list_links, q.tail);
   if (walked != q.size) return broken(Invariant::free_list_size, walked, q.size);
@@ -770,20 +769,14 @@ Failure BlockManager::check_invariants() const {
   if (cpu_used + cpu_free_size_ != num_cpu || !cpu_unique)
     return broken(Invariant::cpu_conservation, cpu_free_size_, cpu_used, num_cpu);
   if (enable_prefix_caching_) {
-    Failure bad;
-    hash_index_.for_each([&](uint64_t h, int32_t page) {
-      if (!bad.ok()) return;
-      const bool cached = page >= 0 && page < n && keys_[page].slot >= 0;
-      if (!cached || keys_[page].hash != h)
-        bad = broken(Invariant::hash_index, static_cast<int64_t>(h), page, cached,
-                     cached ? static_cast<int64_t>(keys_[page].hash) : 0);
-    });
-    if (!bad.ok()) return bad;
-    int64_t num_hashed = 0;
-    for (int64_t p = 0; p < n; ++p) num_hashed += keys_[p].slot >= 0;
-    if (num_hashed != static_cast<int64_t>(hash_index_.size()))
-      return broken(Invariant::hash_index_size, num_hashed,
-                    static_cast<int64_t>(hash_index_.size()));
+    std::vector<int64_t> seq_refs(static_cast<size_t>(prefix_.num_node_ids()), 0);
+    for (const Sequence& seq : seqs_) {
+      if (seq.seq_id < 0 || !seq.cache) continue;
+      const int32_t node = seq.cache->node;
+      if (node >= 0 && node < prefix_.num_node_ids()) ++seq_refs[node];
+    }
+    Failure f = prefix_.check(seq_refs);
+    if (!f.ok()) return f;
   }
   return Failure{};
 }
@@ -817,13 +810,26 @@ Snapshot BlockManager::snapshot() const {
     s.indptr.push_back(static_cast<int64_t>(s.pages.size()));
     if (seq.swapped) s.swapped.push_back(seq_id);
   }
-  std::vector<std::pair<uint64_t, int32_t>> index;
-  index.reserve(hash_index_.size());
-  hash_index_.for_each([&](uint64_t h, int32_t page) { index.emplace_back(h, page); });
-  std::sort(index.begin(), index.end());
-  for (const auto& [h, page] : index) {
-    s.index_hashes.push_back(h);
-    s.index_pages.push_back(page);
+  if (enable_prefix_caching_) {
+    for (int32_t page = 0; page < num_pages_; ++page) {
+      const int32_t node = prefix_.node_of(page);
+      if (node == PrefixIndex::kNone) continue;
+      s.cached_pages.push_back(page);
+      s.cached_nodes.push_back(node);
+      s.cached_hashes.push_back(prefix_.node_hash(node));
+    }
+    s.node_indptr.push_back(0);
+    for (int32_t node = 0; node < prefix_.num_node_ids(); ++node) {
+      if (!prefix_.is_live(node)) continue;
+      s.node_ids.push_back(node);
+      s.node_hashes.push_back(prefix_.node_hash(node));
+      s.node_parents.push_back(prefix_.parent_of(node));
+      s.node_deps.push_back(prefix_.node_deps(node));
+      prefix_.for_each_page(node, [&](int32_t page) { s.node_pages.push_back(page); });
+      s.node_indptr.push_back(static_cast<int64_t>(s.node_pages.size()));
+    }
+  } else {
+    s.node_indptr.push_back(0);
   }
   s.stats = prefix_cache_stats();
   return s;

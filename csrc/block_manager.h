@@ -83,11 +83,13 @@ enum class Invariant : int32_t {
   cpu_ref_count = 9,           // values: cpu page, stored cpu ref count, page-table entries
   free_queue_cached = 10,      // values: page, on the evictable queue (0/1), has hash, hash
   cpu_conservation = 11,       // values: free cpu pages, referenced cpu pages, num_cpu_pages
-  hash_index = 12,             // values: hash, page, page has a hash (0/1), the page's hash
-  hash_index_size = 13,        // values: pages carrying a hash, index entries
+  hash_index = 12,             // values: node's hash, node (not on its hash chain)
+  hash_index_size = 13,        // values: cached pages, pages on the nodes' page lists
   committed_tokens = 14,       // values: seq_id, committed tokens, num_tokens
   pending_tokens = 15,         // values: seq_id, num_tokens, pending token ids
   pending_pages = 16,          // values: seq_id, committed tokens, page index never offered
+  node_pages = 17,             // values: page, the node it is cached under, the list's node
+  node_dependents = 18,        // values: node, stored dependents, child nodes + sequences
 };
 
 // An expected failure, returned by value. `status == Status::ok` means success.
@@ -165,8 +167,17 @@ struct Snapshot {
   std::vector<int64_t> indptr;         // [num_sequences + 1] into pages
   std::vector<int32_t> pages;          // concatenated page tables
   std::vector<int64_t> swapped;        // ids of swapped-out sequences, ascending
-  std::vector<uint64_t> index_hashes;  // hash index, ascending by hash
-  std::vector<int32_t> index_pages;    // page of each index_hashes entry
+  // Prefix index: every cached page (ascending) with its node and the node's hash ...
+  std::vector<int32_t> cached_pages;
+  std::vector<int32_t> cached_nodes;
+  std::vector<uint64_t> cached_hashes;
+  // ... and every live node (ascending id): hash, parent, dependents, pages in list order.
+  std::vector<int32_t> node_ids;
+  std::vector<uint64_t> node_hashes;
+  std::vector<int32_t> node_parents;
+  std::vector<int32_t> node_deps;
+  std::vector<int64_t> node_indptr;    // [num_nodes + 1] into node_pages
+  std::vector<int32_t> node_pages;
   PrefixCacheStats stats;
 };
 
@@ -251,6 +262,85 @@ class HashIndex {
   size_t mask_ = 0;
   size_t size_ = 0;
 };
+
+// The prefix index (prefix_index.cpp): cached pages found by their content prefix, the twin of
+// pagedkv/_prefix_index.py with the same node ids, list orders and results.
+//
+// A node stands for one content prefix: one full page of token ids, the salt, and the node of the
+// prefix before it (kRoot for a first page). The hash index maps the chained page hash of that
+// content to a chain of nodes (collisions share a chain); a lookup confirms a node by its tokens,
+// salt and parent node, and node ids are unique among live nodes, so a collision is a miss.
+// Every physical page holding a node's content is on the node's page list, so duplicates are
+// all findable, and a page stays findable until it is detached (evicted), whatever happens to
+// the pages before it. A node lives while it has pages or dependents (child nodes, and sequences
+// that chain after it); a node with dependents and no page is a ghost that keeps the chain.
+class PrefixIndex {
+ public:
+  static constexpr int32_t kRoot = -1;
+  static constexpr int32_t kNone = -1;
+
+  PrefixIndex() = default;
+  // May throw std::bad_alloc.
+  PrefixIndex(int64_t num_pages, int64_t page_size);
+
+  // The node of `block` (page_size ids) after `parent` under `salt`, whose hash is h; kNone.
+  int32_t find(uint64_t h, int32_t parent, uint64_t salt, const int64_t* block) const;
+  // The first referenced page on node's list, else its first page; kNone for a ghost.
+  int32_t pick_page(int32_t node, const std::vector<int32_t>& ref_count) const;
+  int32_t node_of(int32_t page) const { return page_node_[page]; }
+  bool is_cached(int32_t page) const { return page_node_[page] != kNone; }
+  uint64_t hash_of(int32_t node) const { return node == kRoot ? 0 : nodes_[node].hash; }
+  int32_t parent_of(int32_t node) const { return nodes_[node].parent; }
+  int64_t num_cached_pages() const { return num_cached_pages_; }
+
+  // Room for n more nodes (ids, token storage, hash-index entries). May throw std::bad_alloc;
+  // call it before the first change, so that child() never allocates.
+  void reserve(int64_t n);
+  // find(), or a new node for that content (the parent gains a dependent). Needs reserve().
+  int32_t child(uint64_t h, int32_t parent, uint64_t salt, const int64_t* block);
+  void attach(int32_t page, int32_t node);  // an uncached page, at the head of node's list
+  void detach(int32_t page);                // a cached page loses its content
+  void acquire(int32_t node);               // a sequence chains after node (kRoot: no-op)
+  void release(int32_t node);
+  void clear_pages();  // detach every page, in page order (reset_prefix_cache)
+
+  // Inspection (check_invariants, snapshot). seq_refs[node]: sequences that acquired node.
+  Failure check(const std::vector<int64_t>& seq_refs) const;
+  int32_t num_node_ids() const { return static_cast<int32_t>(nodes_.size()); }
+  bool is_live(int32_t node) const { return nodes_[node].live; }
+  uint64_t node_hash(int32_t node) const { return nodes_[node].hash; }
+  int32_t node_deps(int32_t node) const { return nodes_[node].deps; }
+  template <typename F>
+  void for_each_page(int32_t node, F&& f) const {  // f(page), list order; bounded walk
+    int64_t steps = 0;
+    for (int32_t p = nodes_[node].first_page; p >= 0 && steps <= num_pages_; p = page_next_[p], ++steps)
+      f(p);
+  }
+
+ private:
+  struct Node {
+    uint64_t hash = 0;
+    uint64_t salt = 0;
+    int32_t parent = kRoot;
+    int32_t deps = 0;
+    int32_t first_page = kNone;
+    int32_t next_same_hash = kNone;
+    bool live = false;
+  };
+  void collect(int32_t node);  // delete node, then its ancestors, while pageless and unneeded
+
+  int64_t num_pages_ = 0;
+  int64_t page_size_ = 1;
+  std::vector<Node> nodes_;
+  std::vector<int64_t> tokens_;       // page_size ids per node id
+  std::vector<int32_t> free_nodes_;   // a stack; capacity kept >= nodes_.size()
+  HashIndex chains_;                  // hash -> first node of its chain (newest first)
+  std::vector<int32_t> page_node_;    // per page: its node, or kNone
+  std::vector<int32_t> page_next_;    // per page: neighbours on its node's list
+  std::vector<int32_t> page_prev_;
+  int64_t num_cached_pages_ = 0;
+};
+
 
 class BlockManager {
  public:
@@ -349,7 +439,7 @@ class BlockManager {
   // (ReferenceBlockManager._seq_salt / _seq_hash / _seq_tail / _seq_committed).
   struct SequenceCache {
     uint64_t salt = 0;
-    uint64_t hash = 0;        // chained hash of the last page offered to the index
+    int32_t node = PrefixIndex::kRoot;  // node of the last page offered (held: acquire)
     int64_t committed = 0;    // tokens whose KV the engine reported written
     bool tail_known = true;   // until an append came without token ids
     // Pending token ids: tail[head, size) are the ids from the first page not yet offered to
@@ -373,16 +463,6 @@ class BlockManager {
     bool swapped = false;
   };
 
-  // What a cached page holds (ReferenceBlockManager._page_key), compared in full on a hit.
-  struct CacheKey {
-    uint64_t hash = 0;
-    uint64_t salt = 0;
-    uint64_t parent_gen = 0;
-    int32_t parent = kNullPage;  // previous page of the prefix, kNullPage for the first
-    int32_t slot = -1;           // page_size token ids at key_tokens_[slot * page_size]; -1 =
-                                 // not cached
-  };
-
   // The two free queues: intrusive doubly linked lists over page ids (prev_/next_ arrays,
   // queue_of_ says which list a page is on).
   // NOTE: intrusive rather than a ring buffer so that a prefix-cache hit takes a cached page
@@ -401,9 +481,7 @@ class BlockManager {
                       std::vector<char>& on_queue) const;
   Failure check_committed(const Sequence& seq) const;  // (ReferenceBlockManager._check_committed)
 
-  bool is_cached(int32_t page) const {
-    return enable_prefix_caching_ && keys_[page].slot >= 0;
-  }
+  bool is_cached(int32_t page) const { return enable_prefix_caching_ && prefix_.is_cached(page); }
   int32_t take_free_page();                 // ref_count 1; may evict the LRU cached page
   void take_cached_page(int32_t page);      // a prefix-cache hit
   void release(int32_t page);               // ref_count -= 1, to a queue tail at 0
@@ -417,24 +495,20 @@ class BlockManager {
     int64_t num_cached = 0;  // tokens found cached
     bool copy = false;       // the last hit page is copied, not shared
   };
-  // Fills hits_, and hashes_ with the hash of every page matched and of the first
-  // num_hash_pages full pages at least. May throw std::bad_alloc.
-  AllocatePlan plan_allocate(int64_t num_tokens, TokenIds token_ids, uint64_t salt,
-                             int64_t num_hash_pages);
-  bool key_matches(int32_t page, const int64_t* block, uint64_t salt, int32_t parent,
-                   uint64_t parent_gen) const;
-  // Indexes the full page pages[i] under hash h if its parent page is cached; its tokens are
-  // head[0, num_head) followed by rest[0, page_size - num_head). Needs a reserved key slot.
-  // Returns whether the page was indexed.
-  bool cache_page(const std::vector<int32_t>& pages, size_t i, uint64_t h, uint64_t salt,
-                  const int64_t* head, size_t num_head, const int64_t* rest);
+  // Fills hits_ with the pages matched, in order. May throw std::bad_alloc.
+  AllocatePlan plan_allocate(int64_t num_tokens, TokenIds token_ids, uint64_t salt);
+  // Offers page i of seq, whose page_size tokens are `block`, to the index: its node is found
+  // or made after the sequence's last one, and the page joins it unless it is a released
+  // entry or cached already. Needs prefix_.reserve(1). Returns whether the page was attached.
+  bool index_page(Sequence& seq, size_t i, const int64_t* block);
+  // Attaches a swapped-in sequence's new pages to the nodes of its indexed pages.
+  void reattach(const Sequence& seq);
   // Offers to the index, in order, each full page of seq's pending token ids (which end at
   // position `end`) lying wholly before `stop`; returns the pages indexed. Needs
   // reserve_cache(pages_to_offer(seq, end, stop)). Never allocates.
   int64_t offer_pages(Sequence& seq, int64_t end, int64_t stop);
   int64_t pages_to_offer(const Sequence& seq, int64_t end, int64_t stop) const;
-  void uncache(int32_t page);
-  // Room for n more cached pages (key slots and index entries). May throw std::bad_alloc.
+  // Room for n more prefix-index nodes. May throw std::bad_alloc.
   void reserve_cache(int64_t n);
   // Tracks appended token ids of seq (num_tokens before the append: start) and commits through
   // the new length: pending prompt pages first, then each page the new ids fill. Needs
@@ -486,18 +560,13 @@ class BlockManager {
   std::vector<int32_t> drop_count_;
   uint64_t epoch_ = 0;
 
-  // Prefix cache, per page (empty when prefix caching is off).
-  std::vector<CacheKey> keys_;
-  std::vector<uint64_t> page_gen_;  // bumped whenever a page's cached content is dropped
-  // Token ids of cached pages, page_size per key slot. NOTE: int64 like the ids handed in, so
-  // that a hit compares them without conversion (twice the bytes of int32; 8 bytes per cached
-  // token is small next to the KV bytes a page stands for).
-  std::vector<int64_t> key_tokens_;
-  std::vector<int32_t> free_key_slots_;  // capacity kept >= number of key slots
-  HashIndex hash_index_;
+  // Prefix cache (empty when prefix caching is off). NOTE: token ids are stored as int64, like
+  // the ids handed in, so that a hit compares them without conversion (8 bytes per cached token
+  // is small next to the KV bytes a page stands for).
+  PrefixIndex prefix_;
   PrefixCacheStats stats_;  // counters only; sizes are filled in by prefix_cache_stats()
-  std::vector<uint64_t> hashes_;  // scratch for allocate: hash of every full prompt page
   std::vector<int32_t> hits_;     // scratch for allocate: hit pages
+  std::vector<int64_t> block_;    // scratch: one page of token ids, assembled from two parts
 
   // CPU tier: ref counts and a FIFO ring of free CPU pages.
   std::vector<int32_t> cpu_ref_count_;

@@ -115,8 +115,8 @@ Failure BlockManager::swap_in(const int64_t* seq_ids, size_t n, std::vector<int3
       ++ref_count_[seq.pages[j]];
     }
     seq.swapped = false;
-    // NOTE: pages brought back are not in the prefix cache, so later pages of this sequence
-    // cannot be chained onto them and are not cached either.
+    // NOTE: the pages brought back hold committed content again: they join their nodes.
+    if (enable_prefix_caching_) reattach(seq);
   }
   return Failure{};
 }

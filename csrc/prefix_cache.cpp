@@ -1,7 +1,7 @@
 // Prefix caching in the C++ core: the hash index, matching a prompt against cached pages,
-// indexing full pages as they are committed, eviction and reset. Mirrors
-// ReferenceBlockManager._plan_allocate, commit, _cache_page, _uncache, _extend_cached_tokens,
-// _offer_pages and reset_prefix_cache (pagedkv/_reference.py).
+// indexing full pages as they are committed, and reset (the nodes themselves live in
+// prefix_index.cpp). Mirrors ReferenceBlockManager._plan_allocate, commit, _index_page,
+// _reattach, _extend_cached_tokens, _offer_pages and reset_prefix_cache (pagedkv/_reference.py).
 #include <algorithm>
 #include <cstring>
 
@@ -65,13 +65,13 @@ void HashIndex::rehash(size_t capacity) {
 // ============================================================ prefix caching
 PrefixCacheStats BlockManager::prefix_cache_stats() const {
   PrefixCacheStats s = stats_;
-  s.num_cached_pages = static_cast<int64_t>(hash_index_.size());
+  s.num_cached_pages = enable_prefix_caching_ ? prefix_.num_cached_pages() : 0;
   s.num_evictable_pages = queues_[kEvictable].size;
   return s;
 }
 
 BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, TokenIds token_ids,
-                                                       uint64_t salt, int64_t num_hash_pages) {
+                                                       uint64_t salt) {
   AllocatePlan plan;
   hits_.clear();
   const int64_t pages = page_math_.pages_for(num_tokens);
@@ -79,32 +79,19 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
   if (!enable_prefix_caching_ || !token_ids.given()) return plan;
   const int64_t ps = page_size_;
   const int64_t num_full = page_math_.index(num_tokens);
-  hashes_.resize(static_cast<size_t>(std::max(num_full, int64_t{0})));
-  // NOTE: one hash-index probe and one page_size comparison per full page: no scan of the
-  // cache. The match stops at the first miss; allocate still hashes the pages it indexes (up
-  // to the committed tokens), can_allocate stops there. The cost is the hash chain itself
-  // (serial: each page's hash starts from its parent's); the probe and the comparison of page
-  // i overlap with hashing page i + 1 in the CPU's out-of-order window.
-  uint64_t parent_hash = 0;
-  int32_t parent = kNullPage;
-  uint64_t parent_gen = 0;
-  bool matching = true;
+  // NOTE: one hash-chain probe per full page, confirmed by content (tokens, salt and parent
+  // node): no scan of the cache. The match stops at the first page not cached. The cost is the
+  // hash chain itself (serial: each page's hash starts from its parent's).
+  uint64_t h = 0;
+  int32_t parent = PrefixIndex::kRoot;
   for (int64_t i = 0; i < num_full; ++i) {
     const int64_t* block = token_ids.data + i * ps;
-    const uint64_t h = page_hash(parent_hash, block, static_cast<size_t>(ps), salt) & hash_mask_;
-    hashes_[i] = h;
-    if (matching) {
-      const int32_t page = hash_index_.find(h);
-      if (page != kNullPage && key_matches(page, block, salt, parent, parent_gen)) {
-        hits_.push_back(page);
-        parent = page;
-        parent_gen = page_gen_[page];
-      } else {
-        matching = false;
-      }
-    }
-    if (!matching && i + 1 >= num_hash_pages) break;
-    parent_hash = h;
+    h = page_hash(h, block, static_cast<size_t>(ps), salt) & hash_mask_;
+    const int32_t node = prefix_.find(h, parent, salt, block);
+    const int32_t page = node == PrefixIndex::kNone ? kNullPage : prefix_.pick_page(node, ref_count_);
+    if (page == kNullPage) break;
+    hits_.push_back(page);
+    parent = node;
   }
   const int64_t num_hits = static_cast<int64_t>(hits_.size());
   const int64_t hit_tokens = num_hits * ps;
@@ -116,82 +103,38 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
   return plan;
 }
 
-bool BlockManager::key_matches(int32_t page, const int64_t* block, uint64_t salt, int32_t parent,
-                               uint64_t parent_gen) const {
-  // NOTE: the hit is confirmed by comparing everything the page holds, so a hash collision is a
-  // miss, never another prefix's KV.
-  const CacheKey& key = keys_[page];
-  if (key.slot < 0 || key.salt != salt || key.parent != parent || key.parent_gen != parent_gen)
-    return false;
-  const int64_t* stored = key_tokens_.data() + static_cast<size_t>(key.slot) * page_size_;
-  uint64_t diff = 0;  // branch-free, so the comparison vectorises
-  for (int64_t i = 0; i < page_size_; ++i)
-    diff |= static_cast<uint64_t>(stored[i] ^ block[i]);
-  return diff == 0;
-}
-
 void BlockManager::reserve_cache(int64_t n) {
-  if (!enable_prefix_caching_ || n <= 0) return;
-  // No more pages than the pool can be cached at once.
-  const size_t max_slots = static_cast<size_t>(num_pages_);
-  hash_index_.reserve(std::min(hash_index_.size() + static_cast<size_t>(n), max_slots));
-  const size_t spare = free_key_slots_.size();
-  if (static_cast<size_t>(n) <= spare) return;
-  const size_t ps = static_cast<size_t>(page_size_);
-  const size_t num_slots = key_tokens_.size() / ps;
-  const size_t want = std::min(num_slots + (static_cast<size_t>(n) - spare), max_slots);
-  if (key_tokens_.capacity() < want * ps)
-    key_tokens_.reserve(std::min(std::max(want * ps, 2 * key_tokens_.capacity()), max_slots * ps));
-  if (free_key_slots_.capacity() < want)
-    free_key_slots_.reserve(std::min(std::max(want, 2 * free_key_slots_.capacity()), max_slots));
+  if (enable_prefix_caching_ && n > 0) prefix_.reserve(n);
 }
 
-bool BlockManager::cache_page(const std::vector<int32_t>& pages, size_t i, uint64_t h,
-                              uint64_t salt, const int64_t* head, size_t num_head,
-                              const int64_t* rest) {
-  if (i >= pages.size()) return false;
-  const int32_t page = pages[i];
-  if (page < 0) return false;  // released by a sliding window before it was committed
-  int32_t parent = kNullPage;
-  uint64_t parent_gen = 0;
-  if (i > 0) {
-    const int32_t prev = pages[i - 1];
-    if (prev == kNullPage || !is_cached(prev)) return false;
-    parent = prev;
-    parent_gen = page_gen_[prev];
-  }
-  // NOTE: the first page indexed under a hash keeps it; an identical or colliding page
-  // computed later is simply not cached.
-  if (hash_index_.find(h) != kNullPage || is_cached(page)) return false;
-  const size_t ps = static_cast<size_t>(page_size_);
-  int32_t slot;
-  if (!free_key_slots_.empty()) {
-    slot = free_key_slots_.back();
-    free_key_slots_.pop_back();
-  } else {
-    slot = static_cast<int32_t>(key_tokens_.size() / ps);
-    key_tokens_.resize(key_tokens_.size() + ps);  // within the capacity of reserve_cache
-  }
-  int64_t* stored = key_tokens_.data() + static_cast<size_t>(slot) * ps;
-  if (num_head) std::memcpy(stored, head, num_head * sizeof(int64_t));
-  std::memcpy(stored + num_head, rest, (ps - num_head) * sizeof(int64_t));
-  hash_index_.insert(h, page);
-  CacheKey& key = keys_[page];
-  key.hash = h;
-  key.salt = salt;
-  key.parent = parent;
-  key.parent_gen = parent_gen;
-  key.slot = slot;
+bool BlockManager::index_page(Sequence& seq, size_t i, const int64_t* block) {
+  SequenceCache& cache = *seq.cache;
+  const int32_t parent = cache.node;
+  const uint64_t h =
+      page_hash(prefix_.hash_of(parent), block, static_cast<size_t>(page_size_), cache.salt) & hash_mask_;
+  const int32_t node = prefix_.child(h, parent, cache.salt, block);
+  prefix_.acquire(node);
+  prefix_.release(parent);  // NOTE: after acquire: the parent is the new node's parent
+  cache.node = node;
+  if (i >= seq.pages.size()) return false;
+  const int32_t page = seq.pages[i];
+  if (page < 0 || prefix_.is_cached(page)) return false;  // a window released it, or a hit
+  prefix_.attach(page, node);
   return true;
 }
 
-void BlockManager::uncache(int32_t page) {
-  CacheKey& key = keys_[page];
-  if (key.slot < 0) return;
-  hash_index_.erase(key.hash);
-  free_key_slots_.push_back(key.slot);  // capacity kept >= number of key slots
-  key.slot = -1;
-  ++page_gen_[page];
+void BlockManager::reattach(const Sequence& seq) {
+  if (!seq.cache) return;
+  // The nodes of pages 0, 1, ... are the chain from the root to the sequence's node.
+  int64_t depth = 0;
+  for (int32_t node = seq.cache->node; node != PrefixIndex::kRoot; node = prefix_.parent_of(node))
+    ++depth;
+  int32_t node = seq.cache->node;
+  for (int64_t i = depth - 1; i >= 0; --i, node = prefix_.parent_of(node)) {
+    if (static_cast<size_t>(i) >= seq.pages.size()) continue;
+    const int32_t page = seq.pages[static_cast<size_t>(i)];
+    if (page >= 0 && !prefix_.is_cached(page)) prefix_.attach(page, node);
+  }
 }
 
 int64_t BlockManager::pages_filled(const Sequence& seq, int64_t n, bool has_tokens) const {
@@ -225,11 +168,7 @@ int64_t BlockManager::offer_pages(Sequence& seq, int64_t end, int64_t stop) {
   int64_t page = page_math_.index(end - pending);
   int64_t indexed = 0;
   while (pending >= ps && (page + 1) * ps <= stop) {
-    const int64_t* block = cache.tail.data() + cache.head;
-    const uint64_t h =
-        page_hash(cache.hash, block, static_cast<size_t>(ps), cache.salt) & hash_mask_;
-    indexed += cache_page(seq.pages, static_cast<size_t>(page), h, cache.salt, nullptr, 0, block);
-    cache.hash = h;
+    indexed += index_page(seq, static_cast<size_t>(page), cache.tail.data() + cache.head);
     cache.head += static_cast<size_t>(ps);
     pending -= ps;
     ++page;
@@ -283,14 +222,12 @@ void BlockManager::extend_cached_tokens(Sequence& seq, int64_t start, const int6
   size_t page = static_cast<size_t>(page_math_.index(start));
   int64_t used = 0;
   while (static_cast<int64_t>(cache.tail.size()) + (n - used) >= ps) {
+    // The page's ids: the tail (ids of its first positions), then new ones.
     const size_t num_head = cache.tail.size();
     const int64_t take = ps - static_cast<int64_t>(num_head);
-    PageHasher hasher(cache.hash, cache.salt);
-    hasher.add(cache.tail.data(), num_head);
-    hasher.add(token_ids + used, static_cast<size_t>(take));
-    const uint64_t h = hasher.finish() & hash_mask_;
-    cache_page(seq.pages, page, h, cache.salt, cache.tail.data(), num_head, token_ids + used);
-    cache.hash = h;
+    std::copy(cache.tail.begin(), cache.tail.end(), block_.begin());
+    std::copy(token_ids + used, token_ids + used + take, block_.begin() + static_cast<std::ptrdiff_t>(num_head));
+    index_page(seq, page, block_.data());
     cache.tail.clear();
     used += take;
     ++page;
@@ -300,15 +237,9 @@ void BlockManager::extend_cached_tokens(Sequence& seq, int64_t start, const int6
 
 void BlockManager::reset_prefix_cache() {
   if (!enable_prefix_caching_) return;  // nothing can be cached
-  for (int64_t p = 0; p < num_pages_; ++p) {
-    if (keys_[p].slot >= 0) {
-      keys_[p].slot = -1;
-      ++page_gen_[p];
-    }
-  }
-  hash_index_.clear();
-  key_tokens_.clear();
-  free_key_slots_.clear();
+  // NOTE: nodes that sequences still chain after stay as ghosts, so the pages those sequences
+  // commit later are found once their prefix is computed again.
+  prefix_.clear_pages();
   // NOTE: cached free pages become plain free pages, keeping their LRU order.
   for (int32_t page = queue_pop_head(kEvictable); page != kNullPage;
        page = queue_pop_head(kEvictable))

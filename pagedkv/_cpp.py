@@ -87,8 +87,7 @@ def _invariant_violation(name: str, values: tuple[int, ...]) -> InvariantViolati
         page, evictable, has_hash, h = values
         return InvariantViolation.of(name, page, "evictable" if evictable else "free", h & _MASK64 if has_hash else None)
     if name == "hash_index":
-        h, page, has_hash, carried = values
-        return InvariantViolation.of(name, h & _MASK64, page, carried & _MASK64 if has_hash else None)
+        return InvariantViolation.of(name, values[0] & _MASK64, values[1])
     return InvariantViolation.of(name, *values)
 
 
@@ -324,7 +323,9 @@ class CppBlockManager:
     def snapshot(self) -> dict:
         """Complete observable state, for parity and atomicity tests (as the reference's)."""
         (free, evictable, ref_count, cpu_free, cpu_ref_count, seq_ids, num_tokens, indptr, pages, swapped,
-         index_hashes, index_pages, stats) = self._core.snapshot()
+         cached, nodes, stats) = self._core.snapshot()
+        cached_pages, cached_nodes, cached_hashes = (a.tolist() for a in cached)
+        node_ids, node_hashes, node_parents, node_deps, node_indptr, node_pages = (a.tolist() for a in nodes)
         seq_ids, num_tokens, indptr, pages = seq_ids.tolist(), num_tokens.tolist(), indptr.tolist(), pages.tolist()
         queries, hits, query_tokens, hit_tokens = stats
         return {
@@ -336,6 +337,8 @@ class CppBlockManager:
             "tables": {s: pages[indptr[i] : indptr[i + 1]] for i, s in enumerate(seq_ids)},
             "num_tokens": dict(zip(seq_ids, num_tokens)),
             "swapped": swapped.tolist(),
-            "index": dict(zip(index_hashes.tolist(), index_pages.tolist())),
+            "index": {p: (n, h) for p, n, h in zip(cached_pages, cached_nodes, cached_hashes)},
+            "nodes": {n: (h, parent, deps, tuple(node_pages[node_indptr[i]:node_indptr[i + 1]]))
+                      for i, (n, h, parent, deps) in enumerate(zip(node_ids, node_hashes, node_parents, node_deps))},
             "stats": {"queries": queries, "hits": hits, "query_tokens": query_tokens, "hit_tokens": hit_tokens},
         }

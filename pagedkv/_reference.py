@@ -28,6 +28,7 @@ from collections import OrderedDict, deque
 import numpy as np
 
 from ._hashing import page_hash
+from ._prefix_index import NONE, ROOT, PrefixIndex
 from .errors import DuplicateSequence, InvariantViolation, OutOfPages
 from .errors import SequenceExists, SequenceSwapped, SequenceTooLong, UnknownSequence, invalid_argument
 
@@ -46,23 +47,6 @@ def _token_list(token_ids) -> list[int] | None:
     if token_ids is None:
         return None
     return token_ids.tolist() if hasattr(token_ids, "tolist") else list(token_ids)
-
-
-class _CacheKey:
-    """What a cached page holds, compared in full on every hit (so a hash collision is a miss).
-
-    ``parent`` is the (page id, generation) of the previous page of the prefix, or (-1, 0);
-    a page's generation changes whenever its cached content is dropped, so a key can never
-    point at a parent page that was evicted and refilled with other tokens.
-    """
-
-    __slots__ = ("tokens", "salt", "parent")
-
-    def __init__(self, tokens: tuple, salt: int, parent: tuple[int, int]):
-        self.tokens, self.salt, self.parent = tokens, salt, parent
-
-    def matches(self, tokens: tuple, salt: int, parent: tuple[int, int]) -> bool:
-        return self.tokens == tokens and self.salt == salt and self.parent == parent
 
 
 class ReferenceBlockManager:
@@ -89,11 +73,8 @@ class ReferenceBlockManager:
         self._free: deque[int] = deque(range(num_pages))
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._ref_count = [0] * num_pages
-        # prefix cache: page -> hash / key / generation, and hash -> page
-        self._page_hash: list[int | None] = [None] * num_pages
-        self._page_key: list[_CacheKey | None] = [None] * num_pages
-        self._page_gen = [0] * num_pages
-        self._index: dict[int, int] = {}
+        # prefix cache: content-prefix nodes and the pages attached to them
+        self._prefix = PrefixIndex(num_pages)
         self._stats = {"queries": 0, "hits": 0, "query_tokens": 0, "hit_tokens": 0}
         # CPU tier
         self._cpu_free: deque[int] = deque(range(num_cpu_pages))
@@ -103,12 +84,13 @@ class ReferenceBlockManager:
         self._tables: dict[int, array] = {}
         self._num_tokens: dict[int, int] = {}
         self._swapped: set[int] = set()
-        # per sequence allocated with token ids (prefix caching on): its salt; the chained hash
-        # of the last page offered to the index; the token ids from the first page not yet
-        # offered to the end of the sequence (None once an append came without token ids); and
-        # the tokens committed so far (their KV is written: pages inside them may be indexed)
+        # per sequence allocated with token ids (prefix caching on): its salt; the node of the
+        # last page offered to the index (ROOT before the first; the sequence holds it with
+        # PrefixIndex.acquire); the token ids from the first page not yet offered to the end of
+        # the sequence (None once an append came without token ids); and the tokens committed
+        # so far (their KV is written: pages inside them may be indexed)
         self._seq_salt: dict[int, int] = {}
-        self._seq_hash: dict[int, int] = {}
+        self._seq_node: dict[int, int] = {}
         self._seq_tail: dict[int, list[int] | None] = {}
         self._seq_committed: dict[int, int] = {}
 
@@ -143,7 +125,8 @@ class ReferenceBlockManager:
         return self._ref_count[page_id]
 
     def prefix_cache_stats(self) -> dict:
-        return dict(self._stats, num_cached_pages=len(self._index), num_evictable_pages=len(self._evictable))
+        return dict(self._stats, num_cached_pages=self._prefix.num_cached_pages,
+                    num_evictable_pages=len(self._evictable))
 
     def can_allocate(self, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0) -> bool:
         need = self._plan_allocate(num_tokens, _token_list(token_ids), salt)[0]
@@ -171,7 +154,7 @@ class ReferenceBlockManager:
         if seq_id in self._tables:
             raise SequenceExists(seq_id)
         token_ids = _token_list(token_ids)
-        need, hits, num_cached, hashes = self._plan_allocate(num_tokens, token_ids, salt)
+        need, hits, num_cached = self._plan_allocate(num_tokens, token_ids, salt)
         available = self.num_free_pages - self.watermark_pages
         if need > available:
             raise OutOfPages(need, max(available, 0), self.num_pages)
@@ -186,7 +169,9 @@ class ReferenceBlockManager:
             self._take_cached_page(page)
             table.append(page)
         copies: list[tuple[int, int]] = []
+        shared = len(hits)  # hit pages shared as they are
         if num_cached < len(hits) * self.page_size:
+            shared -= 1
             # NOTE: the whole prompt was cached, but the engine must still compute the last
             # token, which it writes into the last hit page: that page is copied, not shared.
             src = table[-1]
@@ -201,16 +186,17 @@ class ReferenceBlockManager:
         if token_ids is not None and self.enable_prefix_caching:
             ps = self.page_size
             committed = max(num_tokens if num_computed_tokens is None else num_computed_tokens, num_cached)
-            # NOTE: hit pages are indexed already; the prompt's own pages are offered up to the
-            # committed tokens only (the KV of the others is not written yet). A hit page that
-            # was copied (whole prompt cached) is never offered: its hash belongs to the source.
-            done = max(len(hits), committed // ps)
-            for i in range(len(hits), done):
-                self._cache_page(table, i, hashes[i], token_ids[i * ps : (i + 1) * ps], salt)
+            # NOTE: shared hit pages are indexed already: the sequence chains after the last of
+            # them. The prompt's own pages, the private copy of a whole-prompt hit's last page
+            # included (it holds the same content once the engine writes its last token), are
+            # offered up to the committed tokens only: the KV of the others is not written yet.
+            node = self._prefix.node_of(hits[shared - 1]) if shared else ROOT
+            self._prefix.acquire(node)
             self._seq_salt[seq_id] = salt
-            self._seq_hash[seq_id] = hashes[done - 1] if done else 0
-            self._seq_tail[seq_id] = list(token_ids[done * ps :])
+            self._seq_node[seq_id] = node
+            self._seq_tail[seq_id] = list(token_ids[shared * ps :])
             self._seq_committed[seq_id] = committed
+            self._offer_pages(seq_id, table, num_tokens, committed)
         return num_cached, copies
 
     def append(self, seq_id: int, num_tokens: int, token_ids: np.ndarray | None = None) -> list[tuple[int, int]]:
@@ -279,7 +265,8 @@ class ReferenceBlockManager:
         self._num_tokens[child_id] = self._num_tokens[parent_id]
         if parent_id in self._seq_salt:
             self._seq_salt[child_id] = self._seq_salt[parent_id]
-            self._seq_hash[child_id] = self._seq_hash[parent_id]
+            self._seq_node[child_id] = self._seq_node[parent_id]
+            self._prefix.acquire(self._seq_node[child_id])
             tail = self._seq_tail[parent_id]
             self._seq_tail[child_id] = None if tail is None else list(tail)
             self._seq_committed[child_id] = self._seq_committed[parent_id]
@@ -313,8 +300,9 @@ class ReferenceBlockManager:
         return released
 
     def reset_prefix_cache(self) -> None:
-        for page in list(self._index.values()):
-            self._uncache(page)
+        # NOTE: nodes that sequences still chain after stay as ghosts, so the pages those
+        # sequences commit later are found once their prefix is computed again.
+        self._prefix.clear_pages()
         # NOTE: cached free pages become plain free pages, keeping their LRU order.
         self._free.extend(self._evictable)
         self._evictable.clear()
@@ -364,8 +352,7 @@ class ReferenceBlockManager:
             for cpu in reversed(self._old_pages(table, mapping)):
                 self._release_cpu(cpu)
             self._swapped.discard(seq_id)
-            # NOTE: pages brought back are not in the prefix cache, so later pages of this
-            # sequence cannot be chained onto them and are not cached either.
+            self._reattach(seq_id, table)
         return np.array(list(mapping.items()), dtype=np.int32).reshape(-1, 2)
 
     # ------------------------------------------------------------ batch views
@@ -440,21 +427,24 @@ class ReferenceBlockManager:
                 on_free[page] = True
                 if refs[page]:
                     raise InvariantViolation.of("free_page_unreferenced", page, refs[page])
-                if (self._page_hash[page] is not None) != cached:
+                if self._prefix.is_cached(page) != cached:
                     queue = "evictable" if cached else "free"
-                    raise InvariantViolation.of("free_queue_cached", page, queue, self._page_hash[page])
+                    node = self._prefix.node_of(page)
+                    raise InvariantViolation.of("free_queue_cached", page, queue,
+                                                None if node == NONE else self._prefix.hash_of(node))
         used = sum(1 for r in refs if r)
         if used + self.num_free_pages != n:
             raise InvariantViolation.of("conservation", self.num_free_pages, used, n)
         cpu_used = sum(1 for r in cpu_refs if r)
         if cpu_used + len(self._cpu_free) != self.num_cpu_pages or len(set(self._cpu_free)) != len(self._cpu_free):
             raise InvariantViolation.of("cpu_conservation", len(self._cpu_free), cpu_used, self.num_cpu_pages)
-        for h, page in self._index.items():
-            if self._page_hash[page] != h:
-                raise InvariantViolation.of("hash_index", h, page, self._page_hash[page])
-        num_hashed = sum(1 for h in self._page_hash if h is not None)
-        if num_hashed != len(self._index):
-            raise InvariantViolation.of("hash_index_size", num_hashed, len(self._index))
+        refs_by_node: dict[int, int] = {}
+        for node in self._seq_node.values():
+            if node != ROOT:
+                refs_by_node[node] = refs_by_node.get(node, 0) + 1
+        broken = self._prefix.check(refs_by_node)
+        if broken is not None:
+            raise InvariantViolation.of(*broken[:1], *broken[1])
 
     def _check_committed(self, seq_id: int) -> None:
         """Committed tokens fit the sequence, and every full page inside them was offered."""
@@ -481,7 +471,7 @@ class ReferenceBlockManager:
             "tables": {s: list(t) for s, t in sorted(self._tables.items())},
             "num_tokens": dict(sorted(self._num_tokens.items())),
             "swapped": sorted(self._swapped),
-            "index": dict(sorted(self._index.items())),
+            **dict(zip(("index", "nodes"), self._prefix.snapshot())),
             "stats": dict(self._stats),
         }
 
@@ -501,66 +491,72 @@ class ReferenceBlockManager:
     def _forget(self, seq_id: int) -> None:
         del self._tables[seq_id]
         del self._num_tokens[seq_id]
-        for per_seq in (self._seq_salt, self._seq_hash, self._seq_tail, self._seq_committed):
+        node = self._seq_node.pop(seq_id, None)
+        if node is not None:
+            self._prefix.release(node)
+        for per_seq in (self._seq_salt, self._seq_tail, self._seq_committed):
             per_seq.pop(seq_id, None)
 
     def _plan_allocate(self, num_tokens: int, token_ids, salt: int):
-        """(pages taken from the free queues, hit pages, tokens cached, page hashes) for a prompt."""
+        """(pages taken from the free queues, hit pages, tokens cached) for a prompt."""
         ps = self.page_size
         pages = _cdiv(num_tokens, ps)
         if token_ids is None or not self.enable_prefix_caching:
-            return pages, [], 0, []
-        hashes: list[int] = []
+            return pages, [], 0
         hits: list[int] = []
-        parent_hash, parent = 0, (-1, 0)
+        h, parent = 0, ROOT
         for i in range(num_tokens // ps):
+            # NOTE: one hash-chain probe per full page, confirmed by content (tokens, salt and
+            # parent node); the match stops at the first page not cached.
             block = tuple(token_ids[i * ps : (i + 1) * ps])
-            parent_hash = page_hash(parent_hash, block, salt) & self._hash_mask
-            hashes.append(parent_hash)
-            if len(hits) == i:
-                page = self._index.get(parent_hash)
-                if page is not None and self._page_key[page].matches(block, salt, parent):
-                    hits.append(page)
-                    parent = (page, self._page_gen[page])
+            h = page_hash(h, block, salt) & self._hash_mask
+            node = self._prefix.find(h, parent, salt, block)
+            page = NONE if node == NONE else self._prefix.pick_page(node, self._ref_count)
+            if page == NONE:
+                break
+            hits.append(page)
+            parent = node
         num_cached = min(len(hits) * ps, num_tokens - 1)
         copy = 1 if num_cached < len(hits) * ps else 0
         evictable_hits = sum(1 for page in hits if self._ref_count[page] == 0)
-        return pages - len(hits) + copy + evictable_hits, hits, num_cached, hashes
+        return pages - len(hits) + copy + evictable_hits, hits, num_cached
 
-    def _cache_page(self, table: array, i: int, h: int, block, salt: int) -> bool:
-        """Index the full page ``table[i]`` under ``h`` if its parent page is cached; returns
-        whether it was indexed."""
+    def _index_page(self, seq_id: int, table: array, i: int, block: tuple) -> bool:
+        """Offer page ``i`` of a sequence, whose tokens are ``block``, to the index: its node is
+        found or made after the sequence's last one, and the page joins it unless it is a
+        released (NULL) entry or cached already. Returns whether the page was attached."""
+        prefix = self._prefix
+        parent = self._seq_node[seq_id]
+        salt = self._seq_salt[seq_id]
+        h = page_hash(prefix.hash_of(parent), block, salt) & self._hash_mask
+        node = prefix.child(h, parent, salt, block)
+        prefix.acquire(node)
+        prefix.release(parent)  # NOTE: after acquire: the parent is the new node's parent
+        self._seq_node[seq_id] = node
         page = table[i]
-        if page == NULL_PAGE:
-            return False  # released by a sliding window before it was committed
-        if i == 0:
-            parent = (-1, 0)
-        else:
-            prev = table[i - 1]
-            if prev == NULL_PAGE or self._page_hash[prev] is None:
-                return False
-            parent = (prev, self._page_gen[prev])
-        # NOTE: the first page indexed under a hash keeps it; an identical or colliding page
-        # computed later is simply not cached.
-        if h in self._index or self._page_hash[page] is not None:
+        if page == NULL_PAGE or prefix.is_cached(page):
             return False
-        self._index[h] = page
-        self._page_hash[page] = h
-        self._page_key[page] = _CacheKey(tuple(block), salt, parent)
+        prefix.attach(page, node)
         return True
 
-    def _uncache(self, page: int) -> None:
-        del self._index[self._page_hash[page]]
-        self._page_hash[page] = None
-        self._page_key[page] = None
-        self._page_gen[page] += 1
+    def _reattach(self, seq_id: int, table: array) -> None:
+        """Attach a swapped-in sequence's new pages to the nodes of its indexed pages."""
+        node = self._seq_node.get(seq_id, ROOT)
+        chain = []
+        while node != ROOT:
+            chain.append(node)
+            node = self._prefix.parent_of(node)
+        for i, node in enumerate(reversed(chain)):
+            page = table[i]
+            if page != NULL_PAGE and not self._prefix.is_cached(page):
+                self._prefix.attach(page, node)
 
     def _take_free_page(self) -> int:
         if self._free:
             page = self._free.popleft()
         else:
             page, _ = self._evictable.popitem(last=False)
-            self._uncache(page)
+            self._prefix.detach(page)  # NOTE: evicted: its node may be deleted, or stay a ghost
         self._ref_count[page] = 1
         return page
 
@@ -572,7 +568,7 @@ class ReferenceBlockManager:
     def _release(self, page: int) -> None:
         self._ref_count[page] -= 1
         if self._ref_count[page] == 0:
-            if self._page_hash[page] is None:
+            if not self._prefix.is_cached(page):
                 self._free.append(page)
             else:
                 self._evictable[page] = None
@@ -661,18 +657,13 @@ class ReferenceBlockManager:
         """Offer to the index, in order, each full page of the sequence's pending token ids
         (which end at position ``end``) lying wholly before ``stop``; returns pages indexed."""
         tail = self._seq_tail[seq_id]
-        salt = self._seq_salt[seq_id]
         ps = self.page_size
         page = (end - len(tail)) // ps
-        h = self._seq_hash[seq_id]
         offered = indexed = 0
         while len(tail) - offered >= ps and (page + 1) * ps <= stop:
-            block = tail[offered : offered + ps]
-            h = page_hash(h, block, salt) & self._hash_mask
-            indexed += self._cache_page(table, page, h, block, salt)
+            indexed += self._index_page(seq_id, table, page, tuple(tail[offered : offered + ps]))
             offered += ps
             page += 1
         if offered:
             del tail[:offered]  # NOTE: once per call, not per page (a long prompt's tail)
-            self._seq_hash[seq_id] = h
         return indexed

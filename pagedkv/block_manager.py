@@ -330,9 +330,10 @@ class BlockManager:
         """Report that the first ``num_computed_tokens`` tokens of ``seq_id`` have their KV written.
 
         With prefix caching, each full page wholly inside them that is not matchable yet
-        becomes matchable, in order (a page is indexed only if its parent page is, and the first
-        page indexed under a hash keeps it). Call it after each prefill chunk's writes are
-        issued, with the number of tokens computed so far; appends commit by themselves.
+        becomes matchable, in order, under its content prefix (whatever became of the pages
+        before it; a duplicate of a cached page is findable too). Call it after each prefill
+        chunk's writes are issued, with the number of tokens computed so far; appends commit by
+        themselves.
 
         Args:
             seq_id: a sequence on the GPU.

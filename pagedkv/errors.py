@@ -196,8 +196,11 @@ INVARIANT_DETAILS: dict[str, tuple[str, str]] = {
     "free_queue_cached": ("free_queue_cached", "page {0} on the {1} queue has hash {2}"),
     "conservation": ("conservation", "{0} free + {1} referenced pages != {2} total"),
     "cpu_conservation": ("cpu_conservation", "{0} free + {1} referenced cpu pages != {2}"),
-    "hash_index": ("hash_index", "index maps hash {0:#x} to page {1}, which carries {2}"),
-    "hash_index_size": ("hash_index", "{0} pages carry a hash but the index has {1} entries"),
+    "hash_index": ("hash_index", "node {1} (hash {0:#x}) is not on the index's chain for its hash"),
+    "hash_index_size": ("hash_index", "{0} pages are cached but the nodes' page lists hold {1}"),
+    "node_pages": ("hash_index", "page {0} is on the page list of node {2} but is cached under node {1}"),
+    "node_dependents": ("node_dependents", "node {0} counts {1} dependents but {2} child nodes and sequences "
+                        "chain after it (a node with neither and no page must be deleted)"),
     "committed_tokens": ("committed_tokens", "sequence {0} has {1} committed tokens but holds {2}"),
     "pending_tokens": ("committed_tokens", "sequence {0} holds {1} tokens but its {2} token ids not yet offered to "
                        "the prefix cache do not start at a page boundary"),

@@ -207,14 +207,18 @@ def test_commit_makes_pages_matchable_in_order_and_is_monotone():
     mgr.check_invariants()
 
 
-def test_commit_keeps_the_chaining_and_first_owner_rules():
+def test_duplicates_computed_at_once_are_all_cached():
     mgr = _mgr()
     mgr.allocate(0, token_ids=range(12), num_computed_tokens=0)
     mgr.allocate(1, token_ids=range(12), num_computed_tokens=0)  # nothing to hit yet
-    assert mgr.commit(1, 12) == 3  # sequence 1 writes first: its pages own the hashes
-    assert mgr.commit(0, 12) == 0  # identical pages computed later are not cached
+    assert mgr.commit(1, 12) == 3
+    assert mgr.commit(0, 12) == 3  # the same content computed twice: both copies are findable
+    assert mgr.prefix_cache_stats().num_cached_pages == 6
     assert mgr.allocate(2, token_ids=range(12)).num_cached_tokens == 11
-    assert mgr.page_table(2)[:2] == mgr.page_table(1)[:2]
+    assert mgr.page_table(2)[:2] in (mgr.page_table(0)[:2], mgr.page_table(1)[:2])
+    mgr.free(0)
+    mgr.free(2)  # sequence 1 keeps its copy; sequence 0's stays findable until evicted
+    assert mgr.allocate(3, token_ids=range(12)).num_cached_tokens == 11
     mgr.check_invariants()
 
 
@@ -273,18 +277,20 @@ def test_fork_copies_the_committed_state():
     mgr.check_invariants()
 
 
-def test_window_released_or_swapped_pages_are_never_indexed():
+def test_window_released_and_swapped_pages_keep_the_chain():
     mgr = _mgr(num_cpu_pages=8)
     mgr.allocate(0, token_ids=range(12), num_computed_tokens=0)
     assert mgr.release_window(0, 5) == 1  # page 0 released before it was committed
-    assert mgr.commit(0, 12) == 0  # page 1's parent is not indexed: nothing is
-    mgr.allocate(1, token_ids=range(12), num_computed_tokens=4)
+    assert mgr.commit(0, 12) == 2  # pages 1 and 2 chain after page 0's content, not its page
+    assert mgr.can_allocate(token_ids=range(12))
+    mgr.allocate(1, token_ids=range(12), num_computed_tokens=4)  # page 0 is not cached: a miss
+    assert mgr.snapshot()["stats"]["hit_tokens"] == 0
     mgr.swap_out([1])
     with pytest.raises(SequenceSwapped):
         mgr.commit(1, 8)
-    mgr.swap_in([1])
-    assert mgr.commit(1, 12) == 0  # swapped-in pages are not cached, so nothing chains onto them
-    assert mgr.prefix_cache_stats().num_cached_pages == 1
+    mgr.swap_in([1])  # the page brought back holds committed content: it is indexed again
+    assert mgr.commit(1, 12) == 2  # duplicates of sequence 0's pages 1 and 2
+    assert mgr.allocate(2, token_ids=range(12)).num_cached_tokens == 11  # the whole prompt again
     mgr.check_invariants()
 
 
@@ -347,7 +353,7 @@ def test_chunked_prefill_trace_replays_on_every_backend(tmp_path):
     mgr = _mgr(record=path)
     mgr.allocate(0, token_ids=range(12), num_computed_tokens=4)
     mgr.allocate(1, token_ids=range(12))
-    assert mgr.commit(0, 12) == 0
+    assert mgr.commit(0, 12) == 2  # duplicates of sequence 1's pages 1 and 2
     with pytest.raises(InvalidArgument):
         mgr.commit(0, 13)
     mgr.free(1)

@@ -1,0 +1,221 @@
+"""The prefix index of the reference block manager: cached pages found by their content prefix.
+
+A *node* stands for one content prefix: the token ids of one full page, the salt, and the node
+of the prefix before it (``ROOT`` for a first page). Its key in the hash index is the chained
+page hash of that content; a lookup confirms a node by comparing its tokens, salt and parent
+node, and node ids are unique among live nodes, so a hash collision is a miss, never a wrong hit.
+
+Pages attach to nodes: every physical page whose KV holds a node's content is on that node's
+page list, so duplicates (two prefills of one prompt computed at once, the private copy of a
+whole-prompt hit, a swapped-in page) are all findable. A page stays findable until it is evicted
+(``detach``), whatever happens to the pages before it: its node does not depend on any page.
+
+A node lives while it has pages or *dependents*: its child nodes and the sequences whose
+last indexed page it is (``acquire``/``release``). A node without either is deleted, and its
+parent may follow. A node with dependents but no pages is a *ghost*: it keeps the chain's
+identity, so when an evicted prefix is computed again its new pages join the same nodes and the
+pages cached after it are found again.
+
+``csrc/prefix_index.cpp`` is the C++ twin, with the same node ids (a free stack: the last id
+freed is reused first), list orders and results. Must not import torch, triton or hypothesis.
+"""
+
+from __future__ import annotations
+
+#: Parent of a first page's node.
+ROOT = -1
+#: No page / no node.
+NONE = -1
+
+
+class PrefixIndex:
+    """Nodes, their hash chains and their page lists (see the module docstring)."""
+
+    def __init__(self, num_pages: int):
+        # per node (index = node id); a freed id is pushed on _free_nodes
+        self._hash: list[int] = []
+        self._salt: list[int] = []
+        self._parent: list[int] = []
+        self._tokens: list[tuple | None] = []
+        self._deps: list[int] = []
+        self._first_page: list[int] = []
+        self._next_same_hash: list[int] = []
+        self._free_nodes: list[int] = []
+        # hash -> first node of its chain (nodes with equal hashes, newest first)
+        self._chains: dict[int, int] = {}
+        # per page: its node and its neighbours on the node's page list (newest first)
+        self._page_node = [NONE] * num_pages
+        self._page_next = [NONE] * num_pages
+        self._page_prev = [NONE] * num_pages
+        self.num_cached_pages = 0
+
+    # ---------------------------------------------------------------- lookups
+    def find(self, h: int, parent: int, salt: int, block: tuple) -> int:
+        """The node of ``block`` after ``parent`` under ``salt`` (its hash is ``h``), or NONE."""
+        node = self._chains.get(h, NONE)
+        while node != NONE:
+            if self._parent[node] == parent and self._salt[node] == salt and self._tokens[node] == block:
+                return node
+            node = self._next_same_hash[node]
+        return NONE
+
+    def pick_page(self, node: int, ref_count: list[int]) -> int:
+        """A page holding ``node``'s content: the first referenced one on its list (taking it
+        costs no free page), else the first one; NONE for a ghost."""
+        page = self._first_page[node]
+        while page != NONE:
+            if ref_count[page]:
+                return page
+            page = self._page_next[page]
+        return self._first_page[node]
+
+    def node_of(self, page: int) -> int:
+        return self._page_node[page]
+
+    def is_cached(self, page: int) -> bool:
+        return self._page_node[page] != NONE
+
+    def hash_of(self, node: int) -> int:
+        """The chained hash a child of ``node`` starts from (0 for ROOT)."""
+        return 0 if node == ROOT else self._hash[node]
+
+    def parent_of(self, node: int) -> int:
+        return self._parent[node]
+
+    # ------------------------------------------------------------- mutations
+    def child(self, h: int, parent: int, salt: int, block: tuple) -> int:
+        """``find``, or a new node for that content (the parent gains a dependent)."""
+        node = self.find(h, parent, salt, block)
+        if node != NONE:
+            return node
+        if self._free_nodes:
+            node = self._free_nodes.pop()
+            self._hash[node], self._salt[node], self._parent[node] = h, salt, parent
+            self._tokens[node], self._deps[node], self._first_page[node] = block, 0, NONE
+        else:
+            node = len(self._hash)
+            for column, value in ((self._hash, h), (self._salt, salt), (self._parent, parent),
+                                  (self._tokens, block), (self._deps, 0), (self._first_page, NONE),
+                                  (self._next_same_hash, NONE)):
+                column.append(value)
+        self._next_same_hash[node] = self._chains.get(h, NONE)
+        self._chains[h] = node
+        if parent != ROOT:
+            self._deps[parent] += 1
+        return node
+
+    def attach(self, page: int, node: int) -> None:
+        """Put an uncached ``page`` on ``node``'s page list (at its head)."""
+        head = self._first_page[node]
+        self._page_node[page] = node
+        self._page_prev[page] = NONE
+        self._page_next[page] = head
+        if head != NONE:
+            self._page_prev[head] = page
+        self._first_page[node] = page
+        self.num_cached_pages += 1
+
+    def detach(self, page: int) -> None:
+        """``page`` no longer holds its node's content (evicted or reset)."""
+        node = self._page_node[page]
+        prev, nxt = self._page_prev[page], self._page_next[page]
+        if prev == NONE:
+            self._first_page[node] = nxt
+        else:
+            self._page_next[prev] = nxt
+        if nxt != NONE:
+            self._page_prev[nxt] = prev
+        self._page_node[page] = self._page_next[page] = self._page_prev[page] = NONE
+        self.num_cached_pages -= 1
+        self._collect(node)
+
+    def acquire(self, node: int) -> None:
+        """A sequence chains its next pages after ``node`` (ROOT: nothing to hold)."""
+        if node != ROOT:
+            self._deps[node] += 1
+
+    def release(self, node: int) -> None:
+        """The counterpart of ``acquire``."""
+        if node != ROOT:
+            self._deps[node] -= 1
+            self._collect(node)
+
+    def clear_pages(self) -> None:
+        """Detach every page (``reset_prefix_cache``), in page order; ghosts with dependents stay."""
+        for page, node in enumerate(self._page_node):
+            if node != NONE:
+                self.detach(page)
+
+    def _collect(self, node: int) -> None:
+        """Delete ``node`` and then its ancestors while they have neither pages nor dependents."""
+        while node != ROOT and self._deps[node] == 0 and self._first_page[node] == NONE:
+            h, parent = self._hash[node], self._parent[node]
+            if self._chains[h] == node:
+                nxt = self._next_same_hash[node]
+                if nxt == NONE:
+                    del self._chains[h]
+                else:
+                    self._chains[h] = nxt
+            else:
+                prev = self._chains[h]
+                while self._next_same_hash[prev] != node:
+                    prev = self._next_same_hash[prev]
+                self._next_same_hash[prev] = self._next_same_hash[node]
+            self._tokens[node] = None
+            self._parent[node] = ROOT
+            self._next_same_hash[node] = NONE
+            self._free_nodes.append(node)
+            if parent != ROOT:
+                self._deps[parent] -= 1
+            node = parent
+
+    # ----------------------------------------------------------- inspection
+    def live_nodes(self) -> list[int]:
+        free = set(self._free_nodes)
+        return [n for n in range(len(self._hash)) if n not in free]
+
+    def pages_of(self, node: int) -> list[int]:
+        pages, page = [], self._first_page[node]
+        while page != NONE:
+            pages.append(page)
+            page = self._page_next[page]
+        return pages
+
+    def snapshot(self) -> tuple[dict, dict]:
+        """(page -> (node, hash) for every cached page, node -> (hash, parent, dependents,
+        pages in list order) for every live node), both sorted."""
+        pages = {p: (n, self._hash[n]) for p, n in enumerate(self._page_node) if n != NONE}
+        nodes = {n: (self._hash[n], self._parent[n], self._deps[n], tuple(self.pages_of(n)))
+                 for n in self.live_nodes()}
+        return pages, nodes
+
+    def check(self, sequence_refs: dict[int, int]) -> tuple[str, tuple] | None:
+        """The first broken invariant as (key of ``INVARIANT_DETAILS``, fields), or None.
+
+        ``sequence_refs``: node -> number of sequences that ``acquire``-d it.
+        """
+        live = self.live_nodes()
+        children: dict[int, int] = {}
+        for node in live:
+            if self._parent[node] != ROOT:
+                children[self._parent[node]] = children.get(self._parent[node], 0) + 1
+        on_list = 0
+        for node in live:
+            chain = self._chains.get(self._hash[node], NONE)
+            while chain != NONE and chain != node:
+                chain = self._next_same_hash[chain]
+            if chain != node:
+                return "hash_index", (self._hash[node], node)
+            want = children.get(node, 0) + sequence_refs.get(node, 0)
+            if self._deps[node] != want:
+                return "node_dependents", (node, self._deps[node], want)
+            if want == 0 and self._first_page[node] == NONE:
+                return "node_dependents", (node, 0, 0)
+            for page in self.pages_of(node):
+                if self._page_node[page] != node:
+                    return "node_pages", (page, self._page_node[page], node)
+                on_list += 1
+        cached = sum(1 for n in self._page_node if n != NONE)
+        if not on_list == cached == self.num_cached_pages:
+            return "hash_index_size", (cached, on_list)
+        return None
