@@ -51,7 +51,10 @@ def soak(backend: str, num_ops: int, seed: int = 0, check_every: int = 1000,
         if len(live) + len(swapped) > 40 and r < 0.62:
             r = 0.7  # NOTE: keep the population bounded so that most calls can succeed
         try:
-            if r < 0.18 or not live:
+            if i % 16 == 15:
+                op = "end_step"  # NOTE: an engine's step ends; pages pinned for its copies go free
+                mgr.end_step()
+            elif r < 0.18 or not live:
                 op = "allocate"
                 n = rng.randint(1, 40)
                 if rng.random() < 0.6:
@@ -118,6 +121,7 @@ def soak(backend: str, num_ops: int, seed: int = 0, check_every: int = 1000,
     mgr.check_invariants()
     for seq in live + swapped:
         mgr.free(seq)
+    mgr.end_step()  # NOTE: pages only the last step's copies held go back to the free queues
     mgr.check_invariants()
     if mgr.num_free_pages != num_pages or mgr.num_free_cpu_pages != num_cpu_pages or mgr.num_sequences:
         raise AssertionError("freeing every sequence did not return the manager to a new-equivalent state")

@@ -128,6 +128,7 @@ NB_MODULE(_core, m) {
   invariant["pending_pages"] = int(Invariant::pending_pages);
   invariant["node_pages"] = int(Invariant::node_pages);
   invariant["node_dependents"] = int(Invariant::node_dependents);
+  invariant["pinned_page"] = int(Invariant::pinned_page);
   m.attr("STATUS") = status;
   m.attr("ARGUMENT") = argument;
   m.attr("INVARIANT") = invariant;
@@ -191,6 +192,7 @@ NB_MODULE(_core, m) {
       .def_prop_ro("num_cpu_pages", &BlockManager::num_cpu_pages)
       .def_prop_ro("num_free_pages", &BlockManager::num_free_pages)
       .def_prop_ro("num_free_cpu_pages", &BlockManager::num_free_cpu_pages)
+      .def_prop_ro("num_pinned_pages", &BlockManager::num_pinned_pages)
       .def_prop_ro("num_sequences", &BlockManager::num_sequences)
       .def("has_sequence", &BlockManager::has_sequence, "seq_id"_a)
       .def(
@@ -328,6 +330,7 @@ NB_MODULE(_core, m) {
           },
           "seq_id"_a, "window"_a)
       .def("reset_prefix_cache", &BlockManager::reset_prefix_cache)
+      .def("end_step", &BlockManager::end_step)
       .def(
           "can_swap_out",
           [](BlockManager& self, Int64Array seq_ids) -> nb::object {
@@ -433,12 +436,12 @@ NB_MODULE(_core, m) {
                                   arr(std::move(s.cpu_ref_count)), arr(std::move(s.seq_ids)),
                                   arr(std::move(s.num_tokens)), arr(std::move(s.indptr)),
                                   arr(std::move(s.pages)), arr(std::move(s.swapped)), cached, nodes,
-                                  stats);
+                                  arr(std::move(s.pinned)), arr(std::move(s.cpu_pinned)), stats);
           },
           "(free, evictable, ref_count, cpu_free, cpu_ref_count, seq_ids, num_tokens, indptr, "
           "pages, swapped) as numpy arrays, then the cached pages (pages, nodes, hashes), the live "
-          "nodes (ids, hashes, parents, dependents, indptr, pages) and (queries, hits, query_tokens, "
-          "hit_tokens).")
+          "nodes (ids, hashes, parents, dependents, indptr, pages), the pinned GPU and CPU pages, and "
+          "(queries, hits, query_tokens, hit_tokens).")
       .def("debug_set_ref_count", &BlockManager::debug_set_ref_count, "page_id"_a, "value"_a)
       .def("debug_set_page", &BlockManager::debug_set_page, "seq_id"_a, "index"_a, "page_id"_a);
 }

@@ -132,7 +132,12 @@ BlockManager::BlockManager(int64_t num_pages, int64_t page_size, int64_t waterma
       cpu_ref_count_(static_cast<size_t>(num_cpu_pages), 0),
       cpu_free_(static_cast<size_t>(num_cpu_pages)),
       cpu_mark_(static_cast<size_t>(num_cpu_pages), 0),
-      cpu_move_to_(static_cast<size_t>(num_cpu_pages), kNullPage) {
+      cpu_move_to_(static_cast<size_t>(num_cpu_pages), kNullPage),
+      pin_flags_(static_cast<size_t>(num_pages), 0),
+      cpu_pinned_flag_(static_cast<size_t>(num_cpu_pages), 0),
+      cpu_swapped_from_(static_cast<size_t>(num_cpu_pages), kNullPage) {
+  pinned_.reserve(static_cast<size_t>(num_pages));
+  cpu_pinned_.reserve(static_cast<size_t>(num_cpu_pages));
   // NOTE: a new manager's free queue is 0..N-1, head first, as in the reference; so is the
   // CPU free queue.
   const int32_t n = static_cast<int32_t>(num_pages);
@@ -201,18 +206,59 @@ int32_t BlockManager::take_free_page() {
 }
 
 void BlockManager::take_cached_page(int32_t page) {
-  // NOTE: O(1) removal from the middle of the evictable queue.
-  if (ref_count_[page] == 0) queue_remove(page);
+  // NOTE: O(1) removal from the middle of the evictable queue (a pinned page is on none).
+  if (ref_count_[page] == 0 && !(pin_flags_[page] & kPinned)) queue_remove(page);
   ++ref_count_[page];
 }
 
 void BlockManager::release(int32_t page) {
-  if (--ref_count_[page] == 0) queue_push_tail(is_cached(page) ? kEvictable : kFree, page);
+  if (--ref_count_[page] == 0 && !(pin_flags_[page] & kPinned)) enqueue(page);
 }
 
 void BlockManager::release_cpu(int32_t page) {
   if (page < 0 || page >= num_cpu_pages_) return;  // only reachable after corruption
-  if (--cpu_ref_count_[page] == 0) cpu_push_tail(page);
+  if (--cpu_ref_count_[page] == 0 && !cpu_pinned_flag_[page]) cpu_push_tail(page);
+}
+
+// ------------------------------------------------------------ step-safe copies
+void BlockManager::pin(int32_t page) {
+  if (pin_flags_[page] & kPinned) return;
+  pin_flags_[page] |= kPinned;
+  pinned_.push_back(page);  // within the capacity reserved at construction
+}
+
+void BlockManager::pin_cpu(int32_t page) {
+  if (cpu_pinned_flag_[page]) return;
+  cpu_pinned_flag_[page] = 1;
+  cpu_pinned_.push_back(page);  // within the capacity reserved at construction
+}
+
+void BlockManager::gpu_copy(int32_t src, int32_t dst, std::vector<int32_t>& copies) {
+  pin(src);
+  pin(dst);
+  pin_flags_[dst] |= kCopyDst;
+  copies.push_back(src);
+  copies.push_back(dst);
+}
+
+int64_t BlockManager::num_pinned_pages() const {
+  int64_t n = 0;
+  for (int32_t page : pinned_) n += ref_count_[page] == 0;
+  return n;
+}
+
+void BlockManager::end_step() {
+  for (int32_t page : pinned_) {
+    pin_flags_[page] = 0;
+    if (ref_count_[page] == 0) enqueue(page);
+  }
+  pinned_.clear();
+  for (int32_t page : cpu_pinned_) {
+    cpu_pinned_flag_[page] = 0;
+    cpu_swapped_from_[page] = kNullPage;
+    if (cpu_ref_count_[page] == 0) cpu_push_tail(page);
+  }
+  cpu_pinned_.clear();
 }
 
 int32_t BlockManager::cpu_pop_head() {
@@ -386,9 +432,8 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
     const int32_t src = pages.back();
     const int32_t dst = take_free_page();
     pages.back() = dst;
+    gpu_copy(src, dst, copies);
     release(src);
-    copies.push_back(src);
-    copies.push_back(dst);
   }
   while (pages.size() < len) pages.push_back(take_free_page());
   Sequence& seq = seqs_[slot];
@@ -419,10 +464,9 @@ void BlockManager::grow(Sequence& seq, int64_t num_tokens, int64_t new_len,
     // src -> dst before writing.
     const int32_t src = seq.pages.back();
     const int32_t dst = take_free_page();
+    gpu_copy(src, dst, copies);
     release(src);
     seq.pages.back() = dst;
-    copies.push_back(src);
-    copies.push_back(dst);
   }
   while (static_cast<int64_t>(seq.pages.size()) < new_len) seq.pages.push_back(take_free_page());
   seq.num_tokens = current + num_tokens;
@@ -480,7 +524,9 @@ Failure BlockManager::append_batch(const int64_t* seq_ids, size_t num_seq_ids,
   int64_t need = 0;
   int64_t total_tokens = 0;
   size_t num_copies = 0;
-  const int64_t free_pages = num_free_pages();
+  // NOTE: a new step: the copies returned since the last one have run, so their pinned pages
+  // are released first (and count as free for this call).
+  const int64_t free_pages = num_free_pages() + num_pinned_pages();
   for (size_t i = 0; i < num_seq_ids; ++i) {
     const int64_t seq_id = seq_ids[i];
     const int64_t n = num_tokens[i];
@@ -525,6 +571,7 @@ Failure BlockManager::append_batch(const int64_t* seq_ids, size_t num_seq_ids,
   out.slot_mapping.resize(static_cast<size_t>(total_tokens));
   out.copies.clear();
   out.copies.reserve(2 * num_copies);
+  end_step();  // nothing below allocates
   int64_t* slot_out = out.slot_mapping.data();
   const int64_t* tokens = token_ids.data;
   for (size_t i = 0; i < num_seq_ids; ++i) {
@@ -753,10 +800,13 @@ Failure BlockManager::check_invariants() const {
     Failure f = check_queue(queue, refs, on_queue);
     if (!f.ok()) return f;
   }
+  for (int32_t page : pinned_)
+    if (page >= 0 && page < n && on_queue[page]) return broken(Invariant::pinned_page, page, 0);
   int64_t used = 0;
   for (int64_t p = 0; p < n; ++p) used += refs[p] != 0;
-  if (used + num_free_pages() != n)
-    return broken(Invariant::conservation, num_free_pages(), used, n);
+  const int64_t pinned = num_pinned_pages();
+  if (used + num_free_pages() + pinned != n)
+    return broken(Invariant::conservation, num_free_pages() + pinned, used, n);
   int64_t cpu_used = 0;
   for (int64_t p = 0; p < num_cpu; ++p) cpu_used += cpu_refs[p] != 0;
   bool cpu_unique = true;
@@ -766,8 +816,15 @@ Failure BlockManager::check_invariants() const {
     cpu_unique = page >= 0 && page < num_cpu && !cpu_on_queue[page];
     if (cpu_unique) cpu_on_queue[page] = 1;
   }
-  if (cpu_used + cpu_free_size_ != num_cpu || !cpu_unique)
-    return broken(Invariant::cpu_conservation, cpu_free_size_, cpu_used, num_cpu);
+  int64_t cpu_pinned = 0;
+  for (int32_t page : cpu_pinned_) {
+    if (page < 0 || page >= num_cpu) continue;
+    cpu_pinned += cpu_refs[page] == 0;
+  }
+  for (int32_t page : cpu_pinned_)
+    if (page >= 0 && page < num_cpu && cpu_on_queue[page]) return broken(Invariant::pinned_page, page, 1);
+  if (cpu_used + cpu_free_size_ + cpu_pinned != num_cpu || !cpu_unique)
+    return broken(Invariant::cpu_conservation, cpu_free_size_ + cpu_pinned, cpu_used, num_cpu);
   if (enable_prefix_caching_) {
     std::vector<int64_t> seq_refs(static_cast<size_t>(prefix_.num_node_ids()), 0);
     for (const Sequence& seq : seqs_) {
@@ -831,6 +888,8 @@ Snapshot BlockManager::snapshot() const {
   } else {
     s.node_indptr.push_back(0);
   }
+  s.pinned = pinned_;
+  s.cpu_pinned = cpu_pinned_;
   s.stats = prefix_cache_stats();
   return s;
 }

@@ -90,6 +90,7 @@ enum class Invariant : int32_t {
   pending_pages = 16,          // values: seq_id, committed tokens, page index never offered
   node_pages = 17,             // values: page, the node it is cached under, the list's node
   node_dependents = 18,        // values: node, stored dependents, child nodes + sequences
+  pinned_page = 19,            // values: page, pool (0: GPU free queues, 1: CPU free queue)
 };
 
 // An expected failure, returned by value. `status == Status::ok` means success.
@@ -167,6 +168,8 @@ struct Snapshot {
   std::vector<int64_t> indptr;         // [num_sequences + 1] into pages
   std::vector<int32_t> pages;          // concatenated page tables
   std::vector<int64_t> swapped;        // ids of swapped-out sequences, ascending
+  std::vector<int32_t> pinned;         // GPU pages pinned for this step's copies, pin order
+  std::vector<int32_t> cpu_pinned;     // CPU pages pinned for this step's copies, pin order
   // Prefix index: every cached page (ascending) with its node and the node's hash ...
   std::vector<int32_t> cached_pages;
   std::vector<int32_t> cached_nodes;
@@ -285,8 +288,10 @@ class PrefixIndex {
 
   // The node of `block` (page_size ids) after `parent` under `salt`, whose hash is h; kNone.
   int32_t find(uint64_t h, int32_t parent, uint64_t salt, const int64_t* block) const;
-  // The first referenced page on node's list, else its first page; kNone for a ghost.
-  int32_t pick_page(int32_t node, const std::vector<int32_t>& ref_count) const;
+  // A page of node's: referenced and not a copy destination of this step (flags & 2), else
+  // any page not such a destination, else the first; kNone for a ghost.
+  int32_t pick_page(int32_t node, const std::vector<int32_t>& ref_count,
+                    const std::vector<uint8_t>& pin_flags) const;
   int32_t node_of(int32_t page) const { return page_node_[page]; }
   bool is_cached(int32_t page) const { return page_node_[page] != kNone; }
   uint64_t hash_of(int32_t node) const { return node == kRoot ? 0 : nodes_[node].hash; }
@@ -366,6 +371,8 @@ class BlockManager {
   // Both free queues: uncached and cached (evictable) pages.
   int64_t num_free_pages() const { return queues_[kFree].size + queues_[kEvictable].size; }
   int64_t num_free_cpu_pages() const { return cpu_free_size_; }
+  // GPU pages only a pending copy of this step holds (pinned, with ref_count 0).
+  int64_t num_pinned_pages() const;
   int64_t num_sequences() const { return static_cast<int64_t>(index_.size()); }
   bool has_sequence(int64_t seq_id) const { return index_.find(seq_id) >= 0; }
   Failure is_swapped(int64_t seq_id, bool& out) const;
@@ -407,6 +414,8 @@ class BlockManager {
   // Releases the pages wholly before the last `window` tokens (entries become kNullPage).
   Failure release_window(int64_t seq_id, int64_t window, int64_t& released);
   void reset_prefix_cache();
+  // The copies returned so far have run: release the pages pinned for them, in pin order.
+  void end_step();
 
   // ----------------------------------------------------------------- CPU tier
   // copies: (gpu_page, cpu_page) pairs for swap_out, (cpu_page, gpu_page) for swap_in.
@@ -488,6 +497,11 @@ class BlockManager {
   void release_cpu(int32_t page);
   int32_t cpu_pop_head();
   void cpu_push_tail(int32_t page);
+  // Step-safe copies (ReferenceBlockManager._pin, _pin_cpu, _gpu_copy).
+  void pin(int32_t page);
+  void pin_cpu(int32_t page);
+  void gpu_copy(int32_t src, int32_t dst, std::vector<int32_t>& copies);
+  void enqueue(int32_t page) { queue_push_tail(is_cached(page) ? kEvictable : kFree, page); }
 
   // Prefix caching (prefix_cache.cpp).
   struct AllocatePlan {
@@ -535,6 +549,8 @@ class BlockManager {
   // Distinct pages of seq_ids in first-seen order into moved_ (marked with epoch_ in
   // drop_epoch_ or cpu_mark_); checks ids and residence; fills batch_slots_.
   Failure pages_to_move(const int64_t* seq_ids, size_t n, bool to_cpu);
+  // Free GPU pages swap_in takes for moved_ (CPU pages swapped out in this step take none).
+  int64_t swap_in_need() const;
 
   static constexpr int32_t kNotQueued = -2;
 
@@ -567,6 +583,18 @@ class BlockManager {
   PrefixCacheStats stats_;  // counters only; sizes are filled in by prefix_cache_stats()
   std::vector<int32_t> hits_;     // scratch for allocate: hit pages
   std::vector<int64_t> block_;    // scratch: one page of token ids, assembled from two parts
+
+  // Step-safe copies: per GPU page, kPinned (a copy of this step reads or writes it) and
+  // kCopyDst (one writes it); the pinned pages in pin order (capacity num_pages, reserved at
+  // construction, so pinning never allocates). Per CPU page the same, and the GPU page a
+  // swap-out of this step moved into it (kNullPage: none).
+  static constexpr uint8_t kPinned = 1;
+  static constexpr uint8_t kCopyDst = 2;
+  std::vector<uint8_t> pin_flags_;
+  std::vector<int32_t> pinned_;
+  std::vector<uint8_t> cpu_pinned_flag_;
+  std::vector<int32_t> cpu_pinned_;
+  std::vector<int32_t> cpu_swapped_from_;
 
   // CPU tier: ref counts and a FIFO ring of free CPU pages.
   std::vector<int32_t> cpu_ref_count_;

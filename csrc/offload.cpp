@@ -49,10 +49,18 @@ Failure BlockManager::can_swap_out(const int64_t* seq_ids, size_t n, bool& out) 
   return Failure{};
 }
 
+int64_t BlockManager::swap_in_need() const {
+  // NOTE: a page swapped out in this step takes no free GPU page: its GPU page (pinned) still
+  // holds the content and is taken back.
+  int64_t need = 0;
+  for (int32_t cpu : moved_) need += cpu_swapped_from_[cpu] == kNullPage;
+  return need;
+}
+
 Failure BlockManager::can_swap_in(const int64_t* seq_ids, size_t n, bool& out) {
   Failure f = pages_to_move(seq_ids, n, false);
   if (!f.ok()) return f;
-  out = static_cast<int64_t>(moved_.size()) <= num_free_pages() - watermark_pages_;
+  out = swap_in_need() <= num_free_pages() - watermark_pages_;
   return Failure{};
 }
 
@@ -69,6 +77,9 @@ Failure BlockManager::swap_out(const int64_t* seq_ids, size_t n, std::vector<int
     const int32_t cpu = cpu_pop_head();
     drop_count_[page] = cpu;
     cpu_ref_count_[cpu] = 0;
+    pin(page);
+    pin_cpu(cpu);
+    cpu_swapped_from_[cpu] = page;
     copies.push_back(page);
     copies.push_back(cpu);
   }
@@ -91,20 +102,31 @@ Failure BlockManager::swap_out(const int64_t* seq_ids, size_t n, std::vector<int
 Failure BlockManager::swap_in(const int64_t* seq_ids, size_t n, std::vector<int32_t>& copies) {
   Failure f = pages_to_move(seq_ids, n, false);
   if (!f.ok()) return f;
-  const int64_t num_moved = static_cast<int64_t>(moved_.size());
+  const int64_t need = swap_in_need();
   const int64_t available = num_free_pages() - watermark_pages_;
-  if (num_moved > available)
-    return fail(Status::out_of_pages, num_moved, std::max<int64_t>(available, 0), num_pages_);
+  if (need > available)
+    return fail(Status::out_of_pages, need, std::max<int64_t>(available, 0), num_pages_);
   copies.clear();
   copies.reserve(2 * moved_.size());
   // Nothing below allocates.
   for (int32_t cpu : moved_) {
+    const int32_t reused = cpu_swapped_from_[cpu];
+    if (reused != kNullPage) {
+      // NOTE: swapped out in this step: its copy may not have run yet, but its GPU page is
+      // pinned (never handed out again in this step) and holds the content once the step's
+      // copies have run, so it is taken back as is.
+      cpu_move_to_[cpu] = reused;
+      continue;
+    }
     const int32_t page = take_free_page();
+    ref_count_[page] = 0;
+    pin_cpu(cpu);
+    pin(page);
+    pin_flags_[page] |= kCopyDst;
     cpu_move_to_[cpu] = page;
     copies.push_back(cpu);
     copies.push_back(page);
   }
-  for (int32_t cpu : moved_) ref_count_[cpu_move_to_[cpu]] = 0;
   for (size_t i = 0; i < n; ++i) {
     Sequence& seq = seqs_[batch_slots_[i]];
     for (size_t j = seq.pages.size(); j-- > 0;) {

@@ -88,7 +88,7 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
     const int64_t* block = token_ids.data + i * ps;
     h = page_hash(h, block, static_cast<size_t>(ps), salt) & hash_mask_;
     const int32_t node = prefix_.find(h, parent, salt, block);
-    const int32_t page = node == PrefixIndex::kNone ? kNullPage : prefix_.pick_page(node, ref_count_);
+    const int32_t page = node == PrefixIndex::kNone ? kNullPage : prefix_.pick_page(node, ref_count_, pin_flags_);
     if (page == kNullPage) break;
     hits_.push_back(page);
     parent = node;
@@ -97,8 +97,9 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
   const int64_t hit_tokens = num_hits * ps;
   plan.num_cached = std::min(hit_tokens, num_tokens - 1);
   plan.copy = plan.num_cached < hit_tokens;
+  // NOTE: a hit on a page only a pending copy pins takes no page from the free queues.
   int64_t evictable_hits = 0;
-  for (int32_t page : hits_) evictable_hits += ref_count_[page] == 0;
+  for (int32_t page : hits_) evictable_hits += ref_count_[page] == 0 && !(pin_flags_[page] & kPinned);
   plan.need = pages - num_hits + (plan.copy ? 1 : 0) + evictable_hits;
   return plan;
 }

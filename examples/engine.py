@@ -321,6 +321,7 @@ class Engine:
             self._swap_in()
             self._admit(chunks, budget)
         if not decoders and not chunks:
+            self.mgr.end_step()  # the copies of this step (swaps) have run
             return []
         # NOTE: each chunk's K/V is written by this step's forward pass, before any attention
         # reads it, so its pages may become matchable now. Committed after the admissions, so a
@@ -335,6 +336,9 @@ class Engine:
         self.stats.num_steps += 1
         self.cache.copy(cow_copies)  # copy-on-write before this step's writes
         logits, batch = self._run(decoders, decode_slots, chunks)
+        # NOTE: every copy of this step has run: the pages only they held can be reused. (The
+        # next step's append_batch would release them too; a step without decoders has none.)
+        self.mgr.end_step()
         return self._process(logits, batch)
 
     # ------------------------------------------------------------- scheduling

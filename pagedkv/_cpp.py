@@ -88,6 +88,8 @@ def _invariant_violation(name: str, values: tuple[int, ...]) -> InvariantViolati
         return InvariantViolation.of(name, page, "evictable" if evictable else "free", h & _MASK64 if has_hash else None)
     if name == "hash_index":
         return InvariantViolation.of(name, values[0] & _MASK64, values[1])
+    if name == "pinned_page":
+        return InvariantViolation.of(name, values[0], "cpu free" if values[1] else "free")
     return InvariantViolation.of(name, *values)
 
 
@@ -162,6 +164,10 @@ class CppBlockManager:
     @property
     def num_free_cpu_pages(self) -> int:
         return self._core.num_free_cpu_pages
+
+    @property
+    def num_pinned_pages(self) -> int:
+        return self._core.num_pinned_pages
 
     @property
     def num_sequences(self) -> int:
@@ -270,6 +276,9 @@ class CppBlockManager:
     def reset_prefix_cache(self) -> None:
         self._core.reset_prefix_cache()
 
+    def end_step(self) -> None:
+        self._core.end_step()
+
     # ----------------------------------------------------------------- CPU tier
     def can_swap_out(self, seq_ids: np.ndarray) -> bool:
         out = self._core.can_swap_out(seq_ids)
@@ -323,7 +332,7 @@ class CppBlockManager:
     def snapshot(self) -> dict:
         """Complete observable state, for parity and atomicity tests (as the reference's)."""
         (free, evictable, ref_count, cpu_free, cpu_ref_count, seq_ids, num_tokens, indptr, pages, swapped,
-         cached, nodes, stats) = self._core.snapshot()
+         cached, nodes, pinned, cpu_pinned, stats) = self._core.snapshot()
         cached_pages, cached_nodes, cached_hashes = (a.tolist() for a in cached)
         node_ids, node_hashes, node_parents, node_deps, node_indptr, node_pages = (a.tolist() for a in nodes)
         seq_ids, num_tokens, indptr, pages = seq_ids.tolist(), num_tokens.tolist(), indptr.tolist(), pages.tolist()
@@ -337,6 +346,8 @@ class CppBlockManager:
             "tables": {s: pages[indptr[i] : indptr[i + 1]] for i, s in enumerate(seq_ids)},
             "num_tokens": dict(zip(seq_ids, num_tokens)),
             "swapped": swapped.tolist(),
+            "pinned": pinned.tolist(),
+            "cpu_pinned": cpu_pinned.tolist(),
             "index": {p: (n, h) for p, n, h in zip(cached_pages, cached_nodes, cached_hashes)},
             "nodes": {n: (h, parent, deps, tuple(node_pages[node_indptr[i]:node_indptr[i + 1]]))
                       for i, (n, h, parent, deps) in enumerate(zip(node_ids, node_hashes, node_parents, node_deps))},

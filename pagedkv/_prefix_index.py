@@ -59,15 +59,22 @@ class PrefixIndex:
             node = self._next_same_hash[node]
         return NONE
 
-    def pick_page(self, node: int, ref_count: list[int]) -> int:
-        """A page holding ``node``'s content: the first referenced one on its list (taking it
-        costs no free page), else the first one; NONE for a ghost."""
-        page = self._first_page[node]
+    def pick_page(self, node: int, ref_count: list[int], copy_dsts) -> int:
+        """A page holding ``node``'s content, in this order of preference: referenced (taking it
+        costs no free page) and not the destination of a copy of this step (a copy from one
+        would have to wait for that copy), then any page that is not such a destination, then
+        the first page; NONE for a ghost."""
+        first = self._first_page[node]
+        fallback = NONE
+        page = first
         while page != NONE:
-            if ref_count[page]:
-                return page
+            if page not in copy_dsts:
+                if ref_count[page]:
+                    return page
+                if fallback == NONE:
+                    fallback = page
             page = self._page_next[page]
-        return self._first_page[node]
+        return first if fallback == NONE else fallback
 
     def node_of(self, page: int) -> int:
         return self._page_node[page]

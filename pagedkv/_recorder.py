@@ -27,7 +27,7 @@ FORMAT = "pagedkv-trace/1"
 
 #: Backend methods that are recorded; everything else (properties, snapshot) passes through.
 RECORDED = frozenset({
-    "allocate", "append", "append_batch", "commit", "fork", "free", "release_window", "reset_prefix_cache",
+    "allocate", "append", "append_batch", "commit", "fork", "free", "release_window", "reset_prefix_cache", "end_step",
     "swap_out", "swap_in", "can_allocate", "can_append", "can_swap_out", "can_swap_in",
     "page_table", "num_tokens", "page_tables", "csr", "slots", "is_swapped", "prefix_cache_stats",
 })

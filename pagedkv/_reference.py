@@ -76,6 +76,16 @@ class ReferenceBlockManager:
         # prefix cache: content-prefix nodes and the pages attached to them
         self._prefix = PrefixIndex(num_pages)
         self._stats = {"queries": 0, "hits": 0, "query_tokens": 0, "hit_tokens": 0}
+        # NOTE: step-safe copies. Every page a returned copy reads or writes is pinned until
+        # the next append_batch or end_step: a pinned page whose ref count drops to 0 stays off
+        # the free queues (it is counted in num_pinned_pages), so no later call of the same step
+        # can hand it out as another copy's destination. Pages in pin order, per pool.
+        self._pinned: dict[int, None] = {}
+        self._cpu_pinned: dict[int, None] = {}
+        self._copy_dsts: set[int] = set()  # GPU pages this step's copies write
+        # CPU pages written by this step's swap-outs -> the GPU page swapped out: a swap-in of
+        # one in the same step takes that page back instead of copying.
+        self._swapped_from: dict[int, int] = {}
         # CPU tier
         self._cpu_free: deque[int] = deque(range(num_cpu_pages))
         self._cpu_ref_count = [0] * num_cpu_pages
@@ -102,6 +112,11 @@ class ReferenceBlockManager:
     @property
     def num_free_cpu_pages(self) -> int:
         return len(self._cpu_free)
+
+    @property
+    def num_pinned_pages(self) -> int:
+        """GPU pages only a pending copy of this step holds (off the free queues until it ends)."""
+        return sum(1 for page in self._pinned if self._ref_count[page] == 0)
 
     @property
     def num_sequences(self) -> int:
@@ -177,8 +192,8 @@ class ReferenceBlockManager:
             src = table[-1]
             dst = self._take_free_page()
             table[-1] = dst
+            copies.append(self._gpu_copy(src, dst))
             self._release(src)
-            copies.append((src, dst))
         while len(table) < _cdiv(num_tokens, self.page_size):
             table.append(self._take_free_page())
         self._tables[seq_id] = table
@@ -220,8 +235,12 @@ class ReferenceBlockManager:
             seen.add(seq_id)
             self._resident_table(seq_id)
             need += self._pages_to_append(seq_id, n, cow_drops)
-        if need > self.num_free_pages:
-            raise OutOfPages(need, self.num_free_pages, self.num_pages)
+        # NOTE: a new step: the copies returned since the last one have run, so their pinned
+        # pages are released first (and count as free for this call).
+        available = self.num_free_pages + self.num_pinned_pages
+        if need > available:
+            raise OutOfPages(need, available, self.num_pages)
+        self.end_step()
         slots = np.empty(sum(num_tokens), dtype=np.int64)
         copies: list[tuple[int, int]] = []
         tokens = token_ids.tolist() if token_ids is not None else None
@@ -307,13 +326,31 @@ class ReferenceBlockManager:
         self._free.extend(self._evictable)
         self._evictable.clear()
 
+    def end_step(self) -> None:
+        """The copies returned so far have run: release the pages pinned for them, in pin order."""
+        for page in self._pinned:
+            if self._ref_count[page] == 0:
+                self._enqueue(page)
+        self._pinned.clear()
+        for cpu in self._cpu_pinned:
+            if self._cpu_ref_count[cpu] == 0:
+                self._cpu_free.append(cpu)
+        self._cpu_pinned.clear()
+        self._swapped_from.clear()
+        self._copy_dsts.clear()
+
     # ----------------------------------------------------------------- CPU tier
     def can_swap_out(self, seq_ids: np.ndarray) -> bool:
         return len(self._pages_to_move(seq_ids.tolist(), to_cpu=True)) <= len(self._cpu_free)
 
     def can_swap_in(self, seq_ids: np.ndarray) -> bool:
-        moved = len(self._pages_to_move(seq_ids.tolist(), to_cpu=False))
-        return moved <= self.num_free_pages - self.watermark_pages
+        moved = self._pages_to_move(seq_ids.tolist(), to_cpu=False)
+        return self._swap_in_need(moved) <= self.num_free_pages - self.watermark_pages
+
+    def _swap_in_need(self, moved: list[int]) -> int:
+        """Free GPU pages a swap-in of ``moved`` CPU pages takes: none for a page swapped out in
+        this step, whose GPU page (pinned) still holds its content and is reused."""
+        return sum(1 for cpu in moved if cpu not in self._swapped_from)
 
     def swap_out(self, seq_ids: np.ndarray) -> np.ndarray:
         seq_ids = seq_ids.tolist()
@@ -321,8 +358,13 @@ class ReferenceBlockManager:
         if len(moved) > len(self._cpu_free):
             raise OutOfPages(len(moved), len(self._cpu_free), self.num_cpu_pages, pool="cpu")
         mapping = {page: self._cpu_free.popleft() for page in moved}
+        copies = []
         for page, cpu in mapping.items():
             self._cpu_ref_count[cpu] = 0
+            self._pin(page)
+            self._pin_cpu(cpu)
+            self._swapped_from[cpu] = page
+            copies.append((page, cpu))
         for seq_id in seq_ids:
             table = self._tables[seq_id]
             for i, page in enumerate(table):
@@ -332,17 +374,32 @@ class ReferenceBlockManager:
             for page in reversed(self._old_pages(table, mapping)):
                 self._release(page)
             self._swapped.add(seq_id)
-        return np.array(list(mapping.items()), dtype=np.int32).reshape(-1, 2)
+        return np.array(copies, dtype=np.int32).reshape(-1, 2)
 
     def swap_in(self, seq_ids: np.ndarray) -> np.ndarray:
         seq_ids = seq_ids.tolist()
         moved = self._pages_to_move(seq_ids, to_cpu=False)
         available = self.num_free_pages - self.watermark_pages
-        if len(moved) > available:
-            raise OutOfPages(len(moved), max(available, 0), self.num_pages)
-        mapping = {cpu: self._take_free_page() for cpu in moved}
-        for cpu, page in mapping.items():
+        need = self._swap_in_need(moved)
+        if need > available:
+            raise OutOfPages(need, max(available, 0), self.num_pages)
+        mapping: dict[int, int] = {}
+        copies = []
+        for cpu in moved:
+            reused = self._swapped_from.get(cpu)
+            if reused is not None:
+                # NOTE: swapped out in this step: its copy may not have run yet, but its GPU page
+                # is pinned (never handed out again in this step) and holds the content once the
+                # step's copies have run, so it is taken back as is.
+                mapping[cpu] = reused
+                continue
+            page = self._take_free_page()
             self._ref_count[page] = 0
+            self._pin_cpu(cpu)
+            self._pin(page)
+            self._copy_dsts.add(page)
+            mapping[cpu] = page
+            copies.append((cpu, page))
         for seq_id in seq_ids:
             table = self._tables[seq_id]
             for i, cpu in enumerate(table):
@@ -353,7 +410,7 @@ class ReferenceBlockManager:
                 self._release_cpu(cpu)
             self._swapped.discard(seq_id)
             self._reattach(seq_id, table)
-        return np.array(list(mapping.items()), dtype=np.int32).reshape(-1, 2)
+        return np.array(copies, dtype=np.int32).reshape(-1, 2)
 
     # ------------------------------------------------------------ batch views
     def slots(self, seq_id: int, start: int, stop: int) -> np.ndarray:
@@ -432,12 +489,19 @@ class ReferenceBlockManager:
                     node = self._prefix.node_of(page)
                     raise InvariantViolation.of("free_queue_cached", page, queue,
                                                 None if node == NONE else self._prefix.hash_of(node))
+        for page in self._pinned:
+            if on_free[page]:
+                raise InvariantViolation.of("pinned_page", page, "free")
         used = sum(1 for r in refs if r)
-        if used + self.num_free_pages != n:
-            raise InvariantViolation.of("conservation", self.num_free_pages, used, n)
+        if used + self.num_free_pages + self.num_pinned_pages != n:
+            raise InvariantViolation.of("conservation", self.num_free_pages + self.num_pinned_pages, used, n)
         cpu_used = sum(1 for r in cpu_refs if r)
-        if cpu_used + len(self._cpu_free) != self.num_cpu_pages or len(set(self._cpu_free)) != len(self._cpu_free):
-            raise InvariantViolation.of("cpu_conservation", len(self._cpu_free), cpu_used, self.num_cpu_pages)
+        cpu_pinned = sum(1 for cpu in self._cpu_pinned if cpu_refs[cpu] == 0)
+        cpu_free = set(self._cpu_free)
+        if any(cpu in cpu_free for cpu in self._cpu_pinned):
+            raise InvariantViolation.of("pinned_page", next(c for c in self._cpu_pinned if c in cpu_free), "cpu free")
+        if cpu_used + len(self._cpu_free) + cpu_pinned != self.num_cpu_pages or len(cpu_free) != len(self._cpu_free):
+            raise InvariantViolation.of("cpu_conservation", len(self._cpu_free) + cpu_pinned, cpu_used, self.num_cpu_pages)
         refs_by_node: dict[int, int] = {}
         for node in self._seq_node.values():
             if node != ROOT:
@@ -471,6 +535,8 @@ class ReferenceBlockManager:
             "tables": {s: list(t) for s, t in sorted(self._tables.items())},
             "num_tokens": dict(sorted(self._num_tokens.items())),
             "swapped": sorted(self._swapped),
+            "pinned": list(self._pinned),
+            "cpu_pinned": list(self._cpu_pinned),
             **dict(zip(("index", "nodes"), self._prefix.snapshot())),
             "stats": dict(self._stats),
         }
@@ -511,14 +577,15 @@ class ReferenceBlockManager:
             block = tuple(token_ids[i * ps : (i + 1) * ps])
             h = page_hash(h, block, salt) & self._hash_mask
             node = self._prefix.find(h, parent, salt, block)
-            page = NONE if node == NONE else self._prefix.pick_page(node, self._ref_count)
+            page = NONE if node == NONE else self._prefix.pick_page(node, self._ref_count, self._copy_dsts)
             if page == NONE:
                 break
             hits.append(page)
             parent = node
         num_cached = min(len(hits) * ps, num_tokens - 1)
         copy = 1 if num_cached < len(hits) * ps else 0
-        evictable_hits = sum(1 for page in hits if self._ref_count[page] == 0)
+        # NOTE: a hit on a page only a pending copy pins takes no page from the free queues.
+        evictable_hits = sum(1 for page in hits if self._ref_count[page] == 0 and page not in self._pinned)
         return pages - len(hits) + copy + evictable_hits, hits, num_cached
 
     def _index_page(self, seq_id: int, table: array, i: int, block: tuple) -> bool:
@@ -561,22 +628,39 @@ class ReferenceBlockManager:
         return page
 
     def _take_cached_page(self, page: int) -> None:
-        if self._ref_count[page] == 0:
+        if self._ref_count[page] == 0 and page not in self._pinned:
             del self._evictable[page]  # NOTE: O(1) removal from the middle of the LRU queue
         self._ref_count[page] += 1
 
+    def _enqueue(self, page: int) -> None:
+        """An unreferenced page to the tail of its free queue: evictable if cached."""
+        if not self._prefix.is_cached(page):
+            self._free.append(page)
+        else:
+            self._evictable[page] = None
+
     def _release(self, page: int) -> None:
         self._ref_count[page] -= 1
-        if self._ref_count[page] == 0:
-            if not self._prefix.is_cached(page):
-                self._free.append(page)
-            else:
-                self._evictable[page] = None
+        if self._ref_count[page] == 0 and page not in self._pinned:
+            self._enqueue(page)
 
     def _release_cpu(self, page: int) -> None:
         self._cpu_ref_count[page] -= 1
-        if self._cpu_ref_count[page] == 0:
+        if self._cpu_ref_count[page] == 0 and page not in self._cpu_pinned:
             self._cpu_free.append(page)
+
+    def _pin(self, page: int) -> None:
+        self._pinned[page] = None
+
+    def _gpu_copy(self, src: int, dst: int) -> tuple[int, int]:
+        """A GPU page copy of this step: both pages are pinned until it ends."""
+        self._pin(src)
+        self._pin(dst)
+        self._copy_dsts.add(dst)
+        return src, dst
+
+    def _pin_cpu(self, page: int) -> None:
+        self._cpu_pinned[page] = None
 
     def _pages_to_move(self, seq_ids: list[int], to_cpu: bool) -> list[int]:
         """Distinct pages of ``seq_ids`` in first-seen order; checks ids and residence."""
@@ -625,9 +709,9 @@ class ReferenceBlockManager:
             # new tokens go to a fresh copy and the cache must copy src -> dst before writing.
             src = table[-1]
             dst = self._take_free_page()
+            copies.append(self._gpu_copy(src, dst))
             self._release(src)
             table[-1] = dst
-            copies.append((src, dst))
         for _ in range(_cdiv(current + num_tokens, self.page_size) - len(table)):
             table.append(self._take_free_page())
         self._num_tokens[seq_id] = current + num_tokens

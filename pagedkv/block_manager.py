@@ -212,6 +212,12 @@ class BlockManager:
         return self._impl.num_sequences
 
     @property
+    def num_pinned_pages(self) -> int:
+        """GPU pages that no sequence holds but a copy returned in this step still reads or writes:
+        off the free queues until the next ``append_batch`` or ``end_step`` (see ``end_step``)."""
+        return self._impl.num_pinned_pages
+
+    @property
     def enable_prefix_caching(self) -> bool:
         return self._impl.enable_prefix_caching
 
@@ -436,6 +442,21 @@ class BlockManager:
         """
         seq_id = check.seq_id(seq_id)
         return self._impl.release_window(seq_id, check.count("window", window))
+
+    def end_step(self) -> None:
+        """Say that every copy returned so far has been executed.
+
+        NOTE: step-safe copies. All copies returned since the last ``append_batch`` or
+        ``end_step`` (by ``allocate``, ``append``, ``append_batch``, ``swap_out`` and
+        ``swap_in``) can be executed together, as one batched launch, in any order: no copy's
+        destination is another pending copy's source or destination. To keep it so, every page
+        such a copy reads or writes is pinned; one that no sequence holds any more (freed,
+        preempted, copied away) stays off the free queues (``num_pinned_pages``) until this call
+        or the next ``append_batch``, which begins a new step and releases them first. Execute a
+        step's copies before that call. An engine that calls ``append_batch`` every step need
+        not call this; one that does not must, once per step.
+        """
+        self._impl.end_step()
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached page; cached free pages become plain free pages (LRU order kept)."""

@@ -371,7 +371,9 @@ def simulate(workload: Workload, allocator, *, max_len: int | None = None, num_s
             running.append(r)
             dirty = worked = True
 
-        # 4. record
+        # 4. the step's copies run (a BlockManager keeps their pages pinned until then), then record
+        if not static:
+            allocator.end_step()
         if worked:
             steps += 1
         if running or waiting:

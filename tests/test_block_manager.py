@@ -257,6 +257,8 @@ def test_freeing_everything_restores_a_new_equivalent_state():
     mgr.append(1, 4)
     mgr.free(0)
     mgr.free(1)
+    assert mgr.num_pinned_pages == 2  # the copy-on-write copy's pages, until the step ends
+    mgr.end_step()
     assert mgr.num_free_pages == 6 and mgr.num_sequences == 0
     assert all(mgr.ref_count(p) == 0 for p in range(6))
     assert sorted(mgr.snapshot()["free"]) == list(range(6))

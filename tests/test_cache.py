@@ -236,6 +236,7 @@ def test_block_manager_swap_plans_round_trip():
     cache.kv.copy_(torch.randn(cache.kv.shape))
     before = cache.kv[:, :, mgr.page_table(0)].clone()
     cache.swap(mgr.swap_out([0]))
+    mgr.end_step()  # a later step: the GPU pages may be reused (here: overwritten)
     cache.kv.zero_()
     cache.swap(mgr.swap_in([0]))
     assert torch.equal(cache.kv[:, :, mgr.page_table(0)], before)

@@ -31,5 +31,6 @@ def test_threads_share_a_locked_manager():
         t.join()
     assert errors == []
     mgr.check_invariants()
+    mgr.end_step()  # the last copies ran
     assert mgr.num_free_pages == 400 and mgr.num_sequences == 0
     assert "Locked" in repr(mgr) and 5 not in mgr

@@ -158,9 +158,14 @@ def random_op(rng: random.Random, lock: Lockstep) -> None:
         return rng.randint(1, 2 * page_size + 1)
 
     op = rng.choices(
-        ["allocate", "append", "append_batch", "fork", "free", "page_tables", "csr", "slots", "query", "commit"],
-        weights=[20, 15, 20, 12, 12, 8, 5, 5, 7, 3],
+        ["allocate", "append", "append_batch", "fork", "free", "page_tables", "csr", "slots", "query", "commit",
+         "end_step"],
+        weights=[20, 15, 20, 12, 12, 8, 5, 5, 7, 3, 3],
     )[0]
+    if op == "end_step":
+        lock.do("end_step")
+        lock.do("num_pinned_pages")
+        return
     if op == "allocate":
         lock.do("allocate", some_id() if rng.random() < 0.3 else rng.randrange(80), some_count())
     elif op == "append":
@@ -323,6 +328,7 @@ def drain(lock: Lockstep) -> None:
     """Free every sequence: both managers return to a state equivalent to a new one."""
     for seq_id in lock.live():
         lock.do("free", seq_id)
+    lock.do("end_step")  # NOTE: pages only this step's copies held go back to the free queues
     assert lock.cpp.num_free_pages == lock.cpp.num_pages
     assert lock.cpp.num_sequences == 0
     assert lock.cpp.num_free_cpu_pages == lock.cpp.num_cpu_pages
@@ -549,6 +555,8 @@ def test_direct_bad_arguments_raise_typed_errors():
         "tables": {0: [0]},
         "num_tokens": {0: 4},
         "swapped": [],
+        "pinned": [],
+        "cpu_pinned": [],
         "index": {},
         "nodes": {},
         "stats": {"queries": 0, "hits": 0, "query_tokens": 0, "hit_tokens": 0},
@@ -652,6 +660,7 @@ def test_hits_copies_evictions_and_reset_match():
     lock.do("allocate", 0, token_ids=[1, 2, 3, 4])  # pages 0 1, both cached
     outcome = lock.do("allocate", 1, token_ids=[1, 2, 3, 4])  # whole prompt cached: page 1 copied
     assert outcome[1] == ("Allocation", (("int", 3), ("ndarray", "int32", (1, 2), [[1, 2]])))
+    lock.do("end_step")  # the engine ran the copy
     lock.do("free", 0)
     lock.do("free", 1)  # evictable LRU: 1, then 2 (the private copy of page 1 is cached too), 0
     assert lock.py.snapshot()["evictable"] == [1, 2, 0]
@@ -780,6 +789,7 @@ def test_swap_and_window_errors_match():
         outcome = lock.do(op, *args)
         assert outcome[0] == "raised" and outcome[1] is error, (op, args, outcome)
     assert lock.do("is_swapped", 2)[1] == ("bool", True)
+    lock.do("end_step")  # the swap-out copies ran: a swap-in needs free GPU pages again
     lock.do("allocate", 3, 9)  # 5 pages: 1 left above the 2-page watermark
     outcome = lock.do("swap_in", [2])
     assert outcome[0] == "raised" and outcome[1] is OutOfPages and outcome[3][3] == "gpu"

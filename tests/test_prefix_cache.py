@@ -392,3 +392,36 @@ def test_shipped_machine_catches_hits_on_unwritten_pages():
     )
     with pytest.raises(AssertionError, match="reads back .*'unwritten'"):
         machine.TestCase().runTest()
+
+
+def test_a_pending_copy_source_is_never_another_copy_destination():
+    # The copy hazard: a whole-prompt hit copies its last page and lets it go. Until the step's
+    # copies have run (the next append_batch, or end_step), that page must not become the
+    # destination of another copy of the same step, so all of them can run as one launch.
+    mgr = _mgr(num_pages=7, page_size=2)
+    prompt_a, prompt_x = [1, 2, 3, 4], [5, 6, 7, 8]
+    mgr.allocate(0, token_ids=prompt_a)  # pages 0 1
+    mgr.allocate(1, token_ids=prompt_x)  # pages 2 3
+    mgr.free(0)
+    mgr.free(1)
+    mgr.allocate(9, 4)  # pages 4 5: one free page (6) is left
+    hit = mgr.allocate(2, token_ids=prompt_a)
+    assert hit.copies.tolist() == [[1, 6]]
+    assert mgr.num_pinned_pages == 1  # page 1: only the pending copy holds it
+    with pytest.raises(OutOfPages):  # its own copy would need page 1 as its destination
+        mgr.allocate(3, token_ids=prompt_x)
+    mgr.end_step()  # the engine ran the copies
+    assert mgr.num_pinned_pages == 0
+    assert mgr.allocate(3, token_ids=prompt_x).copies.tolist() == [[3, 1]]
+    mgr.check_invariants()
+
+
+def test_a_hit_prefers_a_page_no_pending_copy_writes():
+    mgr = _mgr(num_pages=8, page_size=2)
+    prompt = [1, 2, 3, 4]
+    mgr.allocate(0, token_ids=prompt)  # pages 0 1
+    mgr.free(0)
+    first = mgr.allocate(1, token_ids=prompt)  # whole prompt: page 1 copied to page 2
+    second = mgr.allocate(2, token_ids=prompt)  # page 2 holds it too, but its copy is pending
+    assert first.copies.tolist() == [[1, 2]] and second.copies[0, 0] == 1
+    mgr.check_invariants()

@@ -236,6 +236,7 @@ def test_swap_round_trip_moves_scales(kv_dtype, kv_scale):
     before = quant.byte_view(cache.kv)[:, :, pages].clone()
     before_scales = None if cache.scales is None else cache.scales[:, :, pages].clone()
     cache.swap(mgr.swap_out([0]))
+    mgr.end_step()  # a later step: the GPU pages may be reused (here: overwritten)
     cache.kv.zero_()
     if cache.scales is not None:
         cache.scales.zero_()

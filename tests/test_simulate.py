@@ -221,6 +221,8 @@ def naive(work, alloc, *, max_len=None, n=1, share=True, step_time=DEFAULT_STEP_
             del L[r]
         while waiting and admit(waiting[0]):
             running.append(waiting.popleft())
+        if hasattr(alloc, "end_step"):
+            alloc.end_step()  # the step's copies run: pages only they held are free again
         if running or waiting:
             rows.append((t, *measure(), len(running), len(waiting)))
         t += 1

@@ -13,7 +13,11 @@ def test_swap_out_and_in_round_trip():
     assert plan.direction == "out" and plan.copies.dtype == np.int32
     assert plan.copies.tolist() == [[0, 0], [1, 1], [2, 2]]
     assert mgr.is_swapped(0) and mgr.page_table(0) == [0, 1, 2]  # now CPU page ids
-    assert mgr.num_free_pages == 8 and mgr.num_free_cpu_pages == 1
+    # NOTE: the GPU pages stay pinned until the step's copies have run (end_step or the next
+    # append_batch), so no other copy of this step can overwrite them first.
+    assert mgr.num_free_pages == 5 and mgr.num_pinned_pages == 3 and mgr.num_free_cpu_pages == 1
+    mgr.end_step()
+    assert mgr.num_free_pages == 8
     with pytest.raises(SequenceSwapped, match="swap_in"):
         mgr.append(0)
     with pytest.raises(SequenceSwapped):
@@ -23,6 +27,8 @@ def test_swap_out_and_in_round_trip():
     assert plan.direction == "in"
     assert plan.copies.tolist() == [[0, 4], [1, 5], [2, 6]]
     assert not mgr.is_swapped(0) and mgr.page_table(0) == [4, 5, 6]
+    assert mgr.num_free_cpu_pages == 1  # the CPU pages are read by the pending swap-in copies
+    mgr.end_step()
     assert mgr.num_free_cpu_pages == 4
     mgr.append(0)
     mgr.check_invariants()
@@ -39,6 +45,19 @@ def test_shared_pages_move_once_and_stay_shared():
     mgr.swap_in([1, 0])
     assert mgr.page_table(0)[0] == mgr.page_table(1)[0]
     assert mgr.ref_count(mgr.page_table(0)[0]) == 2
+    mgr.check_invariants()
+
+
+def test_a_swap_in_in_the_step_of_its_swap_out_takes_the_gpu_pages_back():
+    mgr = BlockManager(num_pages=4, page_size=4, num_cpu_pages=4)
+    mgr.allocate(0, 8)  # pages 0 1
+    mgr.allocate(1, 8)  # pages 2 3: the pool is full
+    assert mgr.swap_out([0]).copies.tolist() == [[0, 0], [1, 1]]
+    assert mgr.num_free_pages == 0  # pinned: the swap-out copies have not run yet
+    plan = mgr.swap_in([0])  # preempted and resumed in one step: no copy, no free page needed
+    assert plan.copies.shape == (0, 2) and mgr.page_table(0) == [0, 1]
+    mgr.end_step()
+    assert mgr.num_free_cpu_pages == 4 and mgr.num_free_pages == 0
     mgr.check_invariants()
 
 
@@ -67,6 +86,7 @@ def test_swaps_are_all_or_nothing():
         mgr.swap_in([0])
     assert mgr.snapshot() == before
     mgr.swap_out([0])
+    mgr.end_step()
     mgr.allocate(2, 12)  # GPU now full but for 2 pages... 8 - 2 - 6 = 0 free
     assert not mgr.can_swap_in([0])
     with pytest.raises(OutOfPages):

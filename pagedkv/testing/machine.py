@@ -19,7 +19,11 @@ Invariants checked after every step:
   append first writes the rest, as an engine finishing the prefill in that step would). Only
   written positions are read back, so a prefix-cache hit on a page whose KV is not written yet
   reads poison and fails the shadow-store check;
-* freeing every sequence returns the manager to a state equivalent to a new one.
+* **step-safe copies** (managers with ``end_step``): the copies returned since the last
+  ``append_batch`` or ``end_step`` could run as one batched launch in any order: no copy's
+  destination is another pending copy's source or destination, in either pool;
+* freeing every sequence (and ending the step) returns the manager to a state equivalent to a
+  new one.
 
 Managers with ``enable_prefix_caching``, ``num_cpu_pages > 0`` or ``release_window`` also get
 rules for prompts from a tiny vocabulary (so hits happen), swaps, and sliding windows.
@@ -62,6 +66,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.cpu_store: dict[int, object] = {}  # CPU slot -> value
         self.next_value = 0
         self.next_seq = 0
+        self.steps = callable(getattr(self.mgr, "end_step", None))
+        # pages read / written by the copies returned in the current step, per pool
+        self.pending = {"gpu": (set(), set()), "cpu": (set(), set())}
 
     # ------------------------------------------------------------- helpers
     def _resident(self) -> list[int]:
@@ -97,9 +104,33 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def _slot(self, table: list[int], pos: int) -> int:
         return table[pos // self.page_size] * self.page_size + pos % self.page_size
 
+    def _new_step(self) -> None:
+        for reads, writes in self.pending.values():
+            reads.clear()
+            writes.clear()
+
+    def _check_step_safe(self, copies, src_pool: str, dst_pool: str) -> None:
+        """No copy of this step writes a page that another copy of the step reads or writes.
+
+        NOTE: a copy may read a page an earlier copy of the same step wrote (a copy-on-write of
+        a page that was itself copied in this step, after a fork): that pair must run in the
+        order returned, as it would anyway when each call's copies run before the next call.
+        """
+        if not self.steps:
+            return
+        for src, dst in copies:
+            src_reads = self.pending[src_pool][0]
+            dst_reads, dst_writes = self.pending[dst_pool]
+            assert dst not in dst_reads and dst not in dst_writes, (
+                f"copy ({src}, {dst}) writes {dst_pool} page {dst}, which another copy of this step reads or writes")
+            src_reads.add(src)
+            dst_writes.add(dst)
+
     def _copy_pages(self, copies, src_store=None, dst_store=None) -> None:
+        pools = {id(self.store): "gpu", id(self.cpu_store): "cpu"}
         src_store = self.store if src_store is None else src_store
         dst_store = self.store if dst_store is None else dst_store
+        self._check_step_safe(copies, pools[id(src_store)], pools[id(dst_store)])
         ps = self.page_size
         for src, dst in copies:
             for i in range(ps):
@@ -131,7 +162,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def _state(self):
         free_cpu = getattr(self.mgr, "num_free_cpu_pages", 0)
-        return (self.mgr.num_free_pages, free_cpu, {s: self.mgr.page_table(s) for s in self.history})
+        pinned = getattr(self.mgr, "num_pinned_pages", 0)
+        return (self.mgr.num_free_pages, free_cpu, pinned, {s: self.mgr.page_table(s) for s in self.history})
 
     def _expect_out_of_pages(self, call) -> None:
         before = self._state()
@@ -243,6 +275,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         except OutOfPages:
             assert self._state() == before, "a failed append_batch changed the manager"
             return
+        self._new_step()  # NOTE: an append_batch begins a step: the earlier copies have run
         for seq_id in seq_ids:
             self._finish_prefill(seq_id)  # an append commits the whole sequence
         self._copy_pages(plan.copies.tolist())
@@ -362,10 +395,20 @@ class BlockManagerMachine(RuleBasedStateMachine):
             raise AssertionError(f"{choice} did not raise {expected.__name__}")
         assert self._state() == before, f"a failed {choice} changed the manager"
 
+    @precondition(lambda self: self.steps)
+    @rule()
+    def end_step(self) -> None:
+        self.mgr.end_step()
+        self._new_step()
+        assert getattr(self.mgr, "num_pinned_pages", 0) == 0, "end_step left pages pinned"
+
     @rule()
     def free_all(self) -> None:
         for seq_id in list(self.history):
             self.mgr.free(seq_id)
+        if self.steps:
+            self.mgr.end_step()  # NOTE: a copy of this step may still pin pages nobody holds
+            self._new_step()
         self.history.clear()
         self.written.clear()
         self.prompt.clear()
@@ -389,8 +432,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def pages_are_conserved(self) -> None:
         tables = [[p for p in self.mgr.page_table(s) if p != -1] for s in self._resident()]
         referenced = {p for t in tables for p in t}
-        assert self.mgr.num_free_pages + len(referenced) == self.num_pages, (
-            f"{self.mgr.num_free_pages} free + {len(referenced)} referenced != {self.num_pages}"
+        pinned = getattr(self.mgr, "num_pinned_pages", 0)
+        assert self.mgr.num_free_pages + pinned + len(referenced) == self.num_pages, (
+            f"{self.mgr.num_free_pages} free + {pinned} pinned + {len(referenced)} referenced != {self.num_pages}"
         )
         if hasattr(self.mgr, "ref_count"):
             total_refs = sum(self.mgr.ref_count(p) for p in referenced)
