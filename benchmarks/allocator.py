@@ -11,6 +11,10 @@ Cases (issue 2):
               prefix, free each after use (µs per sequence, hit rate).
   long_match  prefix caching on: the prefix match of a cached 100k-token prompt (ms per
               allocate, all but the last page hit).
+  multi_turn  prefix caching on: conversations that resend prompt + answer every turn, several
+              at once, in a pool too small to keep them all (so pages are evicted), with and
+              without a sliding window; the hit rate next to the ideal cache's on the same pages
+              (pagedkv.ideal_cache.IdealPrefixCache) and the µs per turn.
 
 Usage: python benchmarks/allocator.py [--backends cpp python] [--batch-sizes 64 256 1024]
        [--steps 256] [--out results/allocator.jsonl]
@@ -29,9 +33,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, write_records  # noqa: E402
 
-from pagedkv import BlockManager  # noqa: E402
+from pagedkv import BlockManager, OutOfPages  # noqa: E402
 from pagedkv._backend import resolve  # noqa: E402
 from pagedkv.errors import BackendUnavailable  # noqa: E402
+from pagedkv.ideal_cache import IdealPrefixCache  # noqa: E402
 
 PAGE_SIZE = 16
 
@@ -108,6 +113,53 @@ def bench_long_match(backend: str, length: int = 100_000, repeats: int = 5) -> d
     return {"case": "long_match", "prompt_len": length, "calls": repeats, "ms_per_call": min(times) / 1e6}
 
 
+def _multi_turn(mgr, window: int | None, conversations: int, turns: int, seed: int) -> int:
+    """Multi-turn chat on ``mgr`` (a BlockManager or an IdealPrefixCache around one): each turn
+    sends the whole history plus a new message, then decodes an answer token by token (appends
+    with token ids; with ``window``, release_window every step). Returns the turns run."""
+    rng = np.random.default_rng(seed)
+    system = rng.integers(0, 32000, 200).tolist()
+    history = [list(system) for _ in range(conversations)]
+    end_step = mgr.mgr.end_step if isinstance(mgr, IdealPrefixCache) else mgr.end_step
+    seq_id = done = 0
+    for _ in range(turns):
+        for c in range(conversations):
+            prompt = history[c] + rng.integers(0, 32000, int(rng.integers(20, 120))).tolist()
+            answer = rng.integers(0, 32000, int(rng.integers(20, 200))).tolist()
+            seq_id += 1
+            try:
+                mgr.allocate(seq_id, token_ids=prompt)
+            except OutOfPages:
+                continue  # NOTE: a turn that does not fit is skipped; the history keeps its turn
+            for token in answer:
+                mgr.append(seq_id, token_ids=[token])
+                if window is not None:
+                    mgr.release_window(seq_id, window)
+                end_step()
+            mgr.free(seq_id)
+            history[c] = prompt + answer
+            done += 1
+    return done
+
+
+def bench_multi_turn(backend: str, window: int | None, conversations: int = 24, turns: int = 6,
+                     num_pages: int = 640, seed: int = 0) -> dict:
+    """The multi-turn workload twice: timed on the manager alone, then through the ideal-cache
+    oracle (same seed, same calls) for the ideal hit rate; the hits must be equal."""
+    mgr = BlockManager(num_pages, PAGE_SIZE, enable_prefix_caching=True, backend=backend)
+    start = time.perf_counter_ns()
+    turns_done = _multi_turn(mgr, window, conversations, turns, seed)
+    elapsed = time.perf_counter_ns() - start
+    mgr.check_invariants()
+    stats = mgr.prefix_cache_stats()
+    oracle = IdealPrefixCache(BlockManager(num_pages, PAGE_SIZE, enable_prefix_caching=True, backend=backend))
+    _multi_turn(oracle, window, conversations, turns, seed)
+    assert oracle.hit_tokens == oracle.ideal_hit_tokens == stats.hit_tokens, "a hit differs from the ideal"
+    return {"case": "multi_turn", "window": window, "turns": turns_done, "num_pages": num_pages,
+            "hit_rate": stats.hit_rate, "ideal_hit_rate": oracle.ideal_hit_tokens / oracle.query_tokens,
+            "us_per_turn": elapsed / max(turns_done, 1) / 1e3}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["cpp", "python"], choices=["cpp", "python"])
@@ -132,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             records.append(rec | {"backend": backend})
         records.append(bench_prefix(backend, 500) | {"backend": backend})
         records.append(bench_long_match(backend) | {"backend": backend})
+        for window in (None, 256):
+            records.append(bench_multi_turn(backend, window) | {"backend": backend})
 
-    print(f"{'backend':8} {'case':10} {'B':>6} {'figure':>36}")
+    print(f"{'backend':8} {'case':10} {'B':>6} {'figure':>60}")
     for r in records:
         if r["case"] == "decode":
             figure = f"{r['ns_per_seq_step']:.1f} ns/seq-step"
@@ -141,9 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             figure = f"{r['ms_per_call']:.2f} ms/call"
         elif r["case"] == "prefix":
             figure = f"{r['us_per_call']:.2f} us/call, hit rate {r['hit_rate']:.3f}"
+        elif r["case"] == "multi_turn":
+            label = "no window" if r["window"] is None else f"window {r['window']}"
+            figure = (f"{label}: hit rate {r['hit_rate']:.3f} (ideal {r['ideal_hit_rate']:.3f}), "
+                      f"{r['us_per_turn']:.0f} us/turn")
         else:
             figure = f"{r['us_per_call']:.2f} us/call"
-        print(f"{r['backend']:8} {r['case']:10} {r.get('batch_size', ''):>6} {figure:>36}")
+        print(f"{r['backend']:8} {r['case']:10} {r.get('batch_size', ''):>6} {figure:>60}")
     write_records(args.out, [r | {"env": env} for r in records])
     return 0
 
