@@ -109,6 +109,7 @@ NB_MODULE(_core, m) {
   argument["num_computed_tokens"] = int(Arg::num_computed_tokens);
   argument["num_computed_tokens_range"] = int(Arg::num_computed_tokens_range);
   argument["num_computed_tokens_stop"] = int(Arg::num_computed_tokens_stop);
+  argument["pinned_prefix"] = int(Arg::pinned_prefix);
   using pagedkv::Invariant;
   invariant["pages_cover_tokens"] = int(Invariant::pages_cover_tokens);
   invariant["page_in_range"] = int(Invariant::page_in_range);
@@ -208,9 +209,10 @@ NB_MODULE(_core, m) {
           [](const BlockManager& self) {
             const pagedkv::PrefixCacheStats s = self.prefix_cache_stats();
             return nb::make_tuple(s.queries, s.hits, s.query_tokens, s.hit_tokens,
-                                  s.num_cached_pages, s.num_evictable_pages);
+                                  s.num_cached_pages, s.num_evictable_pages, s.num_pinned_prefix_pages);
           },
-          "(queries, hits, query_tokens, hit_tokens, num_cached_pages, num_evictable_pages).")
+          "(queries, hits, query_tokens, hit_tokens, num_cached_pages, num_evictable_pages, "
+          "num_pinned_prefix_pages).")
       .def(
           "page_table",
           [](const BlockManager& self, int64_t seq_id) -> nb::object {
@@ -332,6 +334,22 @@ NB_MODULE(_core, m) {
       .def("reset_prefix_cache", &BlockManager::reset_prefix_cache)
       .def("end_step", &BlockManager::end_step)
       .def(
+          "pin_prefix",
+          [](BlockManager& self, Int64Array token_ids, uint64_t salt) -> nb::object {
+            int64_t pinned = 0;
+            Failure f = self.pin_prefix(token_ids_of(token_ids), salt, pinned);
+            return f.ok() ? nb::int_(pinned) : failure(f);
+          },
+          "token_ids"_a, "salt"_a = 0)
+      .def(
+          "unpin_prefix",
+          [](BlockManager& self, Int64Array token_ids, uint64_t salt) -> nb::object {
+            int64_t released = 0;
+            Failure f = self.unpin_prefix(token_ids_of(token_ids), salt, released);
+            return f.ok() ? nb::int_(released) : failure(f);
+          },
+          "token_ids"_a, "salt"_a = 0)
+      .def(
           "can_swap_out",
           [](BlockManager& self, Int64Array seq_ids) -> nb::object {
             bool ok = false;
@@ -436,7 +454,8 @@ NB_MODULE(_core, m) {
                                   arr(std::move(s.cpu_ref_count)), arr(std::move(s.seq_ids)),
                                   arr(std::move(s.num_tokens)), arr(std::move(s.indptr)),
                                   arr(std::move(s.pages)), arr(std::move(s.swapped)), cached, nodes,
-                                  arr(std::move(s.pinned)), arr(std::move(s.cpu_pinned)), stats);
+                                  arr(std::move(s.pinned)), arr(std::move(s.cpu_pinned)),
+                                  arr(std::move(s.prefix_pin_indptr)), arr(std::move(s.prefix_pin_pages)), stats);
           },
           "(free, evictable, ref_count, cpu_free, cpu_ref_count, seq_ids, num_tokens, indptr, "
           "pages, swapped) as numpy arrays, then the cached pages (pages, nodes, hashes), the live "

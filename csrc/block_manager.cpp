@@ -773,6 +773,9 @@ Failure BlockManager::check_invariants() const {
   const int64_t num_cpu = num_cpu_pages_;
   std::vector<int64_t> refs(static_cast<size_t>(n), 0);
   std::vector<int64_t> cpu_refs(static_cast<size_t>(num_cpu), 0);
+  for (const PrefixPin& pin : prefix_pins_)
+    for (int32_t page : pin.pages)
+      if (page >= 0 && page < n) ++refs[page];
   for (const Sequence& seq : seqs_) {
     if (seq.seq_id < 0) continue;  // unused slot
     const int64_t len = static_cast<int64_t>(seq.pages.size());
@@ -890,6 +893,11 @@ Snapshot BlockManager::snapshot() const {
   }
   s.pinned = pinned_;
   s.cpu_pinned = cpu_pinned_;
+  s.prefix_pin_indptr.push_back(0);
+  for (const PrefixPin& pin : prefix_pins_) {
+    s.prefix_pin_pages.insert(s.prefix_pin_pages.end(), pin.pages.begin(), pin.pages.end());
+    s.prefix_pin_indptr.push_back(static_cast<int64_t>(s.prefix_pin_pages.size()));
+  }
   s.stats = prefix_cache_stats();
   return s;
 }

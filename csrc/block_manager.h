@@ -65,6 +65,7 @@ enum class Arg : int32_t {
   num_computed_tokens = 22,        // values: value, num_tokens (allocate: out of [0, num_tokens])
   num_computed_tokens_range = 23,  // values: value (commit: negative)
   num_computed_tokens_stop = 24,   // values: value, seq_id, num_tokens(seq_id) (commit: above it)
+  pinned_prefix = 25,   // values: len(token_ids) (unpin_prefix: no such pin)
 };
 
 // Which invariant check_invariants found broken: the detail keys of
@@ -154,6 +155,7 @@ struct PrefixCacheStats {
   int64_t hit_tokens = 0;
   int64_t num_cached_pages = 0;     // hash index entries
   int64_t num_evictable_pages = 0;  // cached pages on the evictable queue
+  int64_t num_pinned_prefix_pages = 0;  // distinct pages held by pin_prefix
 };
 
 // Complete observable state (ReferenceBlockManager.snapshot), sequences sorted by id.
@@ -170,6 +172,8 @@ struct Snapshot {
   std::vector<int64_t> swapped;        // ids of swapped-out sequences, ascending
   std::vector<int32_t> pinned;         // GPU pages pinned for this step's copies, pin order
   std::vector<int32_t> cpu_pinned;     // CPU pages pinned for this step's copies, pin order
+  std::vector<int64_t> prefix_pin_indptr;  // [num_pins + 1] into prefix_pin_pages
+  std::vector<int32_t> prefix_pin_pages;   // pages of each pin_prefix, in pin order
   // Prefix index: every cached page (ascending) with its node and the node's hash ...
   std::vector<int32_t> cached_pages;
   std::vector<int32_t> cached_nodes;
@@ -416,6 +420,11 @@ class BlockManager {
   void reset_prefix_cache();
   // The copies returned so far have run: release the pages pinned for them, in pin order.
   void end_step();
+  // Retention (prefix_cache.cpp): hold the cached full pages of a prefix; pinned: how many.
+  // token_ids are checked here. May throw std::bad_alloc (before any change).
+  Failure pin_prefix(TokenIds token_ids, uint64_t salt, int64_t& pinned);
+  // Releases the oldest pin of exactly these ids and salt; released: its pages.
+  Failure unpin_prefix(TokenIds token_ids, uint64_t salt, int64_t& released);
 
   // ----------------------------------------------------------------- CPU tier
   // copies: (gpu_page, cpu_page) pairs for swap_out, (cpu_page, gpu_page) for swap_in.
@@ -595,6 +604,13 @@ class BlockManager {
   std::vector<uint8_t> cpu_pinned_flag_;
   std::vector<int32_t> cpu_pinned_;
   std::vector<int32_t> cpu_swapped_from_;
+  // Retention: each pin_prefix holds its pages like a sequence (ReferenceBlockManager._prefix_pins).
+  struct PrefixPin {
+    uint64_t salt = 0;
+    std::vector<int64_t> tokens;
+    std::vector<int32_t> pages;
+  };
+  std::vector<PrefixPin> prefix_pins_;
 
   // CPU tier: ref counts and a FIFO ring of free CPU pages.
   std::vector<int32_t> cpu_ref_count_;

@@ -67,6 +67,10 @@ PrefixCacheStats BlockManager::prefix_cache_stats() const {
   PrefixCacheStats s = stats_;
   s.num_cached_pages = enable_prefix_caching_ ? prefix_.num_cached_pages() : 0;
   s.num_evictable_pages = queues_[kEvictable].size;
+  std::vector<int32_t> held;
+  for (const PrefixPin& pin : prefix_pins_) held.insert(held.end(), pin.pages.begin(), pin.pages.end());
+  std::sort(held.begin(), held.end());
+  s.num_pinned_prefix_pages = std::unique(held.begin(), held.end()) - held.begin();
   return s;
 }
 
@@ -234,6 +238,50 @@ void BlockManager::extend_cached_tokens(Sequence& seq, int64_t start, const int6
     ++page;
   }
   cache.tail.insert(cache.tail.end(), token_ids + used, token_ids + n);  // within reserve_tail
+}
+
+Failure BlockManager::pin_prefix(TokenIds token_ids, uint64_t salt, int64_t& pinned) {
+  pinned = 0;
+  Failure f = internal::check_token_ids(token_ids);
+  if (!f.ok()) return f;
+  PrefixPin pin;
+  pin.salt = salt;
+  pin.tokens.assign(token_ids.data, token_ids.data + token_ids.size);
+  if (enable_prefix_caching_) {
+    const int64_t ps = page_size_;
+    uint64_t h = 0;
+    int32_t parent = PrefixIndex::kRoot;
+    for (int64_t i = 0; i < page_math_.index(static_cast<int64_t>(token_ids.size)); ++i) {
+      const int64_t* block = token_ids.data + i * ps;
+      h = page_hash(h, block, static_cast<size_t>(ps), salt) & hash_mask_;
+      const int32_t node = prefix_.find(h, parent, salt, block);
+      const int32_t page = node == PrefixIndex::kNone ? kNullPage : prefix_.pick_page(node, ref_count_, pin_flags_);
+      if (page == kNullPage) break;
+      pin.pages.push_back(page);
+      parent = node;
+    }
+  }
+  prefix_pins_.reserve(prefix_pins_.size() + 1);
+  // Nothing below allocates.
+  for (int32_t page : pin.pages) take_cached_page(page);
+  pinned = static_cast<int64_t>(pin.pages.size());
+  prefix_pins_.push_back(std::move(pin));
+  return Failure{};
+}
+
+Failure BlockManager::unpin_prefix(TokenIds token_ids, uint64_t salt, int64_t& released) {
+  released = 0;
+  for (size_t k = 0; k < prefix_pins_.size(); ++k) {
+    PrefixPin& pin = prefix_pins_[k];
+    if (pin.salt != salt || pin.tokens.size() != token_ids.size ||
+        !std::equal(pin.tokens.begin(), pin.tokens.end(), token_ids.data))
+      continue;
+    for (auto it = pin.pages.rbegin(); it != pin.pages.rend(); ++it) release(*it);
+    released = static_cast<int64_t>(pin.pages.size());
+    prefix_pins_.erase(prefix_pins_.begin() + static_cast<std::ptrdiff_t>(k));  // moves, no allocation
+    return Failure{};
+  }
+  return invalid(Arg::pinned_prefix, static_cast<int64_t>(token_ids.size));
 }
 
 void BlockManager::reset_prefix_cache() {

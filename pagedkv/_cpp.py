@@ -53,6 +53,8 @@ def _invalid_argument(argument: str, values: tuple[int, ...]) -> Exception:
         return invalid_argument("token_ids", f"{v} token ids", "token_ids_len", values[1])
     if argument == "token_ids_sum":
         return invalid_argument("token_ids", f"{v} token ids", "token_ids_sum", values[1])
+    if argument == "pinned_prefix":
+        return invalid_argument("token_ids", f"{v} token ids", "pinned_prefix")
     if argument == "num_computed_tokens_stop":
         return invalid_argument("num_computed_tokens", v, "num_computed_tokens", values[1], values[2])
     # Range errors: let the facade's own check build the error, so the text is the facade's.
@@ -201,7 +203,7 @@ class CppBlockManager:
         return out
 
     def prefix_cache_stats(self) -> dict:
-        queries, hits, query_tokens, hit_tokens, cached, evictable = self._core.prefix_cache_stats()
+        queries, hits, query_tokens, hit_tokens, cached, evictable, pinned = self._core.prefix_cache_stats()
         return {
             "queries": queries,
             "hits": hits,
@@ -209,6 +211,7 @@ class CppBlockManager:
             "hit_tokens": hit_tokens,
             "num_cached_pages": cached,
             "num_evictable_pages": evictable,
+            "num_pinned_prefix_pages": pinned,
         }
 
     def can_allocate(self, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0) -> bool:
@@ -279,6 +282,18 @@ class CppBlockManager:
     def end_step(self) -> None:
         self._core.end_step()
 
+    def pin_prefix(self, token_ids: np.ndarray, salt: int = 0) -> int:
+        out = self._core.pin_prefix(_ids(token_ids), salt)
+        if out.__class__ is _Failure:
+            raise _error(out)
+        return out
+
+    def unpin_prefix(self, token_ids: np.ndarray, salt: int = 0) -> int:
+        out = self._core.unpin_prefix(_ids(token_ids), salt)
+        if out.__class__ is _Failure:
+            raise _error(out)
+        return out
+
     # ----------------------------------------------------------------- CPU tier
     def can_swap_out(self, seq_ids: np.ndarray) -> bool:
         out = self._core.can_swap_out(seq_ids)
@@ -332,7 +347,8 @@ class CppBlockManager:
     def snapshot(self) -> dict:
         """Complete observable state, for parity and atomicity tests (as the reference's)."""
         (free, evictable, ref_count, cpu_free, cpu_ref_count, seq_ids, num_tokens, indptr, pages, swapped,
-         cached, nodes, pinned, cpu_pinned, stats) = self._core.snapshot()
+         cached, nodes, pinned, cpu_pinned, pin_indptr, pin_pages, stats) = self._core.snapshot()
+        pin_indptr, pin_pages = pin_indptr.tolist(), pin_pages.tolist()
         cached_pages, cached_nodes, cached_hashes = (a.tolist() for a in cached)
         node_ids, node_hashes, node_parents, node_deps, node_indptr, node_pages = (a.tolist() for a in nodes)
         seq_ids, num_tokens, indptr, pages = seq_ids.tolist(), num_tokens.tolist(), indptr.tolist(), pages.tolist()
@@ -347,6 +363,7 @@ class CppBlockManager:
             "num_tokens": dict(zip(seq_ids, num_tokens)),
             "swapped": swapped.tolist(),
             "pinned": pinned.tolist(),
+            "prefix_pins": [pin_pages[pin_indptr[i]:pin_indptr[i + 1]] for i in range(len(pin_indptr) - 1)],
             "cpu_pinned": cpu_pinned.tolist(),
             "index": {p: (n, h) for p, n, h in zip(cached_pages, cached_nodes, cached_hashes)},
             "nodes": {n: (h, parent, deps, tuple(node_pages[node_indptr[i]:node_indptr[i + 1]]))

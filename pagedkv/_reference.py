@@ -86,6 +86,9 @@ class ReferenceBlockManager:
         # CPU pages written by this step's swap-outs -> the GPU page swapped out: a swap-in of
         # one in the same step takes that page back instead of copying.
         self._swapped_from: dict[int, int] = {}
+        # Retention: each pin_prefix call holds a reference on the cached pages of its prefix
+        # (never evicted while pinned; they count against capacity): (salt, tokens, pages).
+        self._prefix_pins: list[tuple[int, tuple, list[int]]] = []
         # CPU tier
         self._cpu_free: deque[int] = deque(range(num_cpu_pages))
         self._cpu_ref_count = [0] * num_cpu_pages
@@ -140,8 +143,40 @@ class ReferenceBlockManager:
         return self._ref_count[page_id]
 
     def prefix_cache_stats(self) -> dict:
+        pinned = {page for _, _, pages in self._prefix_pins for page in pages}
         return dict(self._stats, num_cached_pages=self._prefix.num_cached_pages,
-                    num_evictable_pages=len(self._evictable))
+                    num_evictable_pages=len(self._evictable), num_pinned_prefix_pages=len(pinned))
+
+    def pin_prefix(self, token_ids: np.ndarray, salt: int = 0) -> int:
+        """Hold the cached full pages of a prefix (until unpin_prefix); returns how many."""
+        tokens = _token_list(token_ids)
+        ps = self.page_size
+        pages: list[int] = []
+        h, parent = 0, ROOT
+        for i in range(len(tokens) // ps if self.enable_prefix_caching else 0):
+            block = tuple(tokens[i * ps : (i + 1) * ps])
+            h = page_hash(h, block, salt) & self._hash_mask
+            node = self._prefix.find(h, parent, salt, block)
+            page = NONE if node == NONE else self._prefix.pick_page(node, self._ref_count, self._copy_dsts)
+            if page == NONE:
+                break
+            pages.append(page)
+            parent = node
+        for page in pages:
+            self._take_cached_page(page)
+        self._prefix_pins.append((salt, tuple(tokens), pages))
+        return len(pages)
+
+    def unpin_prefix(self, token_ids: np.ndarray, salt: int = 0) -> int:
+        """Release the pages of the oldest pin_prefix of this prefix; returns how many."""
+        key = tuple(_token_list(token_ids))
+        for k, (pin_salt, tokens, pages) in enumerate(self._prefix_pins):
+            if pin_salt == salt and tokens == key:
+                del self._prefix_pins[k]
+                for page in reversed(pages):
+                    self._release(page)
+                return len(pages)
+        raise invalid_argument("token_ids", f"{len(key)} token ids", "pinned_prefix")
 
     def can_allocate(self, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0) -> bool:
         need = self._plan_allocate(num_tokens, _token_list(token_ids), salt)[0]
@@ -458,6 +493,9 @@ class ReferenceBlockManager:
         n = self.num_pages
         refs = [0] * n
         cpu_refs = [0] * self.num_cpu_pages
+        for _, _, pages in self._prefix_pins:
+            for page in pages:
+                refs[page] += 1
         for seq_id, table in self._tables.items():
             tokens = self._num_tokens[seq_id]
             if len(table) != _cdiv(tokens, self.page_size):
@@ -536,6 +574,7 @@ class ReferenceBlockManager:
             "num_tokens": dict(sorted(self._num_tokens.items())),
             "swapped": sorted(self._swapped),
             "pinned": list(self._pinned),
+            "prefix_pins": [list(pages) for _, _, pages in self._prefix_pins],
             "cpu_pinned": list(self._cpu_pinned),
             **dict(zip(("index", "nodes"), self._prefix.snapshot())),
             "stats": dict(self._stats),

@@ -70,6 +70,8 @@ class PrefixCacheStats(NamedTuple):
         queries: allocations that gave token ids; hits: those that found >= 1 cached token.
         query_tokens / hit_tokens: prompt tokens asked for / found cached.
         num_cached_pages: pages indexed now; num_evictable_pages: cached pages with no owner.
+        num_pinned_prefix_pages: distinct pages held by ``pin_prefix`` (never evicted while
+            pinned; they count against capacity like any referenced page).
     """
 
     queries: int
@@ -78,6 +80,7 @@ class PrefixCacheStats(NamedTuple):
     hit_tokens: int
     num_cached_pages: int
     num_evictable_pages: int
+    num_pinned_prefix_pages: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -237,7 +240,8 @@ class BlockManager:
         """Hit counters and the number of cached / evictable pages."""
         st = self._impl.prefix_cache_stats()
         return PrefixCacheStats(
-            st["queries"], st["hits"], st["query_tokens"], st["hit_tokens"], st["num_cached_pages"], st["num_evictable_pages"]
+            st["queries"], st["hits"], st["query_tokens"], st["hit_tokens"], st["num_cached_pages"],
+            st["num_evictable_pages"], st["num_pinned_prefix_pages"],
         )
 
     def __contains__(self, seq_id: object) -> bool:
@@ -442,6 +446,37 @@ class BlockManager:
         """
         seq_id = check.seq_id(seq_id)
         return self._impl.release_window(seq_id, check.count("window", window))
+
+    def pin_prefix(self, token_ids, cache_salt=None) -> int:
+        """Retention: keep the cached pages of a prefix (a system prompt, say) from eviction.
+
+        Holds a reference on each cached full page of ``token_ids``'s longest cached prefix, as
+        a sequence would: they are never evicted until ``unpin_prefix``, count against capacity
+        (they are not free) and are reported in ``prefix_cache_stats().num_pinned_prefix_pages``.
+        Pin the prefix once it is cached (after its first request commits it); pinning twice
+        holds twice, and each ``unpin_prefix`` releases one pin (the oldest).
+
+        Returns:
+            Pages pinned (0 without prefix caching or when nothing of the prefix is cached).
+        """
+        tokens = check.int_array("token_ids", token_ids, 0, check.MAX_TOKEN_ID)
+        if cache_salt is not None and not isinstance(cache_salt, (str, bytes)):
+            raise InvalidType("cache_salt", cache_salt, "a str, bytes or None")
+        return self._impl.pin_prefix(tokens, salt_hash(cache_salt))
+
+    def unpin_prefix(self, token_ids, cache_salt=None) -> int:
+        """Release the oldest ``pin_prefix`` of exactly these token ids and salt.
+
+        Returns:
+            Pages released by the pin (they stay cached: evictable once nothing holds them).
+
+        Raises:
+            InvalidArgument: no such pin.
+        """
+        tokens = check.int_array("token_ids", token_ids, 0, check.MAX_TOKEN_ID)
+        if cache_salt is not None and not isinstance(cache_salt, (str, bytes)):
+            raise InvalidType("cache_salt", cache_salt, "a str, bytes or None")
+        return self._impl.unpin_prefix(tokens, salt_hash(cache_salt))
 
     def end_step(self) -> None:
         """Say that every copy returned so far has been executed.

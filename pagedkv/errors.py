@@ -225,6 +225,7 @@ EXPECTED: dict[str, str] = {
     "token_ids_len": "one token id per new token ({0})",
     "token_ids_sum": "sum(num_tokens) = {0}",
     "num_computed_tokens": "at most num_tokens({0}) = {1}",
+    "pinned_prefix": "a prefix pinned with pin_prefix (under this cache_salt) and not unpinned since",
 }
 
 

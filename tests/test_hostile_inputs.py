@@ -34,6 +34,7 @@ METHODS = {
     "allocate": 2, "append": 2, "append_batch": 2, "fork": 2, "free": 1, "can_allocate": 1, "can_append": 2,
     "page_table": 1, "num_tokens": 1, "ref_count": 1, "slots": 3, "page_tables": 2, "csr": 1,
     "release_window": 2, "swap_out": 1, "swap_in": 1, "can_swap_out": 1, "can_swap_in": 1, "is_swapped": 1,
+    "commit": 2, "pin_prefix": 2, "unpin_prefix": 2,
 }
 
 

@@ -97,6 +97,7 @@ class Lockstep:
         self.ops: list[tuple[str, tuple, dict]] = []
         self.events: dict[str, int] = {}
         self.prompts: list[tuple[list[int], object]] = []  # (token ids, cache_salt) allocated
+        self.pins: list[tuple[list[int], object]] = []  # (token ids, cache_salt) pinned
 
     def do(self, op: str, *args, **kwargs):
         self.ops.append((op, args, kwargs))
@@ -263,9 +264,22 @@ def random_cache_op(rng: random.Random, lock: Lockstep) -> None:
 
     op = rng.choices(
         ["prompt", "can_prompt", "commit", "append_ids", "batch_ids", "swap_out", "swap_in", "can_swap",
-         "window", "reset", "query", "base"],
-        weights=[22, 4, 12, 10, 8, 6, 6, 3, 5, 1, 4, 31],
+         "window", "reset", "query", "pin", "base"],
+        weights=[22, 4, 12, 10, 8, 6, 6, 3, 5, 1, 4, 3, 31],
     )[0]
+    if op == "pin":
+        if lock.prompts and rng.random() < 0.8:
+            tokens, salt = rng.choice(lock.prompts)
+        else:
+            tokens, salt = _prompt(rng, lock)
+        tokens = list(tokens)[: rng.randint(0, len(tokens))]
+        op = "pin_prefix" if rng.random() < 0.55 else "unpin_prefix"
+        if lock.do(op, tokens, cache_salt=salt)[0] == "returned":
+            if op == "pin_prefix":
+                lock.pins.append((tokens, salt))
+            else:
+                lock.pins.remove((tokens, salt))  # the oldest equal pin
+        return
     if op == "prompt":
         tokens, salt = _prompt(rng, lock)
         seq_id = some_id(live) if rng.random() < 0.1 else rng.randrange(200)
@@ -328,6 +342,9 @@ def drain(lock: Lockstep) -> None:
     """Free every sequence: both managers return to a state equivalent to a new one."""
     for seq_id in lock.live():
         lock.do("free", seq_id)
+    for tokens, salt in list(lock.pins):
+        lock.do("unpin_prefix", tokens, cache_salt=salt)
+    lock.pins.clear()
     lock.do("end_step")  # NOTE: pages only this step's copies held go back to the free queues
     assert lock.cpp.num_free_pages == lock.cpp.num_pages
     assert lock.cpp.num_sequences == 0
@@ -556,6 +573,7 @@ def test_direct_bad_arguments_raise_typed_errors():
         "num_tokens": {0: 4},
         "swapped": [],
         "pinned": [],
+        "prefix_pins": [],
         "cpu_pinned": [],
         "index": {},
         "nodes": {},

@@ -425,3 +425,52 @@ def test_a_hit_prefers_a_page_no_pending_copy_writes():
     second = mgr.allocate(2, token_ids=prompt)  # page 2 holds it too, but its copy is pending
     assert first.copies.tolist() == [[1, 2]] and second.copies[0, 0] == 1
     mgr.check_invariants()
+
+
+@pytest.mark.parametrize("backend", ["python"] + (["cpp"] if os.environ.get("PAGEDKV_IMPL") != "python" else []))
+def test_a_pinned_prefix_is_never_evicted_and_counts_against_capacity(backend):
+    mgr = BlockManager(6, 2, enable_prefix_caching=True, backend=backend)
+    system = [7, 7, 8, 8]
+    mgr.allocate(0, token_ids=system + [1])
+    mgr.free(0)
+    assert mgr.pin_prefix(system) == 2
+    stats = mgr.prefix_cache_stats()
+    assert stats.num_pinned_prefix_pages == 2 and mgr.num_free_pages == 4
+    mgr.allocate(1, 8)  # takes every free page: the pinned pages are not evicted
+    with pytest.raises(OutOfPages):
+        mgr.allocate(2, 1)
+    mgr.free(1)
+    assert mgr.allocate(3, token_ids=system + [2]).num_cached_tokens == 4
+    mgr.free(3)
+    with pytest.raises(InvalidArgument, match="pin_prefix"):
+        mgr.unpin_prefix(system, cache_salt="other")  # pins are per salt
+    assert mgr.unpin_prefix(system) == 2
+    assert mgr.prefix_cache_stats().num_pinned_prefix_pages == 0 and mgr.num_free_pages == 6
+    with pytest.raises(InvalidArgument, match="pin_prefix"):
+        mgr.unpin_prefix(system)
+    assert mgr.pin_prefix([9, 9, 9]) == 0  # nothing of it is cached
+    assert mgr.unpin_prefix([9, 9, 9]) == 0
+    mgr.check_invariants()
+
+
+def test_pins_match_across_backends():
+    if os.environ.get("PAGEDKV_IMPL") == "python":
+        pytest.skip("the C++ core is not under test")
+    results = []
+    for backend in ("python", "cpp"):
+        mgr = BlockManager(10, 2, enable_prefix_caching=True, backend=backend)
+        out = []
+        mgr.allocate(0, token_ids=[1, 2, 3, 4, 5, 6])
+        out.append(mgr.pin_prefix([1, 2, 3, 4, 5, 6], cache_salt=None))
+        out.append(mgr.pin_prefix([1, 2, 3]))
+        mgr.free(0)
+        out.append(mgr.unpin_prefix([1, 2, 3, 4, 5, 6]))
+        try:
+            mgr.unpin_prefix([1, 2])
+        except InvalidArgument as exc:
+            out.append(str(exc))
+        out.append(mgr.snapshot())
+        out.append(mgr.prefix_cache_stats())
+        mgr.check_invariants()
+        results.append(out)
+    assert results[0] == results[1]
