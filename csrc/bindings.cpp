@@ -110,6 +110,7 @@ NB_MODULE(_core, m) {
   argument["num_computed_tokens_range"] = int(Arg::num_computed_tokens_range);
   argument["num_computed_tokens_stop"] = int(Arg::num_computed_tokens_stop);
   argument["pinned_prefix"] = int(Arg::pinned_prefix);
+  argument["priority"] = int(Arg::priority);
   using pagedkv::Invariant;
   invariant["pages_cover_tokens"] = int(Invariant::pages_cover_tokens);
   invariant["page_in_range"] = int(Invariant::page_in_range);
@@ -260,7 +261,7 @@ NB_MODULE(_core, m) {
       .def(
           "allocate",
           [](BlockManager& self, int64_t seq_id, int64_t num_tokens, Int64Array token_ids,
-             uint64_t salt, nb::handle num_computed_tokens) -> nb::object {
+             uint64_t salt, nb::handle num_computed_tokens, int64_t priority) -> nb::object {
             // NOTE: a handle rather than std::optional<int64_t> (see page_tables); None means
             // the whole prompt.
             int64_t computed = num_tokens;
@@ -269,12 +270,12 @@ NB_MODULE(_core, m) {
             int64_t num_cached = 0;
             std::vector<int32_t> copies;
             Failure f = self.allocate(seq_id, num_tokens, token_ids_of(token_ids), salt, computed,
-                                      num_cached, copies);
+                                      num_cached, copies, priority);
             if (!f.ok()) return failure(f);
             return nb::make_tuple(num_cached, copy_list(copies));
           },
           "seq_id"_a, "num_tokens"_a, "token_ids"_a.none() = nb::none(), "salt"_a = 0,
-          "num_computed_tokens"_a.none() = nb::none(),
+          "num_computed_tokens"_a.none() = nb::none(), "priority"_a = 35,
           "(tokens found in the prefix cache, [(src_page, dst_page)]) or a Failure.")
       .def(
           "commit",

@@ -134,6 +134,7 @@ BlockManager::BlockManager(int64_t num_pages, int64_t page_size, int64_t waterma
       cpu_mark_(static_cast<size_t>(num_cpu_pages), 0),
       cpu_move_to_(static_cast<size_t>(num_cpu_pages), kNullPage),
       pin_flags_(static_cast<size_t>(num_pages), 0),
+      page_priority_(static_cast<size_t>(num_pages), 0),
       cpu_pinned_flag_(static_cast<size_t>(num_cpu_pages), 0),
       cpu_swapped_from_(static_cast<size_t>(num_cpu_pages), kNullPage) {
   pinned_.reserve(static_cast<size_t>(num_pages));
@@ -167,12 +168,33 @@ int32_t BlockManager::queue_pop_head(int queue) {
   prev_[page] = next_[page] = kNotQueued;
   queue_of_[page] = -1;
   --q.size;
+  if (queue >= kEvictable) {
+    --evictable_size_;
+    const int p = queue - kEvictable;
+    if (q.size == 0) evictable_mask_[p >> 6] &= ~(uint64_t{1} << (p & 63));
+  }
   return page;
+}
+
+int32_t BlockManager::pop_evictable() {
+  for (int w = 0; w < 2; ++w)
+    if (evictable_mask_[w]) return queue_pop_head(kEvictable + 64 * w + __builtin_ctzll(evictable_mask_[w]));
+  return kNullPage;
+}
+
+void BlockManager::hold_priority(const std::vector<int32_t>& pages, int32_t priority) {
+  for (int32_t page : pages)
+    if (page >= 0 && page_priority_[page] < priority) page_priority_[page] = static_cast<int8_t>(priority);
 }
 
 void BlockManager::queue_push_tail(int queue, int32_t page) {
   if (prev_[page] != kNotQueued) return;  // only reachable after debug_* corruption
   PageQueue& q = queues_[queue];
+  if (queue >= kEvictable) {
+    ++evictable_size_;
+    const int p = queue - kEvictable;
+    evictable_mask_[p >> 6] |= uint64_t{1} << (p & 63);
+  }
   prev_[page] = q.tail;
   next_[page] = kNullPage;
   if (q.tail != kNullPage) next_[q.tail] = page; else q.head = page;
@@ -183,7 +205,8 @@ void BlockManager::queue_push_tail(int queue, int32_t page) {
 
 void BlockManager::queue_remove(int32_t page) {
   if (prev_[page] == kNotQueued) return;
-  PageQueue& q = queues_[queue_of_[page]];
+  const int queue = queue_of_[page];
+  PageQueue& q = queues_[queue];
   const int32_t prev = prev_[page];
   const int32_t next = next_[page];
   if (prev != kNullPage) next_[prev] = next; else q.head = next;
@@ -191,17 +214,23 @@ void BlockManager::queue_remove(int32_t page) {
   prev_[page] = next_[page] = kNotQueued;
   queue_of_[page] = -1;
   --q.size;
+  if (queue >= kEvictable) {
+    --evictable_size_;
+    const int p = queue - kEvictable;
+    if (q.size == 0) evictable_mask_[p >> 6] &= ~(uint64_t{1} << (p & 63));
+  }
 }
 
 int32_t BlockManager::take_free_page() {
   // NOTE: uncached pages go first; only then is the least recently freed cached page evicted.
   int32_t page = queue_pop_head(kFree);
   if (page == kNullPage) {
-    page = queue_pop_head(kEvictable);
+    page = pop_evictable();
     if (page == kNullPage) return kNullPage;  // unreachable: callers checked the free count
     prefix_.detach(page);  // NOTE: evicted: its node may be deleted, or stay a ghost
   }
   ref_count_[page] = 1;
+  page_priority_[page] = 0;  // NOTE: its holder sets it
   return page;
 }
 
@@ -372,8 +401,9 @@ int64_t BlockManager::acquire_slot() {
 
 Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds token_ids,
                                uint64_t salt, int64_t num_computed_tokens, int64_t& num_cached,
-                               std::vector<int32_t>& copies) {
+                               std::vector<int32_t>& copies, int64_t priority) {
   if (seq_id < 0) return invalid(Arg::seq_id, seq_id);
+  if (priority < 0 || priority >= kNumPriorities) return invalid(Arg::priority, priority);
   if (!is_count(num_tokens)) return invalid(Arg::num_tokens, num_tokens);
   if (token_ids.given()) {
     if (static_cast<int64_t>(token_ids.size) != num_tokens)
@@ -444,6 +474,8 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
   seq.window_start = 0;
   seq.cache = std::move(cache);
   seq.pages.swap(pages);
+  seq.priority = static_cast<int8_t>(priority);
+  hold_priority(seq.pages, seq.priority);
   if (caching) {
     seq.cache->node = shared ? prefix_.node_of(seq.pages[static_cast<size_t>(shared - 1)]) : PrefixIndex::kRoot;
     prefix_.acquire(seq.cache->node);
@@ -467,8 +499,13 @@ void BlockManager::grow(Sequence& seq, int64_t num_tokens, int64_t new_len,
     gpu_copy(src, dst, copies);
     release(src);
     seq.pages.back() = dst;
+    page_priority_[dst] = seq.priority;
   }
-  while (static_cast<int64_t>(seq.pages.size()) < new_len) seq.pages.push_back(take_free_page());
+  while (static_cast<int64_t>(seq.pages.size()) < new_len) {
+    const int32_t page = take_free_page();
+    page_priority_[page] = seq.priority;
+    seq.pages.push_back(page);
+  }
   seq.num_tokens = current + num_tokens;
   if (seq.cache) extend_cached_tokens(seq, current, token_ids, num_tokens);
 }
@@ -599,6 +636,7 @@ Failure BlockManager::fork(int64_t parent_id, int64_t child_id) {
   if (parent.cache) cache = std::make_unique<SequenceCache>(*parent.cache);
   const int64_t num_tokens = parent.num_tokens;
   const int32_t window_start = parent.window_start;
+  const int8_t priority = parent.priority;
   index_.reserve_one_more();
   const int64_t slot = acquire_slot();
   // NOTE: ref counts are int32; overflowing one takes 2**31 live sequences (> 100 GiB).
@@ -610,6 +648,7 @@ Failure BlockManager::fork(int64_t parent_id, int64_t child_id) {
   child.mark = 0;
   child.swapped = false;
   child.window_start = window_start;
+  child.priority = priority;
   child.cache = std::move(cache);
   child.pages.swap(pages);
   if (child.cache) prefix_.acquire(child.cache->node);
@@ -745,8 +784,8 @@ Failure BlockManager::check_queue(int queue, const std::vector<int64_t>& refs,
     ++walked;
     if (refs[page]) return broken(Invariant::free_page_unreferenced, page, refs[page]);
     const bool cached = is_cached(page);
-    if (cached != (queue == kEvictable))
-      return broken(Invariant::free_queue_cached, page, queue == kEvictable, cached,
+    if (cached != (queue >= kEvictable))
+      return broken(Invariant::free_queue_cached, page, queue >= kEvictable, cached,
                     cached ? static_cast<int64_t>(prefix_.hash_of(prefix_.node_of(page))) : 0);
   }
   if (prev != q.tail) return broken(Invariant::free_list_links, q.tail);
@@ -799,7 +838,7 @@ Failure BlockManager::check_invariants() const {
     if (cpu_refs[p] != cpu_ref_count_[p])
       return broken(Invariant::cpu_ref_count, p, cpu_ref_count_[p], cpu_refs[p]);
   std::vector<char> on_queue(static_cast<size_t>(n), 0);
-  for (int queue : {kFree, kEvictable}) {
+  for (int queue = 0; queue < kNumQueues; ++queue) {
     Failure f = check_queue(queue, refs, on_queue);
     if (!f.ok()) return f;
   }
@@ -844,9 +883,9 @@ Failure BlockManager::check_invariants() const {
 Snapshot BlockManager::snapshot() const {
   Snapshot s;
   // Bounded walks: even a corrupted queue (debug_* hooks) cannot loop forever.
-  for (int queue : {kFree, kEvictable}) {
+  for (int queue = 0; queue < kNumQueues; ++queue) {
+    // NOTE: the evictable queues in eviction order: priority ascending, LRU first.
     std::vector<int32_t>& out = queue == kFree ? s.free : s.evictable;
-    out.reserve(static_cast<size_t>(queues_[queue].size));
     int64_t steps = 0;
     for (int32_t page = queues_[queue].head; page >= 0 && page < num_pages_ && steps <= num_pages_;
          page = next_[page], ++steps)

@@ -66,6 +66,7 @@ enum class Arg : int32_t {
   num_computed_tokens_range = 23,  // values: value (commit: negative)
   num_computed_tokens_stop = 24,   // values: value, seq_id, num_tokens(seq_id) (commit: above it)
   pinned_prefix = 25,   // values: len(token_ids) (unpin_prefix: no such pin)
+  priority = 26,        // values: value (out of [0, 100])
 };
 
 // Which invariant check_invariants found broken: the detail keys of
@@ -292,10 +293,11 @@ class PrefixIndex {
 
   // The node of `block` (page_size ids) after `parent` under `salt`, whose hash is h; kNone.
   int32_t find(uint64_t h, int32_t parent, uint64_t salt, const int64_t* block) const;
-  // A page of node's: referenced and not a copy destination of this step (flags & 2), else
-  // any page not such a destination, else the first; kNone for a ghost.
+  // A page of node's: referenced and, when pin_flags is given (a copy source), not a copy
+  // destination of this step (flags & 2); else any page not such a destination; else the
+  // first; kNone for a ghost.
   int32_t pick_page(int32_t node, const std::vector<int32_t>& ref_count,
-                    const std::vector<uint8_t>& pin_flags) const;
+                    const std::vector<uint8_t>* pin_flags = nullptr) const;
   int32_t node_of(int32_t page) const { return page_node_[page]; }
   bool is_cached(int32_t page) const { return page_node_[page] != kNone; }
   uint64_t hash_of(int32_t node) const { return node == kRoot ? 0 : nodes_[node].hash; }
@@ -373,7 +375,7 @@ class BlockManager {
   bool enable_prefix_caching() const { return enable_prefix_caching_; }
   int64_t num_cpu_pages() const { return num_cpu_pages_; }
   // Both free queues: uncached and cached (evictable) pages.
-  int64_t num_free_pages() const { return queues_[kFree].size + queues_[kEvictable].size; }
+  int64_t num_free_pages() const { return queues_[kFree].size + evictable_size_; }
   int64_t num_free_cpu_pages() const { return cpu_free_size_; }
   // GPU pages only a pending copy of this step holds (pinned, with ref_count 0).
   int64_t num_pinned_pages() const;
@@ -397,9 +399,10 @@ class BlockManager {
   // pages wholly inside max(num_computed_tokens, num_cached) tokens are indexed now (the rest
   // at commit or an append). num_cached: prompt tokens found in the prefix cache; copies:
   // (src, dst) pairs.
+  // priority in [0, 100]: the retention priority of the pages it holds (lower evicted first).
   Failure allocate(int64_t seq_id, int64_t num_tokens, TokenIds token_ids, uint64_t salt,
                    int64_t num_computed_tokens, int64_t& num_cached,
-                   std::vector<int32_t>& copies);
+                   std::vector<int32_t>& copies, int64_t priority = 35);
   Failure allocate(int64_t seq_id, int64_t num_tokens) {
     int64_t num_cached = 0;
     std::vector<int32_t> copies;
@@ -479,6 +482,7 @@ class BlockManager {
     std::unique_ptr<SequenceCache> cache;  // null unless allocated with token ids
     int32_t window_start = 0;  // entries before it are all kNullPage (sliding window)
     bool swapped = false;
+    int8_t priority = 35;      // retention priority of the pages it takes (DEFAULT_PRIORITY)
   };
 
   // The two free queues: intrusive doubly linked lists over page ids (prev_/next_ arrays,
@@ -486,7 +490,11 @@ class BlockManager {
   // NOTE: intrusive rather than a ring buffer so that a prefix-cache hit takes a cached page
   // out of the middle of the evictable queue in O(1) (queue_remove).
   static constexpr int kFree = 0;       // pages without cached content (_free)
-  static constexpr int kEvictable = 1;  // unreferenced cached pages, LRU first (_evictable)
+  // Unreferenced cached pages (_evictable): one LRU queue per retention priority p, queue
+  // kEvictable + p; the lowest non-empty one is found with evictable_mask_.
+  static constexpr int kEvictable = 1;
+  static constexpr int kNumPriorities = 101;  // MIN_PRIORITY 0 .. MAX_PRIORITY 100
+  static constexpr int kNumQueues = kEvictable + kNumPriorities;
   struct PageQueue {
     int32_t head = kNullPage;
     int32_t tail = kNullPage;
@@ -510,7 +518,11 @@ class BlockManager {
   void pin(int32_t page);
   void pin_cpu(int32_t page);
   void gpu_copy(int32_t src, int32_t dst, std::vector<int32_t>& copies);
-  void enqueue(int32_t page) { queue_push_tail(is_cached(page) ? kEvictable : kFree, page); }
+  void enqueue(int32_t page) {
+    queue_push_tail(is_cached(page) ? kEvictable + page_priority_[page] : kFree, page);
+  }
+  int32_t pop_evictable();  // the least recently freed page of the lowest priority; kNullPage
+  void hold_priority(const std::vector<int32_t>& pages, int32_t priority);
 
   // Prefix caching (prefix_cache.cpp).
   struct AllocatePlan {
@@ -574,8 +586,11 @@ class BlockManager {
   std::vector<int32_t> ref_count_;
   std::vector<int32_t> prev_;  // kNullPage at a head, kNotQueued when not on a queue
   std::vector<int32_t> next_;  // kNullPage at a tail, kNotQueued when not on a queue
-  std::vector<int8_t> queue_of_;  // kFree, kEvictable, or -1
-  PageQueue queues_[2];
+  std::vector<int8_t> queue_of_;  // kFree, kEvictable + priority, or -1
+  PageQueue queues_[kNumQueues];
+  int64_t evictable_size_ = 0;
+  uint64_t evictable_mask_[2] = {0, 0};  // bit p: queue kEvictable + p is not empty
+  std::vector<int8_t> page_priority_;    // retention priority of each page (_page_priority)
 
   // Copy-on-write releases planned by the current append_batch, per page (valid when
   // drop_epoch_[page] == epoch_): a page shared by two sequences of one batch is copied only

@@ -137,6 +137,7 @@ Failure BlockManager::swap_in(const int64_t* seq_ids, size_t n, std::vector<int3
       ++ref_count_[seq.pages[j]];
     }
     seq.swapped = false;
+    hold_priority(seq.pages, seq.priority);
     // NOTE: the pages brought back hold committed content again: they join their nodes.
     if (enable_prefix_caching_) reattach(seq);
   }

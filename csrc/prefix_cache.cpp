@@ -66,7 +66,7 @@ void HashIndex::rehash(size_t capacity) {
 PrefixCacheStats BlockManager::prefix_cache_stats() const {
   PrefixCacheStats s = stats_;
   s.num_cached_pages = enable_prefix_caching_ ? prefix_.num_cached_pages() : 0;
-  s.num_evictable_pages = queues_[kEvictable].size;
+  s.num_evictable_pages = evictable_size_;
   std::vector<int32_t> held;
   for (const PrefixPin& pin : prefix_pins_) held.insert(held.end(), pin.pages.begin(), pin.pages.end());
   std::sort(held.begin(), held.end());
@@ -92,7 +92,7 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
     const int64_t* block = token_ids.data + i * ps;
     h = page_hash(h, block, static_cast<size_t>(ps), salt) & hash_mask_;
     const int32_t node = prefix_.find(h, parent, salt, block);
-    const int32_t page = node == PrefixIndex::kNone ? kNullPage : prefix_.pick_page(node, ref_count_, pin_flags_);
+    const int32_t page = node == PrefixIndex::kNone ? kNullPage : prefix_.pick_page(node, ref_count_);
     if (page == kNullPage) break;
     hits_.push_back(page);
     parent = node;
@@ -101,6 +101,9 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
   const int64_t hit_tokens = num_hits * ps;
   plan.num_cached = std::min(hit_tokens, num_tokens - 1);
   plan.copy = plan.num_cached < hit_tokens;
+  // NOTE: the last hit page is a copy source: prefer a page no copy of this step writes (a copy
+  // from one would have to wait for that copy).
+  if (plan.copy && !hits_.empty()) hits_.back() = prefix_.pick_page(parent, ref_count_, &pin_flags_);
   // NOTE: a hit on a page only a pending copy pins takes no page from the free queues.
   int64_t evictable_hits = 0;
   for (int32_t page : hits_) evictable_hits += ref_count_[page] == 0 && !(pin_flags_[page] & kPinned);
@@ -255,7 +258,7 @@ Failure BlockManager::pin_prefix(TokenIds token_ids, uint64_t salt, int64_t& pin
       const int64_t* block = token_ids.data + i * ps;
       h = page_hash(h, block, static_cast<size_t>(ps), salt) & hash_mask_;
       const int32_t node = prefix_.find(h, parent, salt, block);
-      const int32_t page = node == PrefixIndex::kNone ? kNullPage : prefix_.pick_page(node, ref_count_, pin_flags_);
+      const int32_t page = node == PrefixIndex::kNone ? kNullPage : prefix_.pick_page(node, ref_count_);
       if (page == kNullPage) break;
       pin.pages.push_back(page);
       parent = node;
@@ -290,8 +293,7 @@ void BlockManager::reset_prefix_cache() {
   // commit later are found once their prefix is computed again.
   prefix_.clear_pages();
   // NOTE: cached free pages become plain free pages, keeping their LRU order.
-  for (int32_t page = queue_pop_head(kEvictable); page != kNullPage;
-       page = queue_pop_head(kEvictable))
+  for (int32_t page = pop_evictable(); page != kNullPage; page = pop_evictable())
     queue_push_tail(kFree, page);
 }
 

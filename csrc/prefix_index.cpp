@@ -30,11 +30,11 @@ int32_t PrefixIndex::find(uint64_t h, int32_t parent, uint64_t salt, const int64
 }
 
 int32_t PrefixIndex::pick_page(int32_t node, const std::vector<int32_t>& ref_count,
-                               const std::vector<uint8_t>& pin_flags) const {
+                               const std::vector<uint8_t>* pin_flags) const {
   constexpr uint8_t kCopyDst = 2;  // BlockManager::kCopyDst
   int32_t fallback = kNone;
   for (int32_t page = nodes_[node].first_page; page != kNone; page = page_next_[page]) {
-    if (pin_flags[page] & kCopyDst) continue;
+    if (pin_flags && ((*pin_flags)[page] & kCopyDst)) continue;
     if (ref_count[page]) return page;
     if (fallback == kNone) fallback = page;
   }

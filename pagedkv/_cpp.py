@@ -75,6 +75,7 @@ def _invalid_argument(argument: str, values: tuple[int, ...]) -> Exception:
         "window": lambda: check.count("window", v),
         "num_computed_tokens": lambda: check.as_int("num_computed_tokens", v, 0, values[1]),
         "num_computed_tokens_range": lambda: check.as_int("num_computed_tokens", v, 0, check.MAX_SEQ_ID),
+        "priority": lambda: check.as_int("priority", v, 0, 100),
     }
     try:
         ranges[argument]()
@@ -234,9 +235,10 @@ class CppBlockManager:
         token_ids: np.ndarray | None = None,
         salt: int = 0,
         num_computed_tokens: int | None = None,
+        priority: int = 35,
     ):
         """Returns (tokens found cached, copy-on-write copies); token_ids: int64 array or None."""
-        out = self._core.allocate(seq_id, num_tokens, _ids(token_ids), salt, num_computed_tokens)
+        out = self._core.allocate(seq_id, num_tokens, _ids(token_ids), salt, num_computed_tokens, priority)
         if out.__class__ is _Failure:
             raise _error(out)
         return out

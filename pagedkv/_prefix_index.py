@@ -59,11 +59,11 @@ class PrefixIndex:
             node = self._next_same_hash[node]
         return NONE
 
-    def pick_page(self, node: int, ref_count: list[int], copy_dsts) -> int:
+    def pick_page(self, node: int, ref_count: list[int], copy_dsts=()) -> int:
         """A page holding ``node``'s content, in this order of preference: referenced (taking it
-        costs no free page) and not the destination of a copy of this step (a copy from one
-        would have to wait for that copy), then any page that is not such a destination, then
-        the first page; NONE for a ghost."""
+        costs no free page) and not in ``copy_dsts`` (for a copy source: the destinations of
+        this step's copies, which a copy from would have to wait for), then any page not in
+        ``copy_dsts``, then the first page; NONE for a ghost."""
         first = self._first_page[node]
         fallback = NONE
         page = first

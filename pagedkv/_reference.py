@@ -9,8 +9,9 @@ method checks everything before it changes anything, so a failing call leaves th
 it was.
 
 Free pages live in two queues. ``_free`` holds pages without cached content; ``_evictable``
-holds unreferenced pages whose content is still indexed by the prefix cache, least recently
-freed first. New pages come from ``_free`` first and only then evict the oldest cached page.
+holds unreferenced pages whose content is still indexed by the prefix cache: one LRU queue per
+retention priority, lowest priority and least recently freed first. New pages come from
+``_free`` first and only then evict a cached page, in that order.
 
 With prefix caching, a sequence's full pages enter the index only once their KV is written:
 ``allocate(..., num_computed_tokens=k)`` offers the pages wholly inside the first k tokens,
@@ -36,6 +37,57 @@ from .errors import SequenceExists, SequenceSwapped, SequenceTooLong, UnknownSeq
 NULL_PAGE = -1
 #: Largest value of an int32 output (``seq_lens`` of ``page_tables``).
 INT32_MAX = 2**31 - 1
+
+
+#: Retention priorities (TensorRT-LLM's range and default): lower priorities are evicted first.
+MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 100, 35
+
+
+class _PriorityLRU:
+    """The evictable queue: one LRU queue per retention priority, the lowest evicted first.
+
+    NOTE: O(1) removal from the middle (a prefix-cache hit) and O(distinct priorities) per
+    eviction; the C++ core finds the lowest non-empty queue with a bitmap.
+    """
+
+    def __init__(self) -> None:
+        self._queues: dict[int, OrderedDict[int, None]] = {}
+        self._where: dict[int, int] = {}  # page -> its priority
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, page: int) -> bool:
+        return page in self._where
+
+    def __iter__(self):
+        """Pages in eviction order: priority ascending, least recently freed first."""
+        for priority in sorted(self._queues):
+            yield from self._queues[priority]
+
+    def push(self, page: int, priority: int) -> None:
+        self._queues.setdefault(priority, OrderedDict())[page] = None
+        self._where[page] = priority
+
+    def remove(self, page: int) -> None:
+        priority = self._where.pop(page)
+        queue = self._queues[priority]
+        del queue[page]
+        if not queue:
+            del self._queues[priority]
+
+    def pop(self) -> int:
+        priority = min(self._queues)
+        queue = self._queues[priority]
+        page, _ = queue.popitem(last=False)
+        del self._where[page]
+        if not queue:
+            del self._queues[priority]
+        return page
+
+    def clear(self) -> None:
+        self._queues.clear()
+        self._where.clear()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -71,7 +123,10 @@ class ReferenceBlockManager:
         # NOTE: queues hand out pages from their head and take freed pages at their tail, so the
         # least recently freed page is reused first. A new manager's queue is 0..N-1.
         self._free: deque[int] = deque(range(num_pages))
-        self._evictable: OrderedDict[int, None] = OrderedDict()
+        self._evictable = _PriorityLRU()
+        # NOTE: a page's retention priority is the highest priority of the sequences that held it
+        # since it was last handed out; it picks its evictable queue when it is freed.
+        self._page_priority = [0] * num_pages
         self._ref_count = [0] * num_pages
         # prefix cache: content-prefix nodes and the pages attached to them
         self._prefix = PrefixIndex(num_pages)
@@ -106,6 +161,7 @@ class ReferenceBlockManager:
         self._seq_node: dict[int, int] = {}
         self._seq_tail: dict[int, list[int] | None] = {}
         self._seq_committed: dict[int, int] = {}
+        self._seq_priority: dict[int, int] = {}
 
     # ----------------------------------------------------------------- queries
     @property
@@ -157,7 +213,7 @@ class ReferenceBlockManager:
             block = tuple(tokens[i * ps : (i + 1) * ps])
             h = page_hash(h, block, salt) & self._hash_mask
             node = self._prefix.find(h, parent, salt, block)
-            page = NONE if node == NONE else self._prefix.pick_page(node, self._ref_count, self._copy_dsts)
+            page = NONE if node == NONE else self._prefix.pick_page(node, self._ref_count)
             if page == NONE:
                 break
             pages.append(page)
@@ -194,6 +250,7 @@ class ReferenceBlockManager:
         token_ids: np.ndarray | None = None,
         salt: int = 0,
         num_computed_tokens: int | None = None,
+        priority: int = DEFAULT_PRIORITY,
     ):
         """Returns (tokens found cached, copy-on-write copies).
 
@@ -233,6 +290,8 @@ class ReferenceBlockManager:
             table.append(self._take_free_page())
         self._tables[seq_id] = table
         self._num_tokens[seq_id] = num_tokens
+        self._seq_priority[seq_id] = priority
+        self._hold_priority(table, priority)
         if token_ids is not None and self.enable_prefix_caching:
             ps = self.page_size
             committed = max(num_tokens if num_computed_tokens is None else num_computed_tokens, num_cached)
@@ -317,6 +376,7 @@ class ReferenceBlockManager:
                 self._ref_count[page] += 1
         self._tables[child_id] = array("i", parent)
         self._num_tokens[child_id] = self._num_tokens[parent_id]
+        self._seq_priority[child_id] = self._seq_priority[parent_id]
         if parent_id in self._seq_salt:
             self._seq_salt[child_id] = self._seq_salt[parent_id]
             self._seq_node[child_id] = self._seq_node[parent_id]
@@ -437,13 +497,17 @@ class ReferenceBlockManager:
             copies.append((cpu, page))
         for seq_id in seq_ids:
             table = self._tables[seq_id]
+            # NOTE: not through an inverted mapping: two CPU pages (the same GPU page swapped out
+            # twice in one step, for two sequences) can map back to one GPU page.
+            old = [cpu for cpu in table if cpu != NULL_PAGE]
             for i, cpu in enumerate(table):
                 if cpu != NULL_PAGE:
                     table[i] = mapping[cpu]
                     self._ref_count[table[i]] += 1
-            for cpu in reversed(self._old_pages(table, mapping)):
+            for cpu in reversed(old):
                 self._release_cpu(cpu)
             self._swapped.discard(seq_id)
+            self._hold_priority(table, self._seq_priority[seq_id])
             self._reattach(seq_id, table)
         return np.array(copies, dtype=np.int32).reshape(-1, 2)
 
@@ -599,7 +663,7 @@ class ReferenceBlockManager:
         node = self._seq_node.pop(seq_id, None)
         if node is not None:
             self._prefix.release(node)
-        for per_seq in (self._seq_salt, self._seq_tail, self._seq_committed):
+        for per_seq in (self._seq_salt, self._seq_tail, self._seq_committed, self._seq_priority):
             per_seq.pop(seq_id, None)
 
     def _plan_allocate(self, num_tokens: int, token_ids, salt: int):
@@ -616,13 +680,17 @@ class ReferenceBlockManager:
             block = tuple(token_ids[i * ps : (i + 1) * ps])
             h = page_hash(h, block, salt) & self._hash_mask
             node = self._prefix.find(h, parent, salt, block)
-            page = NONE if node == NONE else self._prefix.pick_page(node, self._ref_count, self._copy_dsts)
+            page = NONE if node == NONE else self._prefix.pick_page(node, self._ref_count)
             if page == NONE:
                 break
             hits.append(page)
             parent = node
         num_cached = min(len(hits) * ps, num_tokens - 1)
         copy = 1 if num_cached < len(hits) * ps else 0
+        if copy and hits:
+            # NOTE: the last hit page is a copy source: prefer a page no copy of this step writes
+            # (a copy from one would have to wait for that copy).
+            hits[-1] = self._prefix.pick_page(parent, self._ref_count, self._copy_dsts)
         # NOTE: a hit on a page only a pending copy pins takes no page from the free queues.
         evictable_hits = sum(1 for page in hits if self._ref_count[page] == 0 and page not in self._pinned)
         return pages - len(hits) + copy + evictable_hits, hits, num_cached
@@ -661,14 +729,15 @@ class ReferenceBlockManager:
         if self._free:
             page = self._free.popleft()
         else:
-            page, _ = self._evictable.popitem(last=False)
+            page = self._evictable.pop()
             self._prefix.detach(page)  # NOTE: evicted: its node may be deleted, or stay a ghost
         self._ref_count[page] = 1
+        self._page_priority[page] = 0  # NOTE: its holder sets it
         return page
 
     def _take_cached_page(self, page: int) -> None:
         if self._ref_count[page] == 0 and page not in self._pinned:
-            del self._evictable[page]  # NOTE: O(1) removal from the middle of the LRU queue
+            self._evictable.remove(page)  # NOTE: O(1) removal from the middle of the LRU queue
         self._ref_count[page] += 1
 
     def _enqueue(self, page: int) -> None:
@@ -676,7 +745,7 @@ class ReferenceBlockManager:
         if not self._prefix.is_cached(page):
             self._free.append(page)
         else:
-            self._evictable[page] = None
+            self._evictable.push(page, self._page_priority[page])
 
     def _release(self, page: int) -> None:
         self._ref_count[page] -= 1
@@ -687,6 +756,11 @@ class ReferenceBlockManager:
         self._cpu_ref_count[page] -= 1
         if self._cpu_ref_count[page] == 0 and page not in self._cpu_pinned:
             self._cpu_free.append(page)
+
+    def _hold_priority(self, table: array, priority: int) -> None:
+        for page in table:
+            if page != NULL_PAGE and self._page_priority[page] < priority:
+                self._page_priority[page] = priority
 
     def _pin(self, page: int) -> None:
         self._pinned[page] = None
@@ -751,8 +825,12 @@ class ReferenceBlockManager:
             copies.append(self._gpu_copy(src, dst))
             self._release(src)
             table[-1] = dst
+            self._page_priority[dst] = self._seq_priority[seq_id]
+        priority = self._seq_priority[seq_id]
         for _ in range(_cdiv(current + num_tokens, self.page_size) - len(table)):
-            table.append(self._take_free_page())
+            page = self._take_free_page()
+            self._page_priority[page] = priority
+            table.append(page)
         self._num_tokens[seq_id] = current + num_tokens
         if seq_id in self._seq_tail:
             self._extend_cached_tokens(seq_id, table, current, token_ids)

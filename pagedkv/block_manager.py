@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _backend
 from . import _validate as check
-from ._reference import NULL_PAGE
+from ._reference import DEFAULT_PRIORITY, NULL_PAGE
 from ._hashing import salt_hash
 from .errors import InvalidArgument, InvalidType, invalid_argument
 
@@ -302,6 +302,7 @@ class BlockManager:
         token_ids=None,
         cache_salt=None,
         num_computed_tokens: int | None = None,
+        priority: int | None = None,
     ) -> Allocation:
         """Create sequence ``seq_id`` holding a prompt of ``num_tokens`` tokens.
 
@@ -318,6 +319,11 @@ class BlockManager:
                 prefill, pass the end of the first chunk and ``commit`` the next ones: only full
                 pages wholly inside ``max(num_computed_tokens, num_cached_tokens)`` tokens
                 become matchable now. Ignored without token ids or prefix caching.
+            priority: retention priority in ``[0, 100]`` (default 35, as TensorRT-LLM): once no
+                sequence holds them, the pages of lower-priority sequences are evicted first
+                (least recently freed first within a priority). A page keeps the highest
+                priority of the sequences that held it since it was last handed out; ``fork``
+                children inherit it.
 
         Returns:
             ``Allocation(num_cached_tokens, copies)``; ``num_cached_tokens`` is at most
@@ -333,7 +339,8 @@ class BlockManager:
         num_tokens, tokens, salt = self._prompt(num_tokens, token_ids, cache_salt)
         if num_computed_tokens is not None:
             num_computed_tokens = check.as_int("num_computed_tokens", num_computed_tokens, 0, num_tokens)
-        cached, copies = self._impl.allocate(seq_id, num_tokens, tokens, salt, num_computed_tokens)
+        priority = DEFAULT_PRIORITY if priority is None else check.as_int("priority", priority, 0, 100)
+        cached, copies = self._impl.allocate(seq_id, num_tokens, tokens, salt, num_computed_tokens, priority)
         return Allocation(cached, _copy_plan(copies))
 
     def commit(self, seq_id: int, num_computed_tokens: int) -> int:
@@ -481,15 +488,17 @@ class BlockManager:
     def end_step(self) -> None:
         """Say that every copy returned so far has been executed.
 
-        NOTE: step-safe copies. All copies returned since the last ``append_batch`` or
+        NOTE: step-safe copies. The copies returned since the last ``append_batch`` or
         ``end_step`` (by ``allocate``, ``append``, ``append_batch``, ``swap_out`` and
-        ``swap_in``) can be executed together, as one batched launch, in any order: no copy's
-        destination is another pending copy's source or destination. To keep it so, every page
-        such a copy reads or writes is pinned; one that no sequence holds any more (freed,
-        preempted, copied away) stays off the free queues (``num_pinned_pages``) until this call
-        or the next ``append_batch``, which begins a new step and releases them first. Execute a
-        step's copies before that call. An engine that calls ``append_batch`` every step need
-        not call this; one that does not must, once per step.
+        ``swap_in``) can be executed together, as one batched launch: every copy's destination
+        is a page no other copy of the step reads or writes. A copy may read the destination of
+        a copy returned earlier in the step only when the engine appends to, hits, or swaps out
+        such a page in the same step (see the README): run those pairs in the order returned.
+        Every page a copy reads or writes is pinned; one that no sequence holds any more
+        (freed, preempted, copied away) stays off the free queues (``num_pinned_pages``) until
+        this call or the next ``append_batch``, which begins a new step and releases them first.
+        Execute a step's copies before that call. An engine that calls ``append_batch`` every
+        step need not call this; one that does not must, once per step.
         """
         self._impl.end_step()
 

@@ -14,8 +14,9 @@ A page stops holding content when the manager takes it from its free queues for 
 pages of a new prompt after its hits, the pages an append adds, a copy-on-write destination,
 the pages a swap-in brings back. The oracle reads those from the page tables before and after
 each call. ``reset_prefix_cache`` forgets the pages that hold content at that moment: they stay
-unfindable until they are handed out again or a sequence sharing one offers it for the first
-time (it commits that page later), while pages committed later are findable as ever. Pure Python; must not import torch, triton or hypothesis.
+unfindable until they are handed out again, a sequence sharing one offers it for the first
+time (it commits that page later), or a swap-in brings its sequence back (a swap-in offers all
+of a sequence's committed pages); pages committed later are findable as ever. Pure Python; must not import torch, triton or hypothesis.
 """
 
 from __future__ import annotations
@@ -131,10 +132,10 @@ class IdealPrefixCache:
 
     # ------------------------------------------------------- the manager's calls
     def allocate(self, seq_id: int, num_tokens: int | None = None, *, token_ids=None, cache_salt=None,
-                 num_computed_tokens: int | None = None) -> IdealAllocation:
+                 num_computed_tokens: int | None = None, priority: int | None = None) -> IdealAllocation:
         ideal = None if token_ids is None else self.ideal_hit(token_ids, cache_salt)
         alloc = self.mgr.allocate(seq_id, num_tokens, token_ids=token_ids, cache_salt=cache_salt,
-                                  num_computed_tokens=num_computed_tokens)
+                                  num_computed_tokens=num_computed_tokens, priority=priority)
         table = self.mgr.page_table(seq_id)
         shared = len(table) if token_ids is None else alloc.num_cached_tokens // self.page_size
         self._taken(None, table, kept=0 if token_ids is None else shared)
@@ -204,6 +205,9 @@ class IdealPrefixCache:
         for gpu_page in plan.copies[:, 1].tolist():
             self._drop(gpu_page)
         for s in seq_ids:
+            # NOTE: a swap-in offers the sequence's committed pages again, even pages it takes
+            # back without a copy and pages a reset forgot.
+            self._forgotten.difference_update(self.mgr.page_table(int(s)))
             self._commit_pages(int(s))
         return plan
 

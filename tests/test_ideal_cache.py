@@ -113,7 +113,8 @@ def _random_workload(cache: IdealPrefixCache, rng: random.Random, num_ops: int) 
                     prompt = _prompt(rng, ps)
                 computed = rng.choice([None, None, 0, rng.randint(0, len(prompt))])
                 salt = rng.choice([None, None, None, "t"])
-                alloc, ideal = cache.allocate(next_id, token_ids=prompt, cache_salt=salt, num_computed_tokens=computed)
+                alloc, ideal = cache.allocate(next_id, token_ids=prompt, cache_salt=salt, num_computed_tokens=computed,
+                                              priority=rng.choice([None, None, 0, 50, 100]))
                 assert alloc.num_cached_tokens == ideal, (prompt, salt, mgr.snapshot())
                 hits += alloc.num_cached_tokens > 0
                 prompts.append(prompt)
@@ -190,3 +191,17 @@ def test_the_oracle_catches_an_index_that_loses_hits():
     cache.free(2)
     got, ideal = _hit(cache, 3, prompt + [1])
     assert (got, ideal) == (0, 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_swap_in_offers_pages_a_reset_forgot(backend):
+    # Found by review: the oracle and the manager agree that a swap-in re-offers a sequence's
+    # committed pages, even ones a reset forgot and ones taken back without a copy.
+    cache = _ideal(backend, num_pages=8, page_size=2, num_cpu_pages=4)
+    cache.allocate(0, token_ids=[1, 2, 3])
+    cache.allocate(1, token_ids=[4, 5, 6])
+    cache.reset_prefix_cache()
+    cache.swap_out([1])
+    cache.swap_in([1])  # same step: its GPU pages are taken back
+    assert _hit(cache, 2, [1, 2, 9]) == (0, 0)  # sequence 0's page stays forgotten
+    assert _hit(cache, 3, [4, 5, 9]) == (2, 2)  # sequence 1's is offered again

@@ -287,6 +287,8 @@ def random_cache_op(rng: random.Random, lock: Lockstep) -> None:
         kwargs = {}
         if rng.random() < 0.5:  # chunked prefill: the first chunk only (sometimes out of range)
             kwargs["num_computed_tokens"] = rng.choice([rng.randint(0, len(tokens)), 0, len(tokens) + 1, -1])
+        if rng.random() < 0.4:  # retention priority (sometimes out of range)
+            kwargs["priority"] = rng.choice([0, 10, 35, 80, 100, 100, 101, -1])
         if rng.random() < 0.15:
             outcome = lock.do(
                 "allocate", seq_id, len(tokens) + rng.choice([0, 0, 1]), token_ids=ids, cache_salt=salt, **kwargs

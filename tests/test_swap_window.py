@@ -110,3 +110,22 @@ def test_release_window_keeps_positions_with_null_pages():
     mgr.free(1)
     assert mgr.num_free_pages == 8
     mgr.check_invariants()
+
+
+@pytest.mark.parametrize("backend", ["python", "cpp"])
+def test_one_gpu_page_swapped_out_twice_in_a_step_comes_back_once(backend):
+    # Found by review: two sequences sharing a page, swapped out in separate calls, so two CPU
+    # pages come from one GPU page; swapped in together in the same step, both take it back.
+    mgr = BlockManager(8, 2, num_cpu_pages=8, enable_prefix_caching=True, backend=backend)
+    mgr.allocate(0, 4)
+    mgr.fork(0, 1)
+    mgr.fork(0, 2)
+    mgr.swap_out([1])
+    mgr.swap_out([2])
+    mgr.swap_in([1, 2])
+    mgr.check_invariants()
+    assert mgr.page_table(1) == mgr.page_table(2) == mgr.page_table(0)
+    for seq_id in (0, 1, 2):
+        mgr.free(seq_id)
+    mgr.end_step()
+    assert mgr.num_free_pages == 8 and mgr.num_free_cpu_pages == 8

@@ -112,9 +112,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def _check_step_safe(self, copies, src_pool: str, dst_pool: str) -> None:
         """No copy of this step writes a page that another copy of the step reads or writes.
 
-        NOTE: a copy may read a page an earlier copy of the same step wrote (a copy-on-write of
-        a page that was itself copied in this step, after a fork): that pair must run in the
-        order returned, as it would anyway when each call's copies run before the next call.
+        NOTE: a copy may read a page an earlier copy of the same step wrote (a copy-on-write,
+        a whole-prompt hit or a swap-out of a page that is itself a destination of this step):
+        that pair must run in the order returned, as it does when each call's copies run
+        before the next call (what this machine models).
         """
         if not self.steps:
             return
