@@ -15,6 +15,10 @@ Cases (issue 2):
               at once, in a pool too small to keep them all (so pages are evicted), with and
               without a sliding window; the hit rate next to the ideal cache's on the same pages
               (pagedkv.ideal_cache.IdealPrefixCache) and the µs per turn.
+  windowed    B=64 sequences with a 4,096-token sliding window, decoded at 10k / 100k / 1M
+              tokens each: a step is append_batch + release_window per sequence + page_tables
+              (ms per step). Page tables keep released entries as -1 today, so the step grows
+              with the length (the 1M point runs on the C++ core only).
 
 Usage: python benchmarks/allocator.py [--backends cpp python] [--batch-sizes 64 256 1024]
        [--steps 256] [--out results/allocator.jsonl]
@@ -160,6 +164,34 @@ def bench_multi_turn(backend: str, window: int | None, conversations: int = 24, 
             "us_per_turn": elapsed / max(turns_done, 1) / 1e3}
 
 
+def bench_windowed(backend: str, length: int, batch: int = 64, window: int = 4096, steps: int = 16) -> dict:
+    live = window // PAGE_SIZE + 2
+    pages = batch * (live + window // PAGE_SIZE + 2)
+    mgr = BlockManager(pages, PAGE_SIZE, backend=backend)
+    ids = np.arange(batch, dtype=np.int64)
+    for s in range(batch):
+        mgr.allocate(s, window)
+    grown = window
+    while grown < length:  # grow in window-sized chunks, releasing as a decode loop would
+        chunk = min(window, length - grown)
+        mgr.append_batch(ids, chunk)
+        for s in range(batch):
+            mgr.release_window(s, window)
+        grown += chunk
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter_ns()
+        mgr.append_batch(ids, 1)
+        for s in range(batch):
+            mgr.release_window(s, window)
+        tables = mgr.page_tables(ids)
+        times.append(time.perf_counter_ns() - start)
+    assert tables.page_table.shape[0] == batch
+    mgr.check_invariants()
+    return {"case": "windowed", "batch_size": batch, "num_tokens": length, "window": window,
+            "table_width": int(tables.page_table.shape[1]), "ms_per_step": statistics.median(times) / 1e6}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=["cpp", "python"], choices=["cpp", "python"])
@@ -186,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         records.append(bench_long_match(backend) | {"backend": backend})
         for window in (None, 256):
             records.append(bench_multi_turn(backend, window) | {"backend": backend})
+        for length in (10_000, 100_000) + ((1_000_000,) if backend == "cpp" else ()):
+            records.append(bench_windowed(backend, length) | {"backend": backend})
 
     print(f"{'backend':8} {'case':10} {'B':>6} {'figure':>60}")
     for r in records:
@@ -195,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             figure = f"{r['ms_per_call']:.2f} ms/call"
         elif r["case"] == "prefix":
             figure = f"{r['us_per_call']:.2f} us/call, hit rate {r['hit_rate']:.3f}"
+        elif r["case"] == "windowed":
+            figure = f"{r['num_tokens']:,} tokens: {r['ms_per_step']:.2f} ms/step (table width {r['table_width']:,})"
         elif r["case"] == "multi_turn":
             label = "no window" if r["window"] is None else f"window {r['window']}"
             figure = (f"{label}: hit rate {r['hit_rate']:.3f} (ideal {r['ideal_hit_rate']:.3f}), "

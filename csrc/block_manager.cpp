@@ -744,8 +744,13 @@ Failure BlockManager::page_tables(const int64_t* seq_ids, size_t n, int64_t max_
 Failure BlockManager::csr(const int64_t* seq_ids, size_t n, CSR& out) {
   Failure f = lookup_batch(seq_ids, n);
   if (!f.ok()) return f;
+  // NOTE: a sliding window's released pages (entries before window_start) are left out: a CSR
+  // page id of -1 would be read as a page.
   size_t total = 0;
-  for (size_t i = 0; i < n; ++i) total += seqs_[batch_slots_[i]].pages.size();
+  for (size_t i = 0; i < n; ++i) {
+    const Sequence& seq = seqs_[batch_slots_[i]];
+    total += seq.pages.size() - static_cast<size_t>(seq.window_start);
+  }
   out.indptr.resize(n + 1);
   out.indices.resize(total);
   out.last_page_len.resize(n);
@@ -756,8 +761,9 @@ Failure BlockManager::csr(const int64_t* seq_ids, size_t n, CSR& out) {
   int32_t* dst = out.indices.data();
   for (size_t i = 0; i < n; ++i) {
     const Sequence& seq = seqs_[batch_slots_[i]];
-    const size_t len = seq.pages.size();
-    if (len) std::memcpy(dst, seq.pages.data(), len * sizeof(int32_t));
+    const size_t skip = static_cast<size_t>(seq.window_start);
+    const size_t len = seq.pages.size() - skip;
+    if (len) std::memcpy(dst, seq.pages.data() + skip, len * sizeof(int32_t));
     dst += len;
     acc += static_cast<uint32_t>(len);
     out.indptr[i + 1] = static_cast<int32_t>(acc);

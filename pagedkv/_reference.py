@@ -162,6 +162,7 @@ class ReferenceBlockManager:
         self._seq_tail: dict[int, list[int] | None] = {}
         self._seq_committed: dict[int, int] = {}
         self._seq_priority: dict[int, int] = {}
+        self._window_start: dict[int, int] = {}  # seq -> entries before it are all released
 
     # ----------------------------------------------------------------- queries
     @property
@@ -377,6 +378,8 @@ class ReferenceBlockManager:
         self._tables[child_id] = array("i", parent)
         self._num_tokens[child_id] = self._num_tokens[parent_id]
         self._seq_priority[child_id] = self._seq_priority[parent_id]
+        if parent_id in self._window_start:
+            self._window_start[child_id] = self._window_start[parent_id]
         if parent_id in self._seq_salt:
             self._seq_salt[child_id] = self._seq_salt[parent_id]
             self._seq_node[child_id] = self._seq_node[parent_id]
@@ -405,12 +408,18 @@ class ReferenceBlockManager:
         """Release pages wholly before the last ``window`` tokens; returns pages released."""
         table = self._resident_table(seq_id)
         keep_from = self._num_tokens[seq_id] - window  # first position inside the window
+        end = max(keep_from, 0) // self.page_size
+        start = self._window_start.get(seq_id, 0)
         released = 0
-        for i in range(max(keep_from, 0) // self.page_size):
+        # NOTE: released entries always form a prefix of the table, so the scan starts where the
+        # previous release stopped (O(pages released), not O(table) per decode step).
+        for i in range(start, end):
             if table[i] != NULL_PAGE:
                 self._release(table[i])
                 table[i] = NULL_PAGE
                 released += 1
+        if end > start:
+            self._window_start[seq_id] = end
         return released
 
     def reset_prefix_cache(self) -> None:
@@ -543,7 +552,9 @@ class ReferenceBlockManager:
 
     def csr(self, seq_ids: np.ndarray):
         seq_ids = seq_ids.tolist()
-        tables = [self._resident_table(s) for s in seq_ids]
+        # NOTE: a sliding window's released pages (a prefix of the table) are left out: a CSR
+        # page id of -1 would be read as a page.
+        tables = [self._resident_table(s)[self._window_start.get(s, 0):] for s in seq_ids]
         lens = np.array([len(t) for t in tables], dtype=np.int32)
         indptr = np.zeros(len(tables) + 1, dtype=np.int32)
         np.cumsum(lens, out=indptr[1:])
@@ -663,7 +674,7 @@ class ReferenceBlockManager:
         node = self._seq_node.pop(seq_id, None)
         if node is not None:
             self._prefix.release(node)
-        for per_seq in (self._seq_salt, self._seq_tail, self._seq_committed, self._seq_priority):
+        for per_seq in (self._seq_salt, self._seq_tail, self._seq_committed, self._seq_priority, self._window_start):
             per_seq.pop(seq_id, None)
 
     def _plan_allocate(self, num_tokens: int, token_ids, salt: int):

@@ -574,7 +574,13 @@ class BlockManager:
         return PageTables(*self._impl.page_tables(ids, max_pages))
 
     def csr(self, seq_ids) -> CSR:
-        """FlashInfer's ``(indptr, indices, last_page_len)`` for a batch (int32 arrays)."""
+        """FlashInfer's ``(indptr, indices, last_page_len)`` for a batch (int32 arrays).
+
+        NOTE: only live pages are listed. For a sequence a sliding window has released pages
+        from, the CSR starts at its first live page, so it describes the tokens from that page's
+        start (a shifted view, self-consistent for windowed attention: the released tokens lie
+        outside every query's window); ``page_tables`` keeps the positions, with -1 entries.
+        """
         return CSR(*self._impl.csr(check.seq_ids(seq_ids)))
 
     # ------------------------------------------------------------- invariants

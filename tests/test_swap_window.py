@@ -129,3 +129,22 @@ def test_one_gpu_page_swapped_out_twice_in_a_step_comes_back_once(backend):
         mgr.free(seq_id)
     mgr.end_step()
     assert mgr.num_free_pages == 8 and mgr.num_free_cpu_pages == 8
+
+
+@pytest.mark.parametrize("backend", ["python", "cpp"])
+def test_csr_never_lists_a_page_the_window_released(backend):
+    mgr = BlockManager(num_pages=16, page_size=4, backend=backend)
+    mgr.allocate(0, 18)  # pages 0-4
+    mgr.allocate(1, 5)
+    assert mgr.release_window(0, 6) == 3  # positions 12.. stay: pages 0 1 2 go
+    assert mgr.release_window(0, 6) == 0  # incremental: nothing more to release
+    indptr, indices, last = mgr.csr([0, 1])
+    assert -1 not in indices.tolist()
+    assert indices[indptr[0]:indptr[1]].tolist() == mgr.page_table(0)[3:]
+    # the CSR describes the live pages: (pages - 1) * page_size + last_page_len tokens from page 3
+    assert (indptr[1] - indptr[0] - 1) * 4 + last[0] == 18 - 3 * 4
+    mgr.fork(0, 2)
+    mgr.append(2, 8)
+    assert mgr.release_window(2, 4) == 2  # the child continues from the parent's window start
+    assert -1 not in mgr.csr([0, 1, 2]).indices.tolist()
+    mgr.check_invariants()
