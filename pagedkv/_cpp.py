@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _core
 from . import _validate as check
+from ._reference import MAX_PRIORITY, MIN_PRIORITY
 from .errors import DuplicateSequence, InvariantViolation, OutOfPages, PagedKVError
 from .errors import SequenceExists, SequenceSwapped, SequenceTooLong, UnknownSequence, invalid_argument
 
@@ -75,7 +76,7 @@ def _invalid_argument(argument: str, values: tuple[int, ...]) -> Exception:
         "window": lambda: check.count("window", v),
         "num_computed_tokens": lambda: check.as_int("num_computed_tokens", v, 0, values[1]),
         "num_computed_tokens_range": lambda: check.as_int("num_computed_tokens", v, 0, check.MAX_SEQ_ID),
-        "priority": lambda: check.as_int("priority", v, 0, 100),
+        "priority": lambda: check.as_int("priority", v, MIN_PRIORITY, MAX_PRIORITY),
     }
     try:
         ranges[argument]()

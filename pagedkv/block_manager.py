@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _backend
 from . import _validate as check
-from ._reference import DEFAULT_PRIORITY, NULL_PAGE
+from ._reference import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, NULL_PAGE
 from ._hashing import salt_hash
 from .errors import InvalidArgument, InvalidType, invalid_argument
 
@@ -339,7 +339,8 @@ class BlockManager:
         num_tokens, tokens, salt = self._prompt(num_tokens, token_ids, cache_salt)
         if num_computed_tokens is not None:
             num_computed_tokens = check.as_int("num_computed_tokens", num_computed_tokens, 0, num_tokens)
-        priority = DEFAULT_PRIORITY if priority is None else check.as_int("priority", priority, 0, 100)
+        priority = DEFAULT_PRIORITY if priority is None else check.as_int("priority", priority, MIN_PRIORITY,
+                                                                          MAX_PRIORITY)
         cached, copies = self._impl.allocate(seq_id, num_tokens, tokens, salt, num_computed_tokens, priority)
         return Allocation(cached, _copy_plan(copies))
 
