@@ -530,6 +530,11 @@ class BlockManager {
     int64_t num_cached = 0;  // tokens found cached
     bool copy = false;       // the last hit page is copied, not shared
   };
+  // Appends a cached page for each full page of the longest cached prefix of token_ids
+  // (num_full full pages) to `pages`; returns the last one's node (kRoot: none). May throw
+  // std::bad_alloc.
+  int32_t match_prefix(const int64_t* token_ids, int64_t num_full, uint64_t salt,
+                       std::vector<int32_t>& pages) const;
   // Fills hits_ with the pages matched, in order. May throw std::bad_alloc.
   AllocatePlan plan_allocate(int64_t num_tokens, TokenIds token_ids, uint64_t salt);
   // Offers page i of seq, whose page_size tokens are `block`, to the index: its node is found

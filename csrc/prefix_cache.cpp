@@ -82,21 +82,7 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
   plan.need = pages;
   if (!enable_prefix_caching_ || !token_ids.given()) return plan;
   const int64_t ps = page_size_;
-  const int64_t num_full = page_math_.index(num_tokens);
-  // NOTE: one hash-chain probe per full page, confirmed by content (tokens, salt and parent
-  // node): no scan of the cache. The match stops at the first page not cached. The cost is the
-  // hash chain itself (serial: each page's hash starts from its parent's).
-  uint64_t h = 0;
-  int32_t parent = PrefixIndex::kRoot;
-  for (int64_t i = 0; i < num_full; ++i) {
-    const int64_t* block = token_ids.data + i * ps;
-    h = page_hash(h, block, static_cast<size_t>(ps), salt) & hash_mask_;
-    const int32_t node = prefix_.find(h, parent, salt, block);
-    const int32_t page = node == PrefixIndex::kNone ? kNullPage : prefix_.pick_page(node, ref_count_);
-    if (page == kNullPage) break;
-    hits_.push_back(page);
-    parent = node;
-  }
+  const int32_t parent = match_prefix(token_ids.data, page_math_.index(num_tokens), salt, hits_);
   const int64_t num_hits = static_cast<int64_t>(hits_.size());
   const int64_t hit_tokens = num_hits * ps;
   plan.num_cached = std::min(hit_tokens, num_tokens - 1);
@@ -109,6 +95,26 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
   for (int32_t page : hits_) evictable_hits += ref_count_[page] == 0 && !(pin_flags_[page] & kPinned);
   plan.need = pages - num_hits + (plan.copy ? 1 : 0) + evictable_hits;
   return plan;
+}
+
+int32_t BlockManager::match_prefix(const int64_t* token_ids, int64_t num_full, uint64_t salt,
+                                   std::vector<int32_t>& pages) const {
+  // NOTE: one hash-chain probe per full page, confirmed by content (tokens, salt and parent
+  // node): no scan of the cache. The match stops at the first page not cached. The cost is the
+  // hash chain itself (serial: each page's hash starts from its parent's).
+  const int64_t ps = page_size_;
+  uint64_t h = 0;
+  int32_t parent = PrefixIndex::kRoot;
+  for (int64_t i = 0; i < num_full; ++i) {
+    const int64_t* block = token_ids + i * ps;
+    h = page_hash(h, block, static_cast<size_t>(ps), salt) & hash_mask_;
+    const int32_t node = prefix_.find(h, parent, salt, block);
+    const int32_t page = node == PrefixIndex::kNone ? kNullPage : prefix_.pick_page(node, ref_count_);
+    if (page == kNullPage) break;
+    pages.push_back(page);
+    parent = node;
+  }
+  return parent;
 }
 
 void BlockManager::reserve_cache(int64_t n) {
@@ -250,20 +256,8 @@ Failure BlockManager::pin_prefix(TokenIds token_ids, uint64_t salt, int64_t& pin
   PrefixPin pin;
   pin.salt = salt;
   pin.tokens.assign(token_ids.data, token_ids.data + token_ids.size);
-  if (enable_prefix_caching_) {
-    const int64_t ps = page_size_;
-    uint64_t h = 0;
-    int32_t parent = PrefixIndex::kRoot;
-    for (int64_t i = 0; i < page_math_.index(static_cast<int64_t>(token_ids.size)); ++i) {
-      const int64_t* block = token_ids.data + i * ps;
-      h = page_hash(h, block, static_cast<size_t>(ps), salt) & hash_mask_;
-      const int32_t node = prefix_.find(h, parent, salt, block);
-      const int32_t page = node == PrefixIndex::kNone ? kNullPage : prefix_.pick_page(node, ref_count_);
-      if (page == kNullPage) break;
-      pin.pages.push_back(page);
-      parent = node;
-    }
-  }
+  if (enable_prefix_caching_)
+    match_prefix(token_ids.data, page_math_.index(static_cast<int64_t>(token_ids.size)), salt, pin.pages);
   prefix_pins_.reserve(prefix_pins_.size() + 1);
   // Nothing below allocates.
   for (int32_t page : pin.pages) take_cached_page(page);

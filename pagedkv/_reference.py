@@ -207,18 +207,7 @@ class ReferenceBlockManager:
     def pin_prefix(self, token_ids: np.ndarray, salt: int = 0) -> int:
         """Hold the cached full pages of a prefix (until unpin_prefix); returns how many."""
         tokens = _token_list(token_ids)
-        ps = self.page_size
-        pages: list[int] = []
-        h, parent = 0, ROOT
-        for i in range(len(tokens) // ps if self.enable_prefix_caching else 0):
-            block = tuple(tokens[i * ps : (i + 1) * ps])
-            h = page_hash(h, block, salt) & self._hash_mask
-            node = self._prefix.find(h, parent, salt, block)
-            page = NONE if node == NONE else self._prefix.pick_page(node, self._ref_count)
-            if page == NONE:
-                break
-            pages.append(page)
-            parent = node
+        pages, _ = self._match(tokens, salt) if self.enable_prefix_caching else ([], ROOT)
         for page in pages:
             self._take_cached_page(page)
         self._prefix_pins.append((salt, tuple(tokens), pages))
@@ -683,19 +672,7 @@ class ReferenceBlockManager:
         pages = _cdiv(num_tokens, ps)
         if token_ids is None or not self.enable_prefix_caching:
             return pages, [], 0
-        hits: list[int] = []
-        h, parent = 0, ROOT
-        for i in range(num_tokens // ps):
-            # NOTE: one hash-chain probe per full page, confirmed by content (tokens, salt and
-            # parent node); the match stops at the first page not cached.
-            block = tuple(token_ids[i * ps : (i + 1) * ps])
-            h = page_hash(h, block, salt) & self._hash_mask
-            node = self._prefix.find(h, parent, salt, block)
-            page = NONE if node == NONE else self._prefix.pick_page(node, self._ref_count)
-            if page == NONE:
-                break
-            hits.append(page)
-            parent = node
+        hits, parent = self._match(token_ids, salt)
         num_cached = min(len(hits) * ps, num_tokens - 1)
         copy = 1 if num_cached < len(hits) * ps else 0
         if copy and hits:
@@ -705,6 +682,24 @@ class ReferenceBlockManager:
         # NOTE: a hit on a page only a pending copy pins takes no page from the free queues.
         evictable_hits = sum(1 for page in hits if self._ref_count[page] == 0 and page not in self._pinned)
         return pages - len(hits) + copy + evictable_hits, hits, num_cached
+
+    def _match(self, token_ids: list[int], salt: int) -> tuple[list[int], int]:
+        """(a cached page for each full page of the longest cached prefix, the last one's node)."""
+        ps = self.page_size
+        pages: list[int] = []
+        h, parent = 0, ROOT
+        for i in range(len(token_ids) // ps):
+            # NOTE: one hash-chain probe per full page, confirmed by content (tokens, salt and
+            # parent node); the match stops at the first page not cached.
+            block = tuple(token_ids[i * ps : (i + 1) * ps])
+            h = page_hash(h, block, salt) & self._hash_mask
+            node = self._prefix.find(h, parent, salt, block)
+            page = NONE if node == NONE else self._prefix.pick_page(node, self._ref_count)
+            if page == NONE:
+                break
+            pages.append(page)
+            parent = node
+        return pages, parent
 
     def _index_page(self, seq_id: int, table: array, i: int, block: tuple) -> bool:
         """Offer page ``i`` of a sequence, whose tokens are ``block``, to the index: its node is
