@@ -111,6 +111,7 @@ NB_MODULE(_core, m) {
   argument["num_computed_tokens_stop"] = int(Arg::num_computed_tokens_stop);
   argument["pinned_prefix"] = int(Arg::pinned_prefix);
   argument["priority"] = int(Arg::priority);
+  argument["cpu_prefix_cache"] = int(Arg::cpu_prefix_cache);
   using pagedkv::Invariant;
   invariant["pages_cover_tokens"] = int(Invariant::pages_cover_tokens);
   invariant["page_in_range"] = int(Invariant::page_in_range);
@@ -131,6 +132,8 @@ NB_MODULE(_core, m) {
   invariant["node_pages"] = int(Invariant::node_pages);
   invariant["node_dependents"] = int(Invariant::node_dependents);
   invariant["pinned_page"] = int(Invariant::pinned_page);
+  invariant["cpu_cache"] = int(Invariant::cpu_cache);
+  invariant["cpu_lru"] = int(Invariant::cpu_lru);
   m.attr("STATUS") = status;
   m.attr("ARGUMENT") = argument;
   m.attr("INVARIANT") = invariant;
@@ -161,13 +164,14 @@ NB_MODULE(_core, m) {
   m.def(
       "check_config",
       [](int64_t num_pages, int64_t page_size, int64_t watermark_pages, int64_t num_cpu_pages,
-         int64_t hash_bits) -> nb::object {
+         int64_t hash_bits, bool enable_prefix_caching, bool cpu_prefix_cache) -> nb::object {
         Failure f = BlockManager::check_config(num_pages, page_size, watermark_pages,
-                                               num_cpu_pages, hash_bits);
+                                               num_cpu_pages, hash_bits, enable_prefix_caching,
+                                               cpu_prefix_cache);
         return f.ok() ? nb::none() : failure(f);
       },
       "num_pages"_a, "page_size"_a, "watermark_pages"_a, "num_cpu_pages"_a = 0,
-      "hash_bits"_a = 64,
+      "hash_bits"_a = 64, "enable_prefix_caching"_a = false, "cpu_prefix_cache"_a = false,
       "None when BlockManager(num_pages, page_size, watermark_pages, ..., num_cpu_pages, "
       "hash_bits) is valid, else a Failure.");
 
@@ -175,23 +179,25 @@ NB_MODULE(_core, m) {
       .def(
           "__init__",
           [](BlockManager* self, int64_t num_pages, int64_t page_size, int64_t watermark_pages,
-             bool enable_prefix_caching, int64_t num_cpu_pages, int64_t hash_bits) {
+             bool enable_prefix_caching, int64_t num_cpu_pages, int64_t hash_bits,
+             bool cpu_prefix_cache) {
             // Last line of defence for direct use of _core; pagedkv/_cpp.py calls check_config
             // first and raises the typed error.
             if (!BlockManager::check_config(num_pages, page_size, watermark_pages, num_cpu_pages,
-                                            hash_bits)
+                                            hash_bits, enable_prefix_caching, cpu_prefix_cache)
                      .ok())
               throw std::invalid_argument("invalid BlockManager configuration (see check_config)");
             new (self) BlockManager(num_pages, page_size, watermark_pages, enable_prefix_caching,
-                                    num_cpu_pages, hash_bits);
+                                    num_cpu_pages, hash_bits, cpu_prefix_cache);
           },
           "num_pages"_a, "page_size"_a, "watermark_pages"_a, "enable_prefix_caching"_a = false,
-          "num_cpu_pages"_a = 0, "hash_bits"_a = 64)
+          "num_cpu_pages"_a = 0, "hash_bits"_a = 64, "cpu_prefix_cache"_a = false)
       .def_prop_ro("num_pages", &BlockManager::num_pages)
       .def_prop_ro("page_size", &BlockManager::page_size)
       .def_prop_ro("watermark_pages", &BlockManager::watermark_pages)
       .def_prop_ro("enable_prefix_caching", &BlockManager::enable_prefix_caching)
       .def_prop_ro("num_cpu_pages", &BlockManager::num_cpu_pages)
+      .def_prop_ro("cpu_prefix_cache", &BlockManager::cpu_prefix_cache)
       .def_prop_ro("num_free_pages", &BlockManager::num_free_pages)
       .def_prop_ro("num_free_cpu_pages", &BlockManager::num_free_cpu_pages)
       .def_prop_ro("num_pinned_pages", &BlockManager::num_pinned_pages)
@@ -210,10 +216,11 @@ NB_MODULE(_core, m) {
           [](const BlockManager& self) {
             const pagedkv::PrefixCacheStats s = self.prefix_cache_stats();
             return nb::make_tuple(s.queries, s.hits, s.query_tokens, s.hit_tokens,
-                                  s.num_cached_pages, s.num_evictable_pages, s.num_pinned_prefix_pages);
+                                  s.num_cached_pages, s.num_evictable_pages, s.num_pinned_prefix_pages,
+                                  s.cpu_hit_tokens, s.demotions, s.promotions, s.num_cpu_cached_pages);
           },
           "(queries, hits, query_tokens, hit_tokens, num_cached_pages, num_evictable_pages, "
-          "num_pinned_prefix_pages).")
+          "num_pinned_prefix_pages, cpu_hit_tokens, demotions, promotions, num_cpu_cached_pages).")
       .def(
           "page_table",
           [](const BlockManager& self, int64_t seq_id) -> nb::object {
@@ -335,6 +342,16 @@ NB_MODULE(_core, m) {
       .def("reset_prefix_cache", &BlockManager::reset_prefix_cache)
       .def("end_step", &BlockManager::end_step)
       .def(
+          "take_offload",
+          [](BlockManager& self) {
+            std::vector<int32_t> demotions, promotions;
+            self.take_offload(demotions, promotions);
+            const size_t num_demotions = demotions.size() / 2, num_promotions = promotions.size() / 2;
+            return nb::make_tuple(to_numpy(std::move(demotions), {num_demotions, 2}),
+                                  to_numpy(std::move(promotions), {num_promotions, 2}));
+          },
+          "((gpu, cpu) demotions, (cpu, gpu) promotions) as int32 [K, 2] arrays; forgets them.")
+      .def(
           "pin_prefix",
           [](BlockManager& self, Int64Array token_ids, uint64_t salt) -> nb::object {
             int64_t pinned = 0;
@@ -444,24 +461,32 @@ NB_MODULE(_core, m) {
               return to_numpy(std::move(v), {n});
             };
             const pagedkv::PrefixCacheStats& st = s.stats;
-            nb::object stats = nb::make_tuple(st.queries, st.hits, st.query_tokens, st.hit_tokens);
+            nb::object stats = nb::make_tuple(st.queries, st.hits, st.query_tokens, st.hit_tokens,
+                                              st.cpu_hit_tokens, st.demotions, st.promotions);
             nb::object cached = nb::make_tuple(arr(std::move(s.cached_pages)), arr(std::move(s.cached_nodes)),
                                                arr(std::move(s.cached_hashes)));
             nb::object nodes = nb::make_tuple(arr(std::move(s.node_ids)), arr(std::move(s.node_hashes)),
                                               arr(std::move(s.node_parents)), arr(std::move(s.node_deps)),
-                                              arr(std::move(s.node_indptr)), arr(std::move(s.node_pages)));
+                                              arr(std::move(s.node_indptr)), arr(std::move(s.node_pages)),
+                                              arr(std::move(s.node_cpu_pages)));
+            const size_t num_demotions = s.demotions.size() / 2, num_promotions = s.promotions.size() / 2;
+            nb::object tier = nb::make_tuple(arr(std::move(s.cpu_lru)),
+                                             to_numpy(std::move(s.demotions), {num_demotions, 2}),
+                                             to_numpy(std::move(s.promotions), {num_promotions, 2}));
             return nb::make_tuple(arr(std::move(s.free)), arr(std::move(s.evictable)),
                                   arr(std::move(s.ref_count)), arr(std::move(s.cpu_free)),
                                   arr(std::move(s.cpu_ref_count)), arr(std::move(s.seq_ids)),
                                   arr(std::move(s.num_tokens)), arr(std::move(s.indptr)),
                                   arr(std::move(s.pages)), arr(std::move(s.swapped)), cached, nodes,
                                   arr(std::move(s.pinned)), arr(std::move(s.cpu_pinned)),
-                                  arr(std::move(s.prefix_pin_indptr)), arr(std::move(s.prefix_pin_pages)), stats);
+                                  arr(std::move(s.prefix_pin_indptr)), arr(std::move(s.prefix_pin_pages)), stats,
+                                  tier);
           },
           "(free, evictable, ref_count, cpu_free, cpu_ref_count, seq_ids, num_tokens, indptr, "
           "pages, swapped) as numpy arrays, then the cached pages (pages, nodes, hashes), the live "
           "nodes (ids, hashes, parents, dependents, indptr, pages), the pinned GPU and CPU pages, and "
-          "(queries, hits, query_tokens, hit_tokens).")
+          "(queries, hits, query_tokens, hit_tokens, cpu_hit_tokens, demotions, promotions), and the "
+          "CPU tier (LRU pages, pending demotions, pending promotions).")
       .def("debug_set_ref_count", &BlockManager::debug_set_ref_count, "page_id"_a, "value"_a)
       .def("debug_set_page", &BlockManager::debug_set_page, "seq_id"_a, "index"_a, "page_id"_a);
 }

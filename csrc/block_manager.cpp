@@ -102,7 +102,8 @@ void SeqMap::rehash(size_t capacity) {
 
 // =============================================================== BlockManager
 Failure BlockManager::check_config(int64_t num_pages, int64_t page_size, int64_t watermark_pages,
-                                   int64_t num_cpu_pages, int64_t hash_bits) {
+                                   int64_t num_cpu_pages, int64_t hash_bits,
+                                   bool enable_prefix_caching, bool cpu_prefix_cache) {
   if (!is_count(num_pages)) return invalid(Arg::num_pages, num_pages);
   if (!is_count(page_size)) return invalid(Arg::page_size, page_size);
   if (watermark_pages < 0 || watermark_pages > num_pages)
@@ -110,17 +111,21 @@ Failure BlockManager::check_config(int64_t num_pages, int64_t page_size, int64_t
   if (num_cpu_pages < 0 || num_cpu_pages > kMaxCount)
     return invalid(Arg::num_cpu_pages, num_cpu_pages);
   if (hash_bits < 1 || hash_bits > 64) return invalid(Arg::hash_bits, hash_bits);
+  if (cpu_prefix_cache && !(enable_prefix_caching && num_cpu_pages > 0))
+    return invalid(Arg::cpu_prefix_cache, 1);
   return Failure{};
 }
 
 BlockManager::BlockManager(int64_t num_pages, int64_t page_size, int64_t watermark_pages,
-                           bool enable_prefix_caching, int64_t num_cpu_pages, int64_t hash_bits)
+                           bool enable_prefix_caching, int64_t num_cpu_pages, int64_t hash_bits,
+                           bool cpu_prefix_cache)
     : num_pages_(num_pages),
       page_size_(page_size),
       page_math_(page_size),
       watermark_pages_(watermark_pages),
       enable_prefix_caching_(enable_prefix_caching),
       num_cpu_pages_(num_cpu_pages),
+      cpu_prefix_cache_(cpu_prefix_cache && enable_prefix_caching && num_cpu_pages > 0),
       // NOTE: hash_bits < 64 truncates page hashes; tests use it to force collisions.
       hash_mask_(hash_bits >= 64 ? ~uint64_t{0} : (uint64_t{1} << hash_bits) - 1),
       ref_count_(static_cast<size_t>(num_pages), 0),
@@ -139,6 +144,11 @@ BlockManager::BlockManager(int64_t num_pages, int64_t page_size, int64_t waterma
       cpu_swapped_from_(static_cast<size_t>(num_cpu_pages), kNullPage) {
   pinned_.reserve(static_cast<size_t>(num_pages));
   cpu_pinned_.reserve(static_cast<size_t>(num_cpu_pages));
+  if (cpu_prefix_cache_) {
+    fresh_.reserve(static_cast<size_t>(num_pages));
+    cpu_lru_prev_.assign(static_cast<size_t>(num_cpu_pages), kNotQueued);
+    cpu_lru_next_.assign(static_cast<size_t>(num_cpu_pages), kNotQueued);
+  }
   // NOTE: a new manager's free queue is 0..N-1, head first, as in the reference; so is the
   // CPU free queue.
   const int32_t n = static_cast<int32_t>(num_pages);
@@ -152,7 +162,7 @@ BlockManager::BlockManager(int64_t num_pages, int64_t page_size, int64_t waterma
   for (int64_t p = 0; p < num_cpu_pages; ++p) cpu_free_[p] = static_cast<int32_t>(p);
   cpu_free_size_ = num_cpu_pages;
   if (enable_prefix_caching) {
-    prefix_ = PrefixIndex(num_pages, page_size);
+    prefix_ = PrefixIndex(num_pages, page_size, cpu_prefix_cache_ ? num_cpu_pages : 0);
     block_.resize(static_cast<size_t>(page_size));
   }
 }
@@ -227,6 +237,7 @@ int32_t BlockManager::take_free_page() {
   if (page == kNullPage) {
     page = pop_evictable();
     if (page == kNullPage) return kNullPage;  // unreachable: callers checked the free count
+    if (cpu_prefix_cache_) demote(page);
     prefix_.detach(page);  // NOTE: evicted: its node may be deleted, or stay a ghost
   }
   ref_count_[page] = 1;
@@ -246,7 +257,96 @@ void BlockManager::release(int32_t page) {
 
 void BlockManager::release_cpu(int32_t page) {
   if (page < 0 || page >= num_cpu_pages_) return;  // only reachable after corruption
-  if (--cpu_ref_count_[page] == 0 && !cpu_pinned_flag_[page]) cpu_push_tail(page);
+  if (--cpu_ref_count_[page] == 0 && !cpu_pinned_flag_[page]) enqueue_cpu(page);
+}
+
+// ------------------------------------------------- CPU tier of the prefix cache
+int32_t BlockManager::take_cpu_page() {
+  // NOTE: swap-out outranks the tier: a cached CPU page is taken once no free one is left.
+  if (cpu_free_size_) return cpu_pop_head();
+  const int32_t cpu = cpu_lru_.head;
+  if (cpu < 0) return kNullPage;  // unreachable: callers checked num_free_cpu_pages()
+  const int32_t next = cpu_lru_next_[cpu];
+  cpu_lru_.head = next;
+  if (next != kNullPage) cpu_lru_prev_[next] = kNullPage; else cpu_lru_.tail = kNullPage;
+  cpu_lru_prev_[cpu] = cpu_lru_next_[cpu] = kNotQueued;
+  --cpu_lru_.size;
+  prefix_.detach_cpu(cpu);  // NOTE: its content is lost; its node may be deleted
+  return cpu;
+}
+
+void BlockManager::enqueue_cpu(int32_t cpu) {
+  if (!cpu_prefix_cache_ || !prefix_.is_cpu_cached(cpu)) {
+    cpu_push_tail(cpu);
+    return;
+  }
+  if (cpu_lru_prev_[cpu] != kNotQueued) return;  // only reachable after corruption
+  cpu_lru_prev_[cpu] = cpu_lru_.tail;
+  cpu_lru_next_[cpu] = kNullPage;
+  if (cpu_lru_.tail != kNullPage) cpu_lru_next_[cpu_lru_.tail] = cpu; else cpu_lru_.head = cpu;
+  cpu_lru_.tail = cpu;
+  ++cpu_lru_.size;
+}
+
+void BlockManager::demote(int32_t page) {
+  // NOTE: only content written before this step (a page indexed in it gets its KV in this
+  // step's forward pass, after the demotion would run), only once per node (the tier is
+  // inclusive), and never into a swapped-out sequence's page.
+  const int32_t node = prefix_.node_of(page);
+  if ((pin_flags_[page] & kFresh) || prefix_.cpu_page_of(node) != PrefixIndex::kNone ||
+      num_free_cpu_pages() == 0)
+    return;
+  const int32_t cpu = take_cpu_page();
+  prefix_.attach_cpu(cpu, node);
+  pin_cpu(cpu);  // NOTE: a destination: no other move of this step may write it
+  demotions_.push_back(page);  // within reserve_moves()
+  demotions_.push_back(cpu);
+  ++stats_.demotions;
+}
+
+void BlockManager::promote(int64_t num_cached) {
+  const int64_t ps = page_size_;
+  // NOTE: every source is pinned (off the LRU list) before the first GPU page is taken: an
+  // eviction that page causes may demote, and a demotion must not take a CPU page read here.
+  for (size_t i = 0; i < hits_.size(); ++i) {
+    if (hits_[i] != kNullPage) continue;
+    const int32_t cpu = prefix_.cpu_page_of(hit_nodes_[i]);
+    if (cpu_lru_prev_[cpu] != kNotQueued) {
+      const int32_t prev = cpu_lru_prev_[cpu];
+      const int32_t next = cpu_lru_next_[cpu];
+      if (prev != kNullPage) cpu_lru_next_[prev] = next; else cpu_lru_.head = next;
+      if (next != kNullPage) cpu_lru_prev_[next] = prev; else cpu_lru_.tail = prev;
+      cpu_lru_prev_[cpu] = cpu_lru_next_[cpu] = kNotQueued;
+      --cpu_lru_.size;
+    }
+    pin_cpu(cpu);
+  }
+  for (size_t i = 0; i < hits_.size(); ++i) {
+    if (hits_[i] != kNullPage) continue;
+    const int32_t cpu = prefix_.cpu_page_of(hit_nodes_[i]);
+    const int32_t page = take_free_page();  // NOTE: held as a hit is (ref_count 1)
+    prefix_.attach(page, hit_nodes_[i]);
+    pin(page);
+    pin_flags_[page] |= kCopyDst;
+    promotions_.push_back(cpu);  // within reserve_moves()
+    promotions_.push_back(page);
+    hits_[i] = page;
+    ++stats_.promotions;
+    stats_.cpu_hit_tokens += std::max<int64_t>(0, std::min<int64_t>(ps, num_cached - static_cast<int64_t>(i) * ps));
+  }
+}
+
+void BlockManager::reserve_moves(int64_t pages, int64_t promotions) {
+  if (!cpu_prefix_cache_) return;
+  demotions_.reserve(demotions_.size() + 2 * static_cast<size_t>(std::max<int64_t>(pages, 0)));
+  promotions_.reserve(promotions_.size() + 2 * static_cast<size_t>(std::max<int64_t>(promotions, 0)));
+}
+
+void BlockManager::take_offload(std::vector<int32_t>& demotions, std::vector<int32_t>& promotions) {
+  demotions.clear();
+  promotions.clear();
+  demotions.swap(demotions_);
+  promotions.swap(promotions_);
 }
 
 // ------------------------------------------------------------ step-safe copies
@@ -285,9 +385,11 @@ void BlockManager::end_step() {
   for (int32_t page : cpu_pinned_) {
     cpu_pinned_flag_[page] = 0;
     cpu_swapped_from_[page] = kNullPage;
-    if (cpu_ref_count_[page] == 0) cpu_push_tail(page);
+    if (cpu_ref_count_[page] == 0) enqueue_cpu(page);
   }
   cpu_pinned_.clear();
+  for (int32_t page : fresh_) pin_flags_[page] &= static_cast<uint8_t>(~kFresh);
+  fresh_.clear();
 }
 
 int32_t BlockManager::cpu_pop_head() {
@@ -442,6 +544,9 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
   copies.clear();
   copies.reserve(2);
   index_.reserve_one_more();
+  int64_t num_promotions = 0;
+  for (int32_t page : hits_) num_promotions += page == kNullPage;
+  reserve_moves(plan.need, num_promotions);
   const int64_t slot = acquire_slot();
   // Nothing below allocates.
   if (caching) {
@@ -452,10 +557,10 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
       stats_.hit_tokens += plan.num_cached;
     }
   }
-  for (int32_t page : hits_) {
-    take_cached_page(page);
-    pages.push_back(page);
-  }
+  for (int32_t page : hits_)
+    if (page != kNullPage) take_cached_page(page);
+  if (num_promotions) promote(plan.num_cached);
+  pages.assign(hits_.begin(), hits_.end());  // within the capacity reserved
   if (plan.copy) {
     // NOTE: the whole prompt was cached, but the engine must still compute the last token,
     // which it writes into the last hit page: that page is copied, not shared.
@@ -534,6 +639,7 @@ Failure BlockManager::append(int64_t seq_id, int64_t num_tokens, TokenIds token_
     reserve_tail(seq, num_tokens, token_ids.given());
     reserve_cache(pages_filled(seq, num_tokens, token_ids.given()));
   }
+  reserve_moves(need);
   grow(seq, num_tokens, new_len, copies, token_ids.data);
   return Failure{};
 }
@@ -608,6 +714,7 @@ Failure BlockManager::append_batch(const int64_t* seq_ids, size_t num_seq_ids,
   out.slot_mapping.resize(static_cast<size_t>(total_tokens));
   out.copies.clear();
   out.copies.reserve(2 * num_copies);
+  reserve_moves(need);
   end_step();  // nothing below allocates
   int64_t* slot_out = out.slot_mapping.data();
   const int64_t* tokens = token_ids.data;
@@ -871,8 +978,22 @@ Failure BlockManager::check_invariants() const {
   }
   for (int32_t page : cpu_pinned_)
     if (page >= 0 && page < num_cpu && cpu_on_queue[page]) return broken(Invariant::pinned_page, page, 1);
-  if (cpu_used + cpu_free_size_ + cpu_pinned != num_cpu || !cpu_unique)
-    return broken(Invariant::cpu_conservation, cpu_free_size_ + cpu_pinned, cpu_used, num_cpu);
+  // The tier's LRU list (bounded walk): cached, unreferenced, unpinned pages, each once.
+  int64_t on_lru = 0;
+  for (int32_t cpu = cpu_lru_.head; cpu >= 0 && cpu < num_cpu && on_lru <= num_cpu; cpu = cpu_lru_next_[cpu], ++on_lru) {
+    const int64_t what = cpu_on_queue[cpu] ? 0 : cpu_refs[cpu] ? 1 : !prefix_.is_cpu_cached(cpu) ? 2
+                         : cpu_pinned_flag_[cpu] ? 3 : -1;
+    if (what >= 0) return broken(Invariant::cpu_lru, cpu, what);
+    cpu_on_queue[cpu] = 2;
+  }
+  if (cpu_prefix_cache_) {
+    for (int64_t cpu = 0; cpu < num_cpu; ++cpu)
+      if ((cpu_on_queue[cpu] == 1 || cpu_refs[cpu]) && prefix_.is_cpu_cached(static_cast<int32_t>(cpu)))
+        return broken(Invariant::cpu_lru, cpu, 4);
+  }
+  const int64_t cpu_free_total = cpu_free_size_ + on_lru + cpu_pinned;
+  if (cpu_used + cpu_free_total != num_cpu || !cpu_unique || on_lru != cpu_lru_.size)
+    return broken(Invariant::cpu_conservation, cpu_free_total, cpu_used, num_cpu);
   if (enable_prefix_caching_) {
     std::vector<int64_t> seq_refs(static_cast<size_t>(prefix_.num_node_ids()), 0);
     for (const Sequence& seq : seqs_) {
@@ -931,6 +1052,7 @@ Snapshot BlockManager::snapshot() const {
       s.node_parents.push_back(prefix_.parent_of(node));
       s.node_deps.push_back(prefix_.node_deps(node));
       prefix_.for_each_page(node, [&](int32_t page) { s.node_pages.push_back(page); });
+      s.node_cpu_pages.push_back(prefix_.cpu_page_of(node));
       s.node_indptr.push_back(static_cast<int64_t>(s.node_pages.size()));
     }
   } else {
@@ -938,6 +1060,12 @@ Snapshot BlockManager::snapshot() const {
   }
   s.pinned = pinned_;
   s.cpu_pinned = cpu_pinned_;
+  int64_t steps = 0;
+  for (int32_t cpu = cpu_lru_.head; cpu >= 0 && cpu < num_cpu_pages_ && steps <= num_cpu_pages_;
+       cpu = cpu_lru_next_[cpu], ++steps)
+    s.cpu_lru.push_back(cpu);
+  s.demotions = demotions_;
+  s.promotions = promotions_;
   s.prefix_pin_indptr.push_back(0);
   for (const PrefixPin& pin : prefix_pins_) {
     s.prefix_pin_pages.insert(s.prefix_pin_pages.end(), pin.pages.begin(), pin.pages.end());

@@ -67,6 +67,7 @@ enum class Arg : int32_t {
   num_computed_tokens_stop = 24,   // values: value, seq_id, num_tokens(seq_id) (commit: above it)
   pinned_prefix = 25,   // values: len(token_ids) (unpin_prefix: no such pin)
   priority = 26,        // values: value (out of [0, 100])
+  cpu_prefix_cache = 27,  // values: 1 (True without prefix caching or CPU pages)
 };
 
 // Which invariant check_invariants found broken: the detail keys of
@@ -93,6 +94,8 @@ enum class Invariant : int32_t {
   node_pages = 17,             // values: page, the node it is cached under, the list's node
   node_dependents = 18,        // values: node, stored dependents, child nodes + sequences
   pinned_page = 19,            // values: page, pool (0: GPU free queues, 1: CPU free queue)
+  cpu_cache = 20,              // values: node, its cpu page, the node that page holds
+  cpu_lru = 21,                // values: cpu page, what it is (see pagedkv/_cpp.py)
 };
 
 // An expected failure, returned by value. `status == Status::ok` means success.
@@ -157,6 +160,10 @@ struct PrefixCacheStats {
   int64_t num_cached_pages = 0;     // hash index entries
   int64_t num_evictable_pages = 0;  // cached pages on the evictable queue
   int64_t num_pinned_prefix_pages = 0;  // distinct pages held by pin_prefix
+  int64_t cpu_hit_tokens = 0;  // of hit_tokens, those promoted from the CPU tier
+  int64_t demotions = 0;       // pages moved GPU -> CPU by the CPU tier
+  int64_t promotions = 0;      // pages moved CPU -> GPU by the CPU tier
+  int64_t num_cpu_cached_pages = 0;
 };
 
 // Complete observable state (ReferenceBlockManager.snapshot), sequences sorted by id.
@@ -173,6 +180,9 @@ struct Snapshot {
   std::vector<int64_t> swapped;        // ids of swapped-out sequences, ascending
   std::vector<int32_t> pinned;         // GPU pages pinned for this step's copies, pin order
   std::vector<int32_t> cpu_pinned;     // CPU pages pinned for this step's copies, pin order
+  std::vector<int32_t> cpu_lru;        // cached CPU pages of the prefix cache's tier, LRU first
+  std::vector<int32_t> demotions;      // pending (gpu, cpu) pairs, flattened
+  std::vector<int32_t> promotions;     // pending (cpu, gpu) pairs, flattened
   std::vector<int64_t> prefix_pin_indptr;  // [num_pins + 1] into prefix_pin_pages
   std::vector<int32_t> prefix_pin_pages;   // pages of each pin_prefix, in pin order
   // Prefix index: every cached page (ascending) with its node and the node's hash ...
@@ -186,6 +196,7 @@ struct Snapshot {
   std::vector<int32_t> node_deps;
   std::vector<int64_t> node_indptr;    // [num_nodes + 1] into node_pages
   std::vector<int32_t> node_pages;
+  std::vector<int32_t> node_cpu_pages;  // per node: its CPU page (kNullPage: none)
   PrefixCacheStats stats;
 };
 
@@ -289,7 +300,7 @@ class PrefixIndex {
 
   PrefixIndex() = default;
   // May throw std::bad_alloc.
-  PrefixIndex(int64_t num_pages, int64_t page_size);
+  PrefixIndex(int64_t num_pages, int64_t page_size, int64_t num_cpu_pages = 0);
 
   // The node of `block` (page_size ids) after `parent` under `salt`, whose hash is h; kNone.
   int32_t find(uint64_t h, int32_t parent, uint64_t salt, const int64_t* block) const;
@@ -303,6 +314,12 @@ class PrefixIndex {
   uint64_t hash_of(int32_t node) const { return node == kRoot ? 0 : nodes_[node].hash; }
   int32_t parent_of(int32_t node) const { return nodes_[node].parent; }
   int64_t num_cached_pages() const { return num_cached_pages_; }
+  // The CPU tier: a node holds at most one CPU page with its content (a page for its life).
+  int32_t cpu_page_of(int32_t node) const { return nodes_[node].cpu_page; }
+  bool is_cpu_cached(int32_t cpu) const { return cpu_node_[cpu] != kNone; }
+  int64_t num_cpu_cached_pages() const { return num_cpu_cached_pages_; }
+  void attach_cpu(int32_t cpu, int32_t node);  // node has no CPU page; cpu is uncached
+  void detach_cpu(int32_t cpu);                // may delete the node (then its ancestors)
 
   // Room for n more nodes (ids, token storage, hash-index entries). May throw std::bad_alloc;
   // call it before the first change, so that child() never allocates.
@@ -313,7 +330,7 @@ class PrefixIndex {
   void detach(int32_t page);                // a cached page loses its content
   void acquire(int32_t node);               // a sequence chains after node (kRoot: no-op)
   void release(int32_t node);
-  void clear_pages();  // detach every page, in page order (reset_prefix_cache)
+  void clear_pages();  // detach every page, GPU then CPU, in page order (reset_prefix_cache)
 
   // Inspection (check_invariants, snapshot). seq_refs[node]: sequences that acquired node.
   Failure check(const std::vector<int64_t>& seq_refs) const;
@@ -335,6 +352,7 @@ class PrefixIndex {
     int32_t parent = kRoot;
     int32_t deps = 0;
     int32_t first_page = kNone;
+    int32_t cpu_page = kNone;
     int32_t next_same_hash = kNone;
     bool live = false;
   };
@@ -350,6 +368,8 @@ class PrefixIndex {
   std::vector<int32_t> page_next_;    // per page: neighbours on its node's list
   std::vector<int32_t> page_prev_;
   int64_t num_cached_pages_ = 0;
+  std::vector<int32_t> cpu_node_;     // per CPU page: the node whose content it holds, or kNone
+  int64_t num_cpu_cached_pages_ = 0;
 };
 
 
@@ -358,12 +378,14 @@ class BlockManager {
   // Returns the failure a constructor call with these arguments would be (ok if valid):
   // 1 <= num_pages, page_size <= kMaxCount, 0 <= watermark_pages <= num_pages,
   // 0 <= num_cpu_pages <= kMaxCount and 1 <= hash_bits <= 64.
+  // cpu_prefix_cache needs enable_prefix_caching and num_cpu_pages >= 1.
   static Failure check_config(int64_t num_pages, int64_t page_size, int64_t watermark_pages,
-                              int64_t num_cpu_pages = 0, int64_t hash_bits = 64);
+                              int64_t num_cpu_pages = 0, int64_t hash_bits = 64,
+                              bool enable_prefix_caching = false, bool cpu_prefix_cache = false);
   // Precondition: check_config(...).ok(). May throw std::bad_alloc (the pool's arrays).
   BlockManager(int64_t num_pages, int64_t page_size, int64_t watermark_pages,
                bool enable_prefix_caching = false, int64_t num_cpu_pages = 0,
-               int64_t hash_bits = 64);
+               int64_t hash_bits = 64, bool cpu_prefix_cache = false);
   // Not copyable: a copy would duplicate the ownership of every page.
   BlockManager(const BlockManager&) = delete;
   BlockManager& operator=(const BlockManager&) = delete;
@@ -374,9 +396,11 @@ class BlockManager {
   int64_t watermark_pages() const { return watermark_pages_; }
   bool enable_prefix_caching() const { return enable_prefix_caching_; }
   int64_t num_cpu_pages() const { return num_cpu_pages_; }
+  bool cpu_prefix_cache() const { return cpu_prefix_cache_; }
   // Both free queues: uncached and cached (evictable) pages.
   int64_t num_free_pages() const { return queues_[kFree].size + evictable_size_; }
-  int64_t num_free_cpu_pages() const { return cpu_free_size_; }
+  // The CPU free queue and the tier's cached CPU pages (a swap-out may take either).
+  int64_t num_free_cpu_pages() const { return cpu_free_size_ + cpu_lru_.size; }
   // GPU pages only a pending copy of this step holds (pinned, with ref_count 0).
   int64_t num_pinned_pages() const;
   int64_t num_sequences() const { return static_cast<int64_t>(index_.size()); }
@@ -428,6 +452,9 @@ class BlockManager {
   Failure pin_prefix(TokenIds token_ids, uint64_t salt, int64_t& pinned);
   // Releases the oldest pin of exactly these ids and salt; released: its pages.
   Failure unpin_prefix(TokenIds token_ids, uint64_t salt, int64_t& released);
+  // The CPU tier's pending moves, flattened pairs: (gpu, cpu) demotions and (cpu, gpu)
+  // promotions, in the order made; forgets them (the vectors are swapped out).
+  void take_offload(std::vector<int32_t>& demotions, std::vector<int32_t>& promotions);
 
   // ----------------------------------------------------------------- CPU tier
   // copies: (gpu_page, cpu_page) pairs for swap_out, (cpu_page, gpu_page) for swap_in.
@@ -514,6 +541,13 @@ class BlockManager {
   void release_cpu(int32_t page);
   int32_t cpu_pop_head();
   void cpu_push_tail(int32_t page);
+  // The CPU tier (ReferenceBlockManager._take_cpu_page, _enqueue_cpu, _demote, _promote).
+  int32_t take_cpu_page();           // a free CPU page, else the LRU cached one (detached)
+  void enqueue_cpu(int32_t page);    // an unreferenced, unpinned CPU page to its queue's tail
+  void demote(int32_t page);         // an evicted cached GPU page (still attached)
+  void promote(int64_t num_cached);  // hits_ entries kNullPage, nodes in hit_nodes_
+  // Room for the moves a call taking `pages` GPU pages may make. May throw std::bad_alloc.
+  void reserve_moves(int64_t pages, int64_t promotions = 0);
   // Step-safe copies (ReferenceBlockManager._pin, _pin_cpu, _gpu_copy).
   void pin(int32_t page);
   void pin_cpu(int32_t page);
@@ -533,8 +567,11 @@ class BlockManager {
   // Appends a cached page for each full page of the longest cached prefix of token_ids
   // (num_full full pages) to `pages`; returns the last one's node (kRoot: none). May throw
   // std::bad_alloc.
+  // With cpu, a node cached on the CPU tier only matches too, with page kNullPage; nodes (when
+  // given) gets each hit's node.
   int32_t match_prefix(const int64_t* token_ids, int64_t num_full, uint64_t salt,
-                       std::vector<int32_t>& pages) const;
+                       std::vector<int32_t>& pages, bool cpu = false,
+                       std::vector<int32_t>* nodes = nullptr) const;
   // Fills hits_ with the pages matched, in order. May throw std::bad_alloc.
   AllocatePlan plan_allocate(int64_t num_tokens, TokenIds token_ids, uint64_t salt);
   // Offers page i of seq, whose page_size tokens are `block`, to the index: its node is found
@@ -586,6 +623,7 @@ class BlockManager {
   int64_t watermark_pages_;
   bool enable_prefix_caching_;
   int64_t num_cpu_pages_;
+  bool cpu_prefix_cache_;
   uint64_t hash_mask_;
 
   std::vector<int32_t> ref_count_;
@@ -611,6 +649,7 @@ class BlockManager {
   PrefixIndex prefix_;
   PrefixCacheStats stats_;  // counters only; sizes are filled in by prefix_cache_stats()
   std::vector<int32_t> hits_;     // scratch for allocate: hit pages
+  std::vector<int32_t> hit_nodes_;  // scratch for allocate: their nodes
   std::vector<int64_t> block_;    // scratch: one page of token ids, assembled from two parts
 
   // Step-safe copies: per GPU page, kPinned (a copy of this step reads or writes it) and
@@ -619,6 +658,9 @@ class BlockManager {
   // swap-out of this step moved into it (kNullPage: none).
   static constexpr uint8_t kPinned = 1;
   static constexpr uint8_t kCopyDst = 2;
+  // Indexed in this step (its KV lands in this step: never demoted in it); listed in fresh_.
+  static constexpr uint8_t kFresh = 4;
+  std::vector<int32_t> fresh_;
   std::vector<uint8_t> pin_flags_;
   std::vector<int32_t> pinned_;
   std::vector<uint8_t> cpu_pinned_flag_;
@@ -640,6 +682,13 @@ class BlockManager {
   std::vector<uint64_t> cpu_mark_;   // == epoch_ when moved by the current swap_in
   std::vector<int32_t> cpu_move_to_;  // its GPU page
   std::vector<int32_t> moved_;        // scratch for swaps: pages to move, first-seen order
+  // The CPU tier of the prefix cache: unpinned cached CPU pages, LRU first, as an intrusive
+  // list (a promotion takes its source out of the middle); pending moves, flattened pairs.
+  std::vector<int32_t> cpu_lru_prev_;  // kNotQueued when not on the list
+  std::vector<int32_t> cpu_lru_next_;
+  PageQueue cpu_lru_;
+  std::vector<int32_t> demotions_;
+  std::vector<int32_t> promotions_;
 
   std::vector<Sequence> seqs_;     // dense slots, reused through free_slots_
   std::vector<int64_t> free_slots_;  // capacity kept >= seqs_.size() so free() never allocates

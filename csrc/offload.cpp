@@ -45,7 +45,7 @@ Failure BlockManager::pages_to_move(const int64_t* seq_ids, size_t n, bool to_cp
 Failure BlockManager::can_swap_out(const int64_t* seq_ids, size_t n, bool& out) {
   Failure f = pages_to_move(seq_ids, n, true);
   if (!f.ok()) return f;
-  out = static_cast<int64_t>(moved_.size()) <= cpu_free_size_;
+  out = static_cast<int64_t>(moved_.size()) <= num_free_cpu_pages();
   return Failure{};
 }
 
@@ -68,13 +68,13 @@ Failure BlockManager::swap_out(const int64_t* seq_ids, size_t n, std::vector<int
   Failure f = pages_to_move(seq_ids, n, true);
   if (!f.ok()) return f;
   const int64_t num_moved = static_cast<int64_t>(moved_.size());
-  if (num_moved > cpu_free_size_)
-    return fail(Status::out_of_pages, num_moved, cpu_free_size_, num_cpu_pages_, 1);
+  if (num_moved > num_free_cpu_pages())
+    return fail(Status::out_of_pages, num_moved, num_free_cpu_pages(), num_cpu_pages_, 1);
   copies.clear();
   copies.reserve(2 * moved_.size());
   // Nothing below allocates. drop_count_ holds each moved GPU page's CPU page.
   for (int32_t page : moved_) {
-    const int32_t cpu = cpu_pop_head();
+    const int32_t cpu = take_cpu_page();  // NOTE: swap-out outranks the prefix cache's CPU tier
     drop_count_[page] = cpu;
     cpu_ref_count_[cpu] = 0;
     pin(page);
@@ -108,6 +108,7 @@ Failure BlockManager::swap_in(const int64_t* seq_ids, size_t n, std::vector<int3
     return fail(Status::out_of_pages, need, std::max<int64_t>(available, 0), num_pages_);
   copies.clear();
   copies.reserve(2 * moved_.size());
+  reserve_moves(need);
   // Nothing below allocates.
   for (int32_t cpu : moved_) {
     const int32_t reused = cpu_swapped_from_[cpu];

@@ -71,6 +71,7 @@ PrefixCacheStats BlockManager::prefix_cache_stats() const {
   for (const PrefixPin& pin : prefix_pins_) held.insert(held.end(), pin.pages.begin(), pin.pages.end());
   std::sort(held.begin(), held.end());
   s.num_pinned_prefix_pages = std::unique(held.begin(), held.end()) - held.begin();
+  s.num_cpu_cached_pages = enable_prefix_caching_ ? prefix_.num_cpu_cached_pages() : 0;
   return s;
 }
 
@@ -78,27 +79,33 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
                                                        uint64_t salt) {
   AllocatePlan plan;
   hits_.clear();
+  hit_nodes_.clear();
   const int64_t pages = page_math_.pages_for(num_tokens);
   plan.need = pages;
   if (!enable_prefix_caching_ || !token_ids.given()) return plan;
   const int64_t ps = page_size_;
-  const int32_t parent = match_prefix(token_ids.data, page_math_.index(num_tokens), salt, hits_);
+  const int32_t parent = match_prefix(token_ids.data, page_math_.index(num_tokens), salt, hits_,
+                                      cpu_prefix_cache_, &hit_nodes_);
   const int64_t num_hits = static_cast<int64_t>(hits_.size());
   const int64_t hit_tokens = num_hits * ps;
   plan.num_cached = std::min(hit_tokens, num_tokens - 1);
   plan.copy = plan.num_cached < hit_tokens;
   // NOTE: the last hit page is a copy source: prefer a page no copy of this step writes (a copy
   // from one would have to wait for that copy).
-  if (plan.copy && !hits_.empty()) hits_.back() = prefix_.pick_page(parent, ref_count_, &pin_flags_);
-  // NOTE: a hit on a page only a pending copy pins takes no page from the free queues.
-  int64_t evictable_hits = 0;
-  for (int32_t page : hits_) evictable_hits += ref_count_[page] == 0 && !(pin_flags_[page] & kPinned);
-  plan.need = pages - num_hits + (plan.copy ? 1 : 0) + evictable_hits;
+  if (plan.copy && !hits_.empty() && hits_.back() != kNullPage)
+    hits_.back() = prefix_.pick_page(parent, ref_count_, &pin_flags_);
+  // NOTE: a hit on a page only a pending copy pins takes no page from the free queues; a hit
+  // on the CPU tier takes one (its promotion's destination).
+  int64_t taken = 0;
+  for (int32_t page : hits_)
+    taken += page == kNullPage || (ref_count_[page] == 0 && !(pin_flags_[page] & kPinned));
+  plan.need = pages - num_hits + (plan.copy ? 1 : 0) + taken;
   return plan;
 }
 
 int32_t BlockManager::match_prefix(const int64_t* token_ids, int64_t num_full, uint64_t salt,
-                                   std::vector<int32_t>& pages) const {
+                                   std::vector<int32_t>& pages, bool cpu,
+                                   std::vector<int32_t>* nodes) const {
   // NOTE: one hash-chain probe per full page, confirmed by content (tokens, salt and parent
   // node): no scan of the cache. The match stops at the first page not cached. The cost is the
   // hash chain itself (serial: each page's hash starts from its parent's).
@@ -109,9 +116,11 @@ int32_t BlockManager::match_prefix(const int64_t* token_ids, int64_t num_full, u
     const int64_t* block = token_ids + i * ps;
     h = page_hash(h, block, static_cast<size_t>(ps), salt) & hash_mask_;
     const int32_t node = prefix_.find(h, parent, salt, block);
-    const int32_t page = node == PrefixIndex::kNone ? kNullPage : prefix_.pick_page(node, ref_count_);
-    if (page == kNullPage) break;
+    if (node == PrefixIndex::kNone) break;
+    const int32_t page = prefix_.pick_page(node, ref_count_);
+    if (page == kNullPage && !(cpu && prefix_.cpu_page_of(node) != PrefixIndex::kNone)) break;
     pages.push_back(page);
+    if (nodes) nodes->push_back(node);
     parent = node;
   }
   return parent;
@@ -134,6 +143,10 @@ bool BlockManager::index_page(Sequence& seq, size_t i, const int64_t* block) {
   const int32_t page = seq.pages[i];
   if (page < 0 || prefix_.is_cached(page)) return false;  // a window released it, or a hit
   prefix_.attach(page, node);
+  if (cpu_prefix_cache_ && !(pin_flags_[page] & kFresh)) {
+    pin_flags_[page] |= kFresh;
+    fresh_.push_back(page);  // within the capacity reserved at construction
+  }
   return true;
 }
 
@@ -289,6 +302,15 @@ void BlockManager::reset_prefix_cache() {
   // NOTE: cached free pages become plain free pages, keeping their LRU order.
   for (int32_t page = pop_evictable(); page != kNullPage; page = pop_evictable())
     queue_push_tail(kFree, page);
+  // ... and so do the CPU tier's (already detached).
+  while (cpu_lru_.head != kNullPage) {
+    const int32_t cpu = cpu_lru_.head;
+    cpu_lru_.head = cpu_lru_next_[cpu];
+    cpu_lru_prev_[cpu] = cpu_lru_next_[cpu] = kNotQueued;
+    cpu_push_tail(cpu);
+  }
+  cpu_lru_.tail = kNullPage;
+  cpu_lru_.size = 0;
 }
 
 }  // namespace pagedkv

@@ -9,12 +9,13 @@
 
 namespace pagedkv {
 
-PrefixIndex::PrefixIndex(int64_t num_pages, int64_t page_size)
+PrefixIndex::PrefixIndex(int64_t num_pages, int64_t page_size, int64_t num_cpu_pages)
     : num_pages_(num_pages),
       page_size_(page_size),
       page_node_(static_cast<size_t>(num_pages), kNone),
       page_next_(static_cast<size_t>(num_pages), kNone),
-      page_prev_(static_cast<size_t>(num_pages), kNone) {}
+      page_prev_(static_cast<size_t>(num_pages), kNone),
+      cpu_node_(static_cast<size_t>(num_cpu_pages), kNone) {}
 
 int32_t PrefixIndex::find(uint64_t h, int32_t parent, uint64_t salt, const int64_t* block) const {
   const size_t ps = static_cast<size_t>(page_size_);
@@ -74,6 +75,7 @@ int32_t PrefixIndex::child(uint64_t h, int32_t parent, uint64_t salt, const int6
   n.parent = parent;
   n.deps = 0;
   n.first_page = kNone;
+  n.cpu_page = kNone;
   n.live = true;
   std::memcpy(tokens_.data() + static_cast<size_t>(node) * ps, block, ps * sizeof(int64_t));
   const int32_t head = chains_.find(h);
@@ -106,6 +108,21 @@ void PrefixIndex::detach(int32_t page) {
   collect(node);
 }
 
+void PrefixIndex::attach_cpu(int32_t cpu, int32_t node) {
+  cpu_node_[cpu] = node;
+  nodes_[node].cpu_page = cpu;
+  ++num_cpu_cached_pages_;
+}
+
+void PrefixIndex::detach_cpu(int32_t cpu) {
+  const int32_t node = cpu_node_[cpu];
+  if (node == kNone) return;
+  cpu_node_[cpu] = kNone;
+  nodes_[node].cpu_page = kNone;
+  --num_cpu_cached_pages_;
+  collect(node);
+}
+
 void PrefixIndex::acquire(int32_t node) {
   if (node != kRoot) ++nodes_[node].deps;
 }
@@ -119,10 +136,13 @@ void PrefixIndex::release(int32_t node) {
 void PrefixIndex::clear_pages() {
   for (int64_t page = 0; page < num_pages_; ++page)
     if (page_node_[page] != kNone) detach(static_cast<int32_t>(page));
+  for (size_t cpu = 0; cpu < cpu_node_.size(); ++cpu)
+    if (cpu_node_[cpu] != kNone) detach_cpu(static_cast<int32_t>(cpu));
 }
 
 void PrefixIndex::collect(int32_t node) {
-  while (node != kRoot && nodes_[node].deps == 0 && nodes_[node].first_page == kNone) {
+  while (node != kRoot && nodes_[node].deps == 0 && nodes_[node].first_page == kNone &&
+         nodes_[node].cpu_page == kNone) {
     Node& n = nodes_[node];
     const uint64_t h = n.hash;
     const int32_t parent = n.parent;
@@ -161,7 +181,12 @@ Failure PrefixIndex::check(const std::vector<int64_t>& seq_refs) const {
     if (chain != node) return broken(Invariant::hash_index, static_cast<int64_t>(n.hash), node);
     const int64_t want = children[node] + (static_cast<size_t>(node) < seq_refs.size() ? seq_refs[node] : 0);
     if (n.deps != want) return broken(Invariant::node_dependents, node, n.deps, want);
-    if (want == 0 && n.first_page == kNone) return broken(Invariant::node_dependents, node, 0, 0);
+    const int32_t cpu = n.cpu_page;
+    const int64_t num_cpu = static_cast<int64_t>(cpu_node_.size());
+    if (want == 0 && n.first_page == kNone && cpu == kNone)
+      return broken(Invariant::node_dependents, node, 0, 0);
+    if (cpu != kNone && (cpu < 0 || cpu >= num_cpu || cpu_node_[cpu] != node))
+      return broken(Invariant::cpu_cache, node, cpu, cpu < 0 || cpu >= num_cpu ? kNone : cpu_node_[cpu]);
     Failure bad;
     for_each_page(node, [&](int32_t page) {
       if (!bad.ok()) return;
@@ -174,6 +199,16 @@ Failure PrefixIndex::check(const std::vector<int64_t>& seq_refs) const {
   for (int64_t page = 0; page < num_pages_; ++page) cached += page_node_[page] != kNone;
   if (cached != on_lists || cached != num_cached_pages_)
     return broken(Invariant::hash_index_size, cached, on_lists);
+  int64_t cpu_cached = 0;
+  for (size_t cpu = 0; cpu < cpu_node_.size(); ++cpu) {
+    const int32_t node = cpu_node_[cpu];
+    if (node == kNone) continue;
+    if (node < 0 || node >= num_ids || !nodes_[node].live || nodes_[node].cpu_page != static_cast<int32_t>(cpu))
+      return broken(Invariant::cpu_cache, node, static_cast<int64_t>(cpu), node);
+    ++cpu_cached;
+  }
+  if (cpu_cached != num_cpu_cached_pages_)
+    return broken(Invariant::hash_index_size, cpu_cached, num_cpu_cached_pages_);
   return Failure{};
 }
 

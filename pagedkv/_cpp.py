@@ -20,7 +20,7 @@ import numpy as np
 from . import _core
 from . import _validate as check
 from ._reference import MAX_PRIORITY, MIN_PRIORITY
-from .errors import DuplicateSequence, InvariantViolation, OutOfPages, PagedKVError
+from .errors import DuplicateSequence, InvalidArgument, InvariantViolation, OutOfPages, PagedKVError
 from .errors import SequenceExists, SequenceSwapped, SequenceTooLong, UnknownSequence, invalid_argument
 
 _Failure = _core.Failure
@@ -56,6 +56,8 @@ def _invalid_argument(argument: str, values: tuple[int, ...]) -> Exception:
         return invalid_argument("token_ids", f"{v} token ids", "token_ids_sum", values[1])
     if argument == "pinned_prefix":
         return invalid_argument("token_ids", f"{v} token ids", "pinned_prefix")
+    if argument == "cpu_prefix_cache":
+        return InvalidArgument("cpu_prefix_cache", True, "False unless enable_prefix_caching=True and num_cpu_pages >= 1")
     if argument == "num_computed_tokens_stop":
         return invalid_argument("num_computed_tokens", v, "num_computed_tokens", values[1], values[2])
     # Range errors: let the facade's own check build the error, so the text is the facade's.
@@ -94,6 +96,9 @@ def _invariant_violation(name: str, values: tuple[int, ...]) -> InvariantViolati
         return InvariantViolation.of(name, values[0] & _MASK64, values[1])
     if name == "pinned_page":
         return InvariantViolation.of(name, values[0], "cpu free" if values[1] else "free")
+    if name == "cpu_lru":
+        what = ("a free page", "referenced", "not cached", "pinned", "a free or referenced page holding cached content")
+        return InvariantViolation.of(name, values[0], what[values[1]])
     return InvariantViolation.of(name, *values)
 
 
@@ -132,12 +137,15 @@ class CppBlockManager:
         enable_prefix_caching: bool = False,
         num_cpu_pages: int = 0,
         hash_bits: int = 64,
+        cpu_prefix_cache: bool = False,
     ):
-        failure = _core.check_config(num_pages, page_size, watermark_pages, num_cpu_pages, hash_bits)
+        failure = _core.check_config(num_pages, page_size, watermark_pages, num_cpu_pages, hash_bits,
+                                     bool(enable_prefix_caching), bool(cpu_prefix_cache))
         if failure is not None:
             raise _error(failure)
         self._core = _core.BlockManager(
-            num_pages, page_size, watermark_pages, bool(enable_prefix_caching), num_cpu_pages, hash_bits
+            num_pages, page_size, watermark_pages, bool(enable_prefix_caching), num_cpu_pages, hash_bits,
+            bool(cpu_prefix_cache)
         )
 
     # ----------------------------------------------------------------- queries
@@ -160,6 +168,10 @@ class CppBlockManager:
     @property
     def num_cpu_pages(self) -> int:
         return self._core.num_cpu_pages
+
+    @property
+    def cpu_prefix_cache(self) -> bool:
+        return self._core.cpu_prefix_cache
 
     @property
     def num_free_pages(self) -> int:
@@ -205,7 +217,8 @@ class CppBlockManager:
         return out
 
     def prefix_cache_stats(self) -> dict:
-        queries, hits, query_tokens, hit_tokens, cached, evictable, pinned = self._core.prefix_cache_stats()
+        (queries, hits, query_tokens, hit_tokens, cached, evictable, pinned, cpu_hit_tokens, demotions, promotions,
+         cpu_cached) = self._core.prefix_cache_stats()
         return {
             "queries": queries,
             "hits": hits,
@@ -214,6 +227,10 @@ class CppBlockManager:
             "num_cached_pages": cached,
             "num_evictable_pages": evictable,
             "num_pinned_prefix_pages": pinned,
+            "cpu_hit_tokens": cpu_hit_tokens,
+            "demotions": demotions,
+            "promotions": promotions,
+            "num_cpu_cached_pages": cpu_cached,
         }
 
     def can_allocate(self, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0) -> bool:
@@ -285,6 +302,9 @@ class CppBlockManager:
     def end_step(self) -> None:
         self._core.end_step()
 
+    def take_offload(self):
+        return self._core.take_offload()
+
     def pin_prefix(self, token_ids: np.ndarray, salt: int = 0) -> int:
         out = self._core.pin_prefix(_ids(token_ids), salt)
         if out.__class__ is _Failure:
@@ -350,12 +370,13 @@ class CppBlockManager:
     def snapshot(self) -> dict:
         """Complete observable state, for parity and atomicity tests (as the reference's)."""
         (free, evictable, ref_count, cpu_free, cpu_ref_count, seq_ids, num_tokens, indptr, pages, swapped,
-         cached, nodes, pinned, cpu_pinned, pin_indptr, pin_pages, stats) = self._core.snapshot()
+         cached, nodes, pinned, cpu_pinned, pin_indptr, pin_pages, stats, tier) = self._core.snapshot()
         pin_indptr, pin_pages = pin_indptr.tolist(), pin_pages.tolist()
         cached_pages, cached_nodes, cached_hashes = (a.tolist() for a in cached)
-        node_ids, node_hashes, node_parents, node_deps, node_indptr, node_pages = (a.tolist() for a in nodes)
+        node_ids, node_hashes, node_parents, node_deps, node_indptr, node_pages, node_cpu = (a.tolist() for a in nodes)
+        cpu_lru, demotions, promotions = tier
         seq_ids, num_tokens, indptr, pages = seq_ids.tolist(), num_tokens.tolist(), indptr.tolist(), pages.tolist()
-        queries, hits, query_tokens, hit_tokens = stats
+        queries, hits, query_tokens, hit_tokens, cpu_hit_tokens, num_demotions, num_promotions = stats
         return {
             "free": free.tolist(),
             "evictable": evictable.tolist(),
@@ -368,8 +389,12 @@ class CppBlockManager:
             "pinned": pinned.tolist(),
             "prefix_pins": [pin_pages[pin_indptr[i]:pin_indptr[i + 1]] for i in range(len(pin_indptr) - 1)],
             "cpu_pinned": cpu_pinned.tolist(),
+            "cpu_lru": cpu_lru.tolist(),
+            "offload": ([tuple(p) for p in demotions.tolist()], [tuple(p) for p in promotions.tolist()]),
             "index": {p: (n, h) for p, n, h in zip(cached_pages, cached_nodes, cached_hashes)},
-            "nodes": {n: (h, parent, deps, tuple(node_pages[node_indptr[i]:node_indptr[i + 1]]))
-                      for i, (n, h, parent, deps) in enumerate(zip(node_ids, node_hashes, node_parents, node_deps))},
-            "stats": {"queries": queries, "hits": hits, "query_tokens": query_tokens, "hit_tokens": hit_tokens},
+            "nodes": {n: (h, parent, deps, tuple(node_pages[node_indptr[i]:node_indptr[i + 1]]), cpu)
+                      for i, (n, h, parent, deps, cpu) in enumerate(zip(node_ids, node_hashes, node_parents, node_deps,
+                                                                        node_cpu))},
+            "stats": {"queries": queries, "hits": hits, "query_tokens": query_tokens, "hit_tokens": hit_tokens,
+                      "cpu_hit_tokens": cpu_hit_tokens, "demotions": num_demotions, "promotions": num_promotions},
         }

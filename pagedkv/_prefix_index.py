@@ -10,6 +10,11 @@ page list, so duplicates (two prefills of one prompt computed at once, the priva
 whole-prompt hit, a swapped-in page) are all findable. A page stays findable until it is evicted
 (``detach``), whatever happens to the pages before it: its node does not depend on any page.
 
+With the CPU tier of the prefix cache, a node also has at most one *CPU page*: a page of the CPU
+pool holding its content (demoted there when its last GPU page was evicted). A CPU copy counts
+as a page for the node's life, and a node with a CPU page but no GPU page is found by a lookup
+and promoted back (``ReferenceBlockManager``).
+
 A node lives while it has pages or *dependents*: its child nodes and the sequences whose
 last indexed page it is (``acquire``/``release``). A node without either is deleted, and its
 parent may follow. A node with dependents but no pages is a *ghost*: it keeps the chain's
@@ -31,7 +36,7 @@ NONE = -1
 class PrefixIndex:
     """Nodes, their hash chains and their page lists (see the module docstring)."""
 
-    def __init__(self, num_pages: int):
+    def __init__(self, num_pages: int, num_cpu_pages: int = 0):
         # per node (index = node id); a freed id is pushed on _free_nodes
         self._hash: list[int] = []
         self._salt: list[int] = []
@@ -39,6 +44,7 @@ class PrefixIndex:
         self._tokens: list[tuple | None] = []
         self._deps: list[int] = []
         self._first_page: list[int] = []
+        self._cpu_page: list[int] = []
         self._next_same_hash: list[int] = []
         self._free_nodes: list[int] = []
         # hash -> first node of its chain (nodes with equal hashes, newest first)
@@ -48,6 +54,9 @@ class PrefixIndex:
         self._page_next = [NONE] * num_pages
         self._page_prev = [NONE] * num_pages
         self.num_cached_pages = 0
+        # per CPU page: the node whose content it holds
+        self._cpu_node = [NONE] * num_cpu_pages
+        self.num_cpu_cached_pages = 0
 
     # ---------------------------------------------------------------- lookups
     def find(self, h: int, parent: int, salt: int, block: tuple) -> int:
@@ -82,6 +91,13 @@ class PrefixIndex:
     def is_cached(self, page: int) -> bool:
         return self._page_node[page] != NONE
 
+    def cpu_page_of(self, node: int) -> int:
+        """The CPU page holding ``node``'s content, or NONE."""
+        return self._cpu_page[node]
+
+    def is_cpu_cached(self, cpu: int) -> bool:
+        return self._cpu_node[cpu] != NONE
+
     def hash_of(self, node: int) -> int:
         """The chained hash a child of ``node`` starts from (0 for ROOT)."""
         return 0 if node == ROOT else self._hash[node]
@@ -99,11 +115,12 @@ class PrefixIndex:
             node = self._free_nodes.pop()
             self._hash[node], self._salt[node], self._parent[node] = h, salt, parent
             self._tokens[node], self._deps[node], self._first_page[node] = block, 0, NONE
+            self._cpu_page[node] = NONE
         else:
             node = len(self._hash)
             for column, value in ((self._hash, h), (self._salt, salt), (self._parent, parent),
                                   (self._tokens, block), (self._deps, 0), (self._first_page, NONE),
-                                  (self._next_same_hash, NONE)):
+                                  (self._cpu_page, NONE), (self._next_same_hash, NONE)):
                 column.append(value)
         self._next_same_hash[node] = self._chains.get(h, NONE)
         self._chains[h] = node
@@ -136,6 +153,20 @@ class PrefixIndex:
         self.num_cached_pages -= 1
         self._collect(node)
 
+    def attach_cpu(self, cpu: int, node: int) -> None:
+        """``cpu`` (an uncached CPU page) now holds the content of ``node``, which has none."""
+        self._cpu_node[cpu] = node
+        self._cpu_page[node] = cpu
+        self.num_cpu_cached_pages += 1
+
+    def detach_cpu(self, cpu: int) -> None:
+        """``cpu`` no longer holds its node's content (evicted from the CPU tier or reset)."""
+        node = self._cpu_node[cpu]
+        self._cpu_node[cpu] = NONE
+        self._cpu_page[node] = NONE
+        self.num_cpu_cached_pages -= 1
+        self._collect(node)
+
     def acquire(self, node: int) -> None:
         """A sequence chains its next pages after ``node`` (ROOT: nothing to hold)."""
         if node != ROOT:
@@ -148,14 +179,18 @@ class PrefixIndex:
             self._collect(node)
 
     def clear_pages(self) -> None:
-        """Detach every page (``reset_prefix_cache``), in page order; ghosts with dependents stay."""
+        """Detach every page (``reset_prefix_cache``), GPU then CPU pages, in page order; ghosts
+        with dependents stay."""
         for page, node in enumerate(self._page_node):
             if node != NONE:
                 self.detach(page)
+        for cpu, node in enumerate(self._cpu_node):
+            if node != NONE:
+                self.detach_cpu(cpu)
 
     def _collect(self, node: int) -> None:
         """Delete ``node`` and then its ancestors while they have neither pages nor dependents."""
-        while node != ROOT and self._deps[node] == 0 and self._first_page[node] == NONE:
+        while node != ROOT and self._deps[node] == 0 and self._first_page[node] == NONE and self._cpu_page[node] == NONE:
             h, parent = self._hash[node], self._parent[node]
             if self._chains[h] == node:
                 nxt = self._next_same_hash[node]
@@ -190,9 +225,9 @@ class PrefixIndex:
 
     def snapshot(self) -> tuple[dict, dict]:
         """(page -> (node, hash) for every cached page, node -> (hash, parent, dependents,
-        pages in list order) for every live node), both sorted."""
+        pages in list order, CPU page) for every live node), both sorted."""
         pages = {p: (n, self._hash[n]) for p, n in enumerate(self._page_node) if n != NONE}
-        nodes = {n: (self._hash[n], self._parent[n], self._deps[n], tuple(self.pages_of(n)))
+        nodes = {n: (self._hash[n], self._parent[n], self._deps[n], tuple(self.pages_of(n)), self._cpu_page[n])
                  for n in self.live_nodes()}
         return pages, nodes
 
@@ -216,8 +251,11 @@ class PrefixIndex:
             want = children.get(node, 0) + sequence_refs.get(node, 0)
             if self._deps[node] != want:
                 return "node_dependents", (node, self._deps[node], want)
-            if want == 0 and self._first_page[node] == NONE:
+            cpu = self._cpu_page[node]
+            if want == 0 and self._first_page[node] == NONE and cpu == NONE:
                 return "node_dependents", (node, 0, 0)
+            if cpu != NONE and (not 0 <= cpu < len(self._cpu_node) or self._cpu_node[cpu] != node):
+                return "cpu_cache", (node, cpu, NONE if not 0 <= cpu < len(self._cpu_node) else self._cpu_node[cpu])
             for page in self.pages_of(node):
                 if self._page_node[page] != node:
                     return "node_pages", (page, self._page_node[page], node)
@@ -225,4 +263,13 @@ class PrefixIndex:
         cached = sum(1 for n in self._page_node if n != NONE)
         if not on_list == cached == self.num_cached_pages:
             return "hash_index_size", (cached, on_list)
+        live_set = set(live)
+        cpu_cached = 0
+        for cpu, node in enumerate(self._cpu_node):
+            if node != NONE:
+                if node not in live_set or self._cpu_page[node] != cpu:
+                    return "cpu_cache", (node, cpu, node)
+                cpu_cached += 1
+        if cpu_cached != self.num_cpu_cached_pages:
+            return "hash_index_size", (cpu_cached, self.num_cpu_cached_pages)
         return None

@@ -27,7 +27,7 @@ FORMAT = "pagedkv-trace/1"
 
 #: Backend methods that are recorded; everything else (properties, snapshot) passes through.
 RECORDED = frozenset({
-    "allocate", "append", "append_batch", "commit", "fork", "free", "release_window", "reset_prefix_cache", "end_step", "pin_prefix", "unpin_prefix",
+    "allocate", "append", "append_batch", "commit", "fork", "free", "release_window", "reset_prefix_cache", "end_step", "pin_prefix", "unpin_prefix", "take_offload",
     "swap_out", "swap_in", "can_allocate", "can_append", "can_swap_out", "can_swap_in",
     "page_table", "num_tokens", "page_tables", "csr", "slots", "is_swapped", "prefix_cache_stats",
 })
@@ -128,6 +128,11 @@ def _config(path, header) -> dict:
         value = cfg.get(key)
         if not isinstance(value, int) or not lo <= value <= hi:
             raise InvalidTrace(str(path), 1, f"config field {key!r} must be an int in [{lo}, {hi}], got {value!r}")
+    # NOTE: optional (traces written before the CPU tier of the prefix cache lack it).
+    tier = cfg.setdefault("cpu_prefix_cache", False)
+    if not isinstance(tier, bool) or (tier and not (cfg["enable_prefix_caching"] and cfg["num_cpu_pages"])):
+        raise InvalidTrace(str(path), 1, f"config field 'cpu_prefix_cache' must be a bool, True only with prefix "
+                           f"caching and CPU pages, got {tier!r}")
     if cfg["num_pages"] + cfg["num_cpu_pages"] > MAX_REPLAY_PAGES:
         raise InvalidTrace(str(path), 1, f"config asks for {cfg['num_pages'] + cfg['num_cpu_pages']:,} pages; "
                            f"replay builds at most {MAX_REPLAY_PAGES:,} (about 25 bytes of host memory each)")
@@ -174,7 +179,8 @@ def replay(path, backend: str | None = None) -> ReplayResult:
                 header = None
             cfg = _config(path, header)
             impl = impl_class(cfg["num_pages"], cfg["page_size"], cfg["watermark_pages"],
-                              bool(cfg["enable_prefix_caching"]), cfg["num_cpu_pages"], cfg["hash_bits"])
+                              bool(cfg["enable_prefix_caching"]), cfg["num_cpu_pages"], cfg["hash_bits"],
+                              cfg["cpu_prefix_cache"])
             count = 0
             for index, line in enumerate(f):
                 if not line.strip():

@@ -18,6 +18,14 @@ With prefix caching, a sequence's full pages enter the index only once their KV 
 ``commit(seq_id, n)`` those inside the first n, and an append everything up to the sequence's
 new length. Until then a page is not matchable, and a sequence freed first leaves none behind.
 
+With ``cpu_prefix_cache``, the CPU pool is a second tier of the prefix cache. A cached GPU page
+evicted while its node has no CPU copy is *demoted*: its content goes to a CPU page (a free one,
+else the least recently used cached CPU page, whose content is lost), and a later hit on it
+*promotes* it back into a fresh GPU page. The tier is inclusive: a promoted node keeps its CPU
+copy, so evicting it again copies nothing. Both moves are returned by ``take_offload``; a step
+runs its demotions first, then its promotions, then its other copies. Swap-out outranks the
+tier: it takes cached CPU pages like free ones, and a demotion never takes a swapped page.
+
 Must not import torch, triton or hypothesis.
 """
 
@@ -112,12 +120,14 @@ class ReferenceBlockManager:
         enable_prefix_caching: bool = False,
         num_cpu_pages: int = 0,
         hash_bits: int = 64,
+        cpu_prefix_cache: bool = False,
     ):
         self.num_pages = num_pages
         self.page_size = page_size
         self.watermark_pages = watermark_pages
         self.enable_prefix_caching = enable_prefix_caching
         self.num_cpu_pages = num_cpu_pages
+        self.cpu_prefix_cache = cpu_prefix_cache
         # NOTE: hash_bits < 64 truncates page hashes; tests use it to force collisions.
         self._hash_mask = (1 << hash_bits) - 1
         # NOTE: queues hand out pages from their head and take freed pages at their tail, so the
@@ -129,8 +139,9 @@ class ReferenceBlockManager:
         self._page_priority = [0] * num_pages
         self._ref_count = [0] * num_pages
         # prefix cache: content-prefix nodes and the pages attached to them
-        self._prefix = PrefixIndex(num_pages)
-        self._stats = {"queries": 0, "hits": 0, "query_tokens": 0, "hit_tokens": 0}
+        self._prefix = PrefixIndex(num_pages, num_cpu_pages)
+        self._stats = {"queries": 0, "hits": 0, "query_tokens": 0, "hit_tokens": 0,
+                       "cpu_hit_tokens": 0, "demotions": 0, "promotions": 0}
         # NOTE: step-safe copies. Every page a returned copy reads or writes is pinned until
         # the next append_batch or end_step: a pinned page whose ref count drops to 0 stays off
         # the free queues (it is counted in num_pinned_pages), so no later call of the same step
@@ -147,6 +158,13 @@ class ReferenceBlockManager:
         # CPU tier
         self._cpu_free: deque[int] = deque(range(num_cpu_pages))
         self._cpu_ref_count = [0] * num_cpu_pages
+        # CPU tier of the prefix cache: unpinned cached CPU pages, least recently used first;
+        # the (gpu, cpu) demotions and (cpu, gpu) promotions not yet taken by take_offload; the
+        # GPU pages indexed in this step (their KV lands in this step: never demoted in it)
+        self._cpu_lru: OrderedDict[int, None] = OrderedDict()
+        self._demotions: list[tuple[int, int]] = []
+        self._promotions: list[tuple[int, int]] = []
+        self._fresh: set[int] = set()
         # NOTE: page tables are array('i') rather than lists so that padded numpy page tables
         # are built from their bytes, not element by element (the batch path runs every step).
         self._tables: dict[int, array] = {}
@@ -171,7 +189,8 @@ class ReferenceBlockManager:
 
     @property
     def num_free_cpu_pages(self) -> int:
-        return len(self._cpu_free)
+        """Free CPU pages, cached ones of the prefix cache's CPU tier included."""
+        return len(self._cpu_free) + len(self._cpu_lru)
 
     @property
     def num_pinned_pages(self) -> int:
@@ -202,12 +221,13 @@ class ReferenceBlockManager:
     def prefix_cache_stats(self) -> dict:
         pinned = {page for _, _, pages in self._prefix_pins for page in pages}
         return dict(self._stats, num_cached_pages=self._prefix.num_cached_pages,
-                    num_evictable_pages=len(self._evictable), num_pinned_prefix_pages=len(pinned))
+                    num_evictable_pages=len(self._evictable), num_pinned_prefix_pages=len(pinned),
+                    num_cpu_cached_pages=self._prefix.num_cpu_cached_pages)
 
     def pin_prefix(self, token_ids: np.ndarray, salt: int = 0) -> int:
         """Hold the cached full pages of a prefix (until unpin_prefix); returns how many."""
         tokens = _token_list(token_ids)
-        pages, _ = self._match(tokens, salt) if self.enable_prefix_caching else ([], ROOT)
+        pages = self._match(tokens, salt, False)[0] if self.enable_prefix_caching else []
         for page in pages:
             self._take_cached_page(page)
         self._prefix_pins.append((salt, tuple(tokens), pages))
@@ -251,7 +271,7 @@ class ReferenceBlockManager:
         if seq_id in self._tables:
             raise SequenceExists(seq_id)
         token_ids = _token_list(token_ids)
-        need, hits, num_cached = self._plan_allocate(num_tokens, token_ids, salt)
+        need, hits, nodes, num_cached = self._plan_allocate(num_tokens, token_ids, salt)
         available = self.num_free_pages - self.watermark_pages
         if need > available:
             raise OutOfPages(need, max(available, 0), self.num_pages)
@@ -261,10 +281,12 @@ class ReferenceBlockManager:
             if num_cached:
                 self._stats["hits"] += 1
                 self._stats["hit_tokens"] += num_cached
-        table = array("i")
         for page in hits:
-            self._take_cached_page(page)
-            table.append(page)
+            if page != NONE:
+                self._take_cached_page(page)
+        if NONE in hits:
+            self._promote(hits, nodes, num_cached)
+        table = array("i", hits)
         copies: list[tuple[int, int]] = []
         shared = len(hits)  # hit pages shared as they are
         if num_cached < len(hits) * self.page_size:
@@ -415,9 +437,18 @@ class ReferenceBlockManager:
         # NOTE: nodes that sequences still chain after stay as ghosts, so the pages those
         # sequences commit later are found once their prefix is computed again.
         self._prefix.clear_pages()
-        # NOTE: cached free pages become plain free pages, keeping their LRU order.
+        # NOTE: cached free pages become plain free pages, keeping their LRU order (both tiers).
         self._free.extend(self._evictable)
         self._evictable.clear()
+        self._cpu_free.extend(self._cpu_lru)
+        self._cpu_lru.clear()
+
+    def take_offload(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The prefix cache's CPU-tier moves since the last call: ((gpu, cpu) demotions,
+        (cpu, gpu) promotions), each in the order made."""
+        moves = self._demotions, self._promotions
+        self._demotions, self._promotions = [], []
+        return moves
 
     def end_step(self) -> None:
         """The copies returned so far have run: release the pages pinned for them, in pin order."""
@@ -427,14 +458,15 @@ class ReferenceBlockManager:
         self._pinned.clear()
         for cpu in self._cpu_pinned:
             if self._cpu_ref_count[cpu] == 0:
-                self._cpu_free.append(cpu)
+                self._enqueue_cpu(cpu)
         self._cpu_pinned.clear()
+        self._fresh.clear()
         self._swapped_from.clear()
         self._copy_dsts.clear()
 
     # ----------------------------------------------------------------- CPU tier
     def can_swap_out(self, seq_ids: np.ndarray) -> bool:
-        return len(self._pages_to_move(seq_ids.tolist(), to_cpu=True)) <= len(self._cpu_free)
+        return len(self._pages_to_move(seq_ids.tolist(), to_cpu=True)) <= self.num_free_cpu_pages
 
     def can_swap_in(self, seq_ids: np.ndarray) -> bool:
         moved = self._pages_to_move(seq_ids.tolist(), to_cpu=False)
@@ -448,9 +480,11 @@ class ReferenceBlockManager:
     def swap_out(self, seq_ids: np.ndarray) -> np.ndarray:
         seq_ids = seq_ids.tolist()
         moved = self._pages_to_move(seq_ids, to_cpu=True)
-        if len(moved) > len(self._cpu_free):
-            raise OutOfPages(len(moved), len(self._cpu_free), self.num_cpu_pages, pool="cpu")
-        mapping = {page: self._cpu_free.popleft() for page in moved}
+        if len(moved) > self.num_free_cpu_pages:
+            raise OutOfPages(len(moved), self.num_free_cpu_pages, self.num_cpu_pages, pool="cpu")
+        # NOTE: swap-out outranks the CPU tier of the prefix cache: it takes cached CPU pages
+        # (least recently used first) once no plain free one is left.
+        mapping = {page: self._take_cpu_page() for page in moved}
         copies = []
         for page, cpu in mapping.items():
             self._cpu_ref_count[cpu] = 0
@@ -600,10 +634,19 @@ class ReferenceBlockManager:
         cpu_used = sum(1 for r in cpu_refs if r)
         cpu_pinned = sum(1 for cpu in self._cpu_pinned if cpu_refs[cpu] == 0)
         cpu_free = set(self._cpu_free)
-        if any(cpu in cpu_free for cpu in self._cpu_pinned):
-            raise InvariantViolation.of("pinned_page", next(c for c in self._cpu_pinned if c in cpu_free), "cpu free")
-        if cpu_used + len(self._cpu_free) + cpu_pinned != self.num_cpu_pages or len(cpu_free) != len(self._cpu_free):
-            raise InvariantViolation.of("cpu_conservation", len(self._cpu_free) + cpu_pinned, cpu_used, self.num_cpu_pages)
+        if any(cpu in cpu_free or cpu in self._cpu_lru for cpu in self._cpu_pinned):
+            raise InvariantViolation.of("pinned_page", next(c for c in self._cpu_pinned if c in cpu_free or c in self._cpu_lru), "cpu free")
+        for cpu in self._cpu_lru:
+            what = ("a free page" if cpu in cpu_free else "referenced" if cpu_refs[cpu]
+                    else "not cached" if not self._prefix.is_cpu_cached(cpu) else None)
+            if what is not None:
+                raise InvariantViolation.of("cpu_lru", cpu, what)
+        for cpu in range(self.num_cpu_pages):
+            if (cpu in cpu_free or cpu_refs[cpu]) and self._prefix.is_cpu_cached(cpu):
+                raise InvariantViolation.of("cpu_lru", cpu, "a free or referenced page holding cached content")
+        free_total = len(self._cpu_free) + len(self._cpu_lru) + cpu_pinned
+        if cpu_used + free_total != self.num_cpu_pages or len(cpu_free) != len(self._cpu_free):
+            raise InvariantViolation.of("cpu_conservation", free_total, cpu_used, self.num_cpu_pages)
         refs_by_node: dict[int, int] = {}
         for node in self._seq_node.values():
             if node != ROOT:
@@ -640,6 +683,8 @@ class ReferenceBlockManager:
             "pinned": list(self._pinned),
             "prefix_pins": [list(pages) for _, _, pages in self._prefix_pins],
             "cpu_pinned": list(self._cpu_pinned),
+            "cpu_lru": list(self._cpu_lru),
+            "offload": (list(self._demotions), list(self._promotions)),
             **dict(zip(("index", "nodes"), self._prefix.snapshot())),
             "stats": dict(self._stats),
         }
@@ -667,26 +712,30 @@ class ReferenceBlockManager:
             per_seq.pop(seq_id, None)
 
     def _plan_allocate(self, num_tokens: int, token_ids, salt: int):
-        """(pages taken from the free queues, hit pages, tokens cached) for a prompt."""
+        """(pages taken from the free queues, hit pages (NONE: on the CPU tier only), their
+        nodes, tokens cached) for a prompt."""
         ps = self.page_size
         pages = _cdiv(num_tokens, ps)
         if token_ids is None or not self.enable_prefix_caching:
-            return pages, [], 0
-        hits, parent = self._match(token_ids, salt)
+            return pages, [], [], 0
+        hits, nodes = self._match(token_ids, salt, self.cpu_prefix_cache)
         num_cached = min(len(hits) * ps, num_tokens - 1)
         copy = 1 if num_cached < len(hits) * ps else 0
-        if copy and hits:
+        if copy and hits and hits[-1] != NONE:
             # NOTE: the last hit page is a copy source: prefer a page no copy of this step writes
             # (a copy from one would have to wait for that copy).
-            hits[-1] = self._prefix.pick_page(parent, self._ref_count, self._copy_dsts)
-        # NOTE: a hit on a page only a pending copy pins takes no page from the free queues.
-        evictable_hits = sum(1 for page in hits if self._ref_count[page] == 0 and page not in self._pinned)
-        return pages - len(hits) + copy + evictable_hits, hits, num_cached
+            hits[-1] = self._prefix.pick_page(nodes[-1], self._ref_count, self._copy_dsts)
+        # NOTE: a hit on a page only a pending copy pins takes no page from the free queues; a
+        # hit on the CPU tier takes one (its promotion's destination).
+        taken = sum(1 for page in hits if page == NONE or (self._ref_count[page] == 0 and page not in self._pinned))
+        return pages - len(hits) + copy + taken, hits, nodes, num_cached
 
-    def _match(self, token_ids: list[int], salt: int) -> tuple[list[int], int]:
-        """(a cached page for each full page of the longest cached prefix, the last one's node)."""
+    def _match(self, token_ids: list[int], salt: int, cpu: bool) -> tuple[list[int], list[int]]:
+        """(a cached page for each full page of the longest cached prefix, their nodes). With
+        ``cpu``, a node cached on the CPU tier only matches too, with page NONE."""
         ps = self.page_size
         pages: list[int] = []
+        nodes: list[int] = []
         h, parent = 0, ROOT
         for i in range(len(token_ids) // ps):
             # NOTE: one hash-chain probe per full page, confirmed by content (tokens, salt and
@@ -694,12 +743,62 @@ class ReferenceBlockManager:
             block = tuple(token_ids[i * ps : (i + 1) * ps])
             h = page_hash(h, block, salt) & self._hash_mask
             node = self._prefix.find(h, parent, salt, block)
-            page = NONE if node == NONE else self._prefix.pick_page(node, self._ref_count)
-            if page == NONE:
+            if node == NONE:
+                break
+            page = self._prefix.pick_page(node, self._ref_count)
+            if page == NONE and not (cpu and self._prefix.cpu_page_of(node) != NONE):
                 break
             pages.append(page)
+            nodes.append(node)
             parent = node
-        return pages, parent
+        return pages, nodes
+
+    def _promote(self, hits: list[int], nodes: list[int], num_cached: int) -> None:
+        """Bring the hits found on the CPU tier only (page NONE) back into fresh GPU pages."""
+        ps = self.page_size
+        promoted = [i for i, page in enumerate(hits) if page == NONE]
+        sources = [self._prefix.cpu_page_of(nodes[i]) for i in promoted]
+        # NOTE: every source is pinned before the first GPU page is taken: an eviction that
+        # page causes may demote, and a demotion must not take a CPU page read here.
+        for cpu in sources:
+            self._cpu_lru.pop(cpu, None)
+            self._pin_cpu(cpu)
+        for i, cpu in zip(promoted, sources):
+            page = self._take_free_page()  # NOTE: held as a hit is (ref_count 1)
+            self._prefix.attach(page, nodes[i])
+            self._pin(page)
+            self._copy_dsts.add(page)
+            self._promotions.append((cpu, page))
+            hits[i] = page
+            self._stats["promotions"] += 1
+            self._stats["cpu_hit_tokens"] += max(0, min(ps, num_cached - i * ps))
+
+    def _demote(self, page: int) -> None:
+        """An evicted cached GPU page: copy its content to the CPU tier when its node has no CPU
+        copy, a CPU page is free or cached, and its KV was written before this step."""
+        node = self._prefix.node_of(page)
+        if page in self._fresh or self._prefix.cpu_page_of(node) != NONE or not self.num_free_cpu_pages:
+            return
+        cpu = self._take_cpu_page()
+        self._prefix.attach_cpu(cpu, node)
+        self._pin_cpu(cpu)  # NOTE: a destination: no other move of this step may write it
+        self._demotions.append((page, cpu))
+        self._stats["demotions"] += 1
+
+    def _take_cpu_page(self) -> int:
+        """A CPU page for a swap-out or a demotion: a free one, else the least recently used
+        cached one (its content is lost). Its ref count is 0."""
+        if self._cpu_free:
+            return self._cpu_free.popleft()
+        cpu, _ = self._cpu_lru.popitem(last=False)
+        self._prefix.detach_cpu(cpu)
+        return cpu
+
+    def _enqueue_cpu(self, cpu: int) -> None:
+        if self._prefix.is_cpu_cached(cpu):
+            self._cpu_lru[cpu] = None
+        else:
+            self._cpu_free.append(cpu)
 
     def _index_page(self, seq_id: int, table: array, i: int, block: tuple) -> bool:
         """Offer page ``i`` of a sequence, whose tokens are ``block``, to the index: its node is
@@ -717,6 +816,7 @@ class ReferenceBlockManager:
         if page == NULL_PAGE or prefix.is_cached(page):
             return False
         prefix.attach(page, node)
+        self._fresh.add(page)
         return True
 
     def _reattach(self, seq_id: int, table: array) -> None:
@@ -736,6 +836,8 @@ class ReferenceBlockManager:
             page = self._free.popleft()
         else:
             page = self._evictable.pop()
+            if self.cpu_prefix_cache:
+                self._demote(page)
             self._prefix.detach(page)  # NOTE: evicted: its node may be deleted, or stay a ghost
         self._ref_count[page] = 1
         self._page_priority[page] = 0  # NOTE: its holder sets it
@@ -761,7 +863,7 @@ class ReferenceBlockManager:
     def _release_cpu(self, page: int) -> None:
         self._cpu_ref_count[page] -= 1
         if self._cpu_ref_count[page] == 0 and page not in self._cpu_pinned:
-            self._cpu_free.append(page)
+            self._enqueue_cpu(page)
 
     def _hold_priority(self, table: array, priority: int) -> None:
         for page in table:

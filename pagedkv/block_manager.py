@@ -63,15 +63,35 @@ class SwapPlan(NamedTuple):
     direction: str
 
 
+class OffloadPlan(NamedTuple):
+    """The prefix cache's CPU-tier moves (``take_offload``), all int32 ``[K, 2]``.
+
+    Attributes:
+        demotions: (gpu_page, cpu_page) pairs: evicted cached GPU pages whose content moves to
+            the CPU tier. Run them first in a step, before any other copy or KV write: the GPU
+            page was handed out again.
+        promotions: (cpu_page, gpu_page) pairs: prefix-cache hits on the CPU tier, brought back
+            into the GPU pages now in the hitting sequence's page table. Run them after the
+            demotions and before the step's other copies (a copy may read a promoted page).
+    """
+
+    demotions: np.ndarray
+    promotions: np.ndarray
+
+
 class PrefixCacheStats(NamedTuple):
     """Prefix-cache counters since construction (``reset_prefix_cache`` keeps them).
 
     Attributes:
         queries: allocations that gave token ids; hits: those that found >= 1 cached token.
-        query_tokens / hit_tokens: prompt tokens asked for / found cached.
-        num_cached_pages: pages indexed now; num_evictable_pages: cached pages with no owner.
+        query_tokens / hit_tokens: prompt tokens asked for / found cached (both tiers).
+        num_cached_pages: GPU pages indexed now; num_evictable_pages: cached GPU pages with no
+            owner.
         num_pinned_prefix_pages: distinct pages held by ``pin_prefix`` (never evicted while
             pinned; they count against capacity like any referenced page).
+        cpu_hit_tokens: of ``hit_tokens``, those found on the CPU tier only (promoted).
+        demotions / promotions: pages moved GPU -> CPU / CPU -> GPU by the CPU tier.
+        num_cpu_cached_pages: CPU pages holding cached content now (all of them evictable).
     """
 
     queries: int
@@ -81,6 +101,10 @@ class PrefixCacheStats(NamedTuple):
     num_cached_pages: int
     num_evictable_pages: int
     num_pinned_prefix_pages: int = 0
+    cpu_hit_tokens: int = 0
+    demotions: int = 0
+    promotions: int = 0
+    num_cpu_cached_pages: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -141,6 +165,10 @@ class BlockManager:
         enable_prefix_caching: index full pages by a chained hash of their token ids so later
             prompts with the same prefix reuse them (see the README's prefix-caching contract).
         num_cpu_pages: pages in the CPU offload tier (``swap_out`` / ``swap_in``); 0 = none.
+        cpu_prefix_cache: make the CPU pool a second tier of the prefix cache (needs
+            ``enable_prefix_caching`` and ``num_cpu_pages >= 1``): an evicted cached page is
+            demoted to a CPU page rather than lost, and a later hit promotes it back. The moves
+            come from ``take_offload``, which an engine calls once per step (see the README).
         backend: ``"cpp"`` or ``"python"``; default ``$PAGEDKV_IMPL`` or the best one built.
         record: a path (``.gz`` compresses) or text file: write every call and its result there
             as JSON Lines, for ``pagedkv replay`` (see ``pagedkv/_recorder.py``).
@@ -160,6 +188,7 @@ class BlockManager:
         watermark: float = 0.0,
         enable_prefix_caching: bool = False,
         num_cpu_pages: int = 0,
+        cpu_prefix_cache: bool = False,
         backend: str | None = None,
         record=None,
         _hash_bits: int = 64,
@@ -173,18 +202,24 @@ class BlockManager:
         if not isinstance(enable_prefix_caching, (bool, np.bool_)):
             raise InvalidType("enable_prefix_caching", enable_prefix_caching, "a bool")
         num_cpu_pages = check.as_int("num_cpu_pages", num_cpu_pages, 0, check.MAX_COUNT)
+        if not isinstance(cpu_prefix_cache, (bool, np.bool_)):
+            raise InvalidType("cpu_prefix_cache", cpu_prefix_cache, "a bool")
+        if cpu_prefix_cache and not (enable_prefix_caching and num_cpu_pages):
+            raise InvalidArgument("cpu_prefix_cache", cpu_prefix_cache,
+                                  "False unless enable_prefix_caching=True and num_cpu_pages >= 1")
         hash_bits = check.as_int("_hash_bits", _hash_bits, 1, 64)
         self._backend = _backend.resolve(backend)
         self.watermark = float(watermark)
         self._impl = _backend.implementation(self._backend)(
-            num_pages, page_size, math.floor(self.watermark * num_pages), bool(enable_prefix_caching), num_cpu_pages, hash_bits
+            num_pages, page_size, math.floor(self.watermark * num_pages), bool(enable_prefix_caching), num_cpu_pages,
+            hash_bits, bool(cpu_prefix_cache)
         )
         if record is not None:
             from ._recorder import Recorder
 
             config = dict(num_pages=num_pages, page_size=page_size, watermark_pages=math.floor(self.watermark * num_pages),
                           enable_prefix_caching=bool(enable_prefix_caching), num_cpu_pages=num_cpu_pages,
-                          hash_bits=hash_bits, backend=self._backend)
+                          hash_bits=hash_bits, cpu_prefix_cache=bool(cpu_prefix_cache), backend=self._backend)
             self._impl = Recorder(self._impl, record, config)
 
     # ------------------------------------------------------------------ facts
@@ -229,6 +264,11 @@ class BlockManager:
         return self._impl.num_cpu_pages
 
     @property
+    def cpu_prefix_cache(self) -> bool:
+        """Whether the CPU pool is a second tier of the prefix cache."""
+        return self._impl.cpu_prefix_cache
+
+    @property
     def num_free_cpu_pages(self) -> int:
         return self._impl.num_free_cpu_pages
 
@@ -241,7 +281,8 @@ class BlockManager:
         st = self._impl.prefix_cache_stats()
         return PrefixCacheStats(
             st["queries"], st["hits"], st["query_tokens"], st["hit_tokens"], st["num_cached_pages"],
-            st["num_evictable_pages"], st["num_pinned_prefix_pages"],
+            st["num_evictable_pages"], st["num_pinned_prefix_pages"], st["cpu_hit_tokens"], st["demotions"],
+            st["promotions"], st["num_cpu_cached_pages"],
         )
 
     def __contains__(self, seq_id: object) -> bool:
@@ -504,8 +545,23 @@ class BlockManager:
         self._impl.end_step()
 
     def reset_prefix_cache(self) -> None:
-        """Forget every cached page; cached free pages become plain free pages (LRU order kept)."""
+        """Forget every cached page (both tiers); cached free pages become plain free pages (LRU
+        order kept). Moves already returned, or pending for ``take_offload``, must still run."""
         self._impl.reset_prefix_cache()
+
+    def take_offload(self) -> OffloadPlan:
+        """The CPU-tier moves of the prefix cache made since the last call, and forget them.
+
+        With ``cpu_prefix_cache``, any call that takes a GPU page (``allocate``, ``append``,
+        ``append_batch``, ``swap_in``) may evict a cached page and demote it, and ``allocate``
+        may promote hits found on the CPU tier. An engine calls this once per step after its
+        scheduling calls and runs, in this order: the demotions, the promotions, then the
+        step's other copies and swaps, then the forward pass. (An engine that executes each
+        call's copies at once calls this after each call and runs its moves first.) Always
+        empty without ``cpu_prefix_cache``.
+        """
+        demotions, promotions = self._impl.take_offload()
+        return OffloadPlan(_copy_plan(demotions), _copy_plan(promotions))
 
     # --------------------------------------------------------------- CPU tier
     def can_swap_out(self, seq_ids) -> bool:
@@ -518,6 +574,10 @@ class BlockManager:
 
     def swap_out(self, seq_ids) -> SwapPlan:
         """Move sequences' pages to CPU pages, all or nothing.
+
+        With ``cpu_prefix_cache``, swap-out outranks the prefix cache's CPU tier: once no plain
+        free CPU page is left, it takes cached CPU pages, least recently used first (their
+        content is lost). A demotion never takes a swapped-out sequence's page.
 
         A page shared by several of ``seq_ids`` is moved once and stays shared; a page also held
         by a sequence left on the GPU is copied and stays there for it.

@@ -200,6 +200,8 @@ INVARIANT_DETAILS: dict[str, tuple[str, str]] = {
     "hash_index": ("hash_index", "node {1} (hash {0:#x}) is not on the index's chain for its hash"),
     "hash_index_size": ("hash_index", "{0} pages are cached but the nodes' page lists hold {1}"),
     "node_pages": ("hash_index", "page {0} is on the page list of node {2} but is cached under node {1}"),
+    "cpu_cache": ("hash_index", "node {0} and cpu page {1} do not point to each other (the page holds node {2})"),
+    "cpu_lru": ("cpu_conservation", "cpu page {0} on the cpu prefix-cache queue is {1}"),
     "node_dependents": ("node_dependents", "node {0} counts {1} dependents but {2} child nodes and sequences "
                         "chain after it (a node with neither and no page must be deleted)"),
     "committed_tokens": ("committed_tokens", "sequence {0} has {1} committed tokens but holds {2}"),

@@ -129,6 +129,12 @@ class Lockstep:
                 event("whole_prompt_copy")
         elif op in ("swap_out", "swap_in", "release_window", "reset_prefix_cache"):
             event(op)
+        elif op == "take_offload":
+            (_, ((_, _, demotions, _), (_, _, promotions, _))) = outcome[1]
+            if demotions[0]:
+                event("demotion")
+            if promotions[0]:
+                event("promotion")
         elif op == "commit" and outcome[1][1]:
             event("commit_indexed")
         if op != "reset_prefix_cache" and set(before["index"].items()) - set(after["index"].items()):
@@ -264,9 +270,14 @@ def random_cache_op(rng: random.Random, lock: Lockstep) -> None:
 
     op = rng.choices(
         ["prompt", "can_prompt", "commit", "append_ids", "batch_ids", "swap_out", "swap_in", "can_swap",
-         "window", "reset", "query", "pin", "base"],
-        weights=[22, 4, 12, 10, 8, 6, 6, 3, 5, 1, 4, 3, 31],
+         "window", "reset", "query", "pin", "offload", "base"],
+        weights=[22, 4, 12, 10, 8, 6, 6, 3, 5, 1, 4, 3, 4, 31],
     )[0]
+    if op == "offload":
+        lock.do("take_offload")
+        if rng.random() < 0.7:
+            lock.do("end_step")
+        return
     if op == "pin":
         if lock.prompts and rng.random() < 0.8:
             tokens, salt = rng.choice(lock.prompts)
@@ -577,9 +588,12 @@ def test_direct_bad_arguments_raise_typed_errors():
         "pinned": [],
         "prefix_pins": [],
         "cpu_pinned": [],
+        "cpu_lru": [],
+        "offload": ([], []),
         "index": {},
         "nodes": {},
-        "stats": {"queries": 0, "hits": 0, "query_tokens": 0, "hit_tokens": 0},
+        "stats": {"queries": 0, "hits": 0, "query_tokens": 0, "hit_tokens": 0, "cpu_hit_tokens": 0, "demotions": 0,
+                  "promotions": 0},
     }
     mgr.check_invariants()
 
@@ -659,6 +673,69 @@ def test_random_operations_cover_every_feature():
     ]
     missing = [name for name in wanted if not events.get(name)]
     assert not missing, f"never exercised: {missing} (events: {events})"
+
+
+def random_tier_op(rng: random.Random, lock: Lockstep) -> None:
+    """``random_cache_op`` with frees and step ends mixed in, so cached pages are evicted (demoted)
+    and their prompts come back (promoted), as in a serving loop."""
+    live = lock.live()
+    if live and rng.random() < 0.3:
+        lock.do("free", rng.choice(live))
+    elif rng.random() < 0.1:
+        lock.do("take_offload")
+        lock.do("end_step")
+    else:
+        random_cache_op(rng, lock)
+
+
+TIER_CONFIGS = [  # (num_pages, page_size, watermark, num_cpu_pages, hash_bits): the CPU tier on
+    (10, 2, 0.0, 6, 64),
+    (16, 3, 0.1, 4, 64),
+    (12, 2, 0.0, 20, 2),  # more CPU than GPU pages; colliding hashes
+    (8, 1, 0.0, 3, 64),
+]
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("num_pages,page_size,watermark,num_cpu_pages,hash_bits", TIER_CONFIGS)
+def test_random_cpu_tier_operations_match(num_pages, page_size, watermark, num_cpu_pages, hash_bits, seed):
+    rng = random.Random(seed * 104729 + num_pages * 31 + page_size)
+    lock = Lockstep(num_pages, page_size, watermark, enable_prefix_caching=True, num_cpu_pages=num_cpu_pages,
+                    cpu_prefix_cache=True, _hash_bits=hash_bits)
+    for _ in range(250):
+        random_tier_op(rng, lock)
+    drain(lock)
+
+
+def test_random_cpu_tier_operations_cover_demotion_and_promotion():
+    events: dict[str, int] = {}
+    for num_pages, page_size, watermark, num_cpu_pages, hash_bits in TIER_CONFIGS:
+        rng = random.Random(num_pages * 77 + page_size)
+        lock = Lockstep(num_pages, page_size, watermark, enable_prefix_caching=True, num_cpu_pages=num_cpu_pages,
+                        cpu_prefix_cache=True, _hash_bits=hash_bits)
+        for _ in range(300):
+            random_tier_op(rng, lock)
+        drain(lock)
+        for name, count in lock.events.items():
+            events[name] = events.get(name, 0) + count
+    missing = [name for name in ("demotion", "promotion", "hit", "eviction", "swap_out", "cpu_out_of_pages")
+               if not events.get(name)]
+    assert not missing, f"never exercised: {missing} (events: {events})"
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    config=st.sampled_from(TIER_CONFIGS),
+    rng=st.randoms(use_true_random=False),
+    num_ops=st.integers(1, 80),
+)
+def test_hypothesis_cpu_tier_operations_match(config, rng, num_ops):
+    num_pages, page_size, watermark, num_cpu_pages, hash_bits = config
+    lock = Lockstep(num_pages, page_size, watermark, enable_prefix_caching=True, num_cpu_pages=num_cpu_pages,
+                    cpu_prefix_cache=True, _hash_bits=hash_bits)
+    for _ in range(num_ops):
+        random_tier_op(rng, lock)
+    drain(lock)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

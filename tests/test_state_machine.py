@@ -28,6 +28,20 @@ TestEverything = _bound(
     )
 )
 
+# NOTE: a pool small next to its prompts, so pages are evicted (demoted) and hit again (promoted).
+TestCpuPrefixTier = _bound(
+    block_manager_machine(
+        lambda: BlockManager(num_pages=8, page_size=2, enable_prefix_caching=True, num_cpu_pages=6, cpu_prefix_cache=True)
+    ),
+    steps=40,
+)
+TestCpuPrefixTierCollisions = _bound(
+    block_manager_machine(
+        lambda: BlockManager(num_pages=10, page_size=4, enable_prefix_caching=True, num_cpu_pages=3,
+                             cpu_prefix_cache=True, watermark=0.1, _hash_bits=3)
+    )
+)
+
 
 def test_machine_requires_a_factory():
     with pytest.raises(TypeError, match="factory"):

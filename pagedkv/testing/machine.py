@@ -22,6 +22,13 @@ Invariants checked after every step:
 * **step-safe copies** (managers with ``end_step``): the copies returned since the last
   ``append_batch`` or ``end_step`` could run as one batched launch in any order: no copy's
   destination is another pending copy's source or destination, in either pool;
+* **the CPU tier of the prefix cache** (managers with ``cpu_prefix_cache``): after each call
+  its ``take_offload`` moves run on the shadow stores before the call's copies, demotions
+  (GPU -> CPU) then promotions (CPU -> GPU), so a promoted hit reads back only if the content
+  really travelled. Each move is checked safe for an engine that batches a step: tier moves
+  first, then the step's copies, then its KV writes. A demotion reads a page no copy or KV
+  write of the step touched; no two moves write one page; a promotion writes no page an
+  earlier copy of the step read or wrote and reads no CPU page a swap-out of the step wrote;
 * freeing every sequence (and ending the step) returns the manager to a state equivalent to a
   new one.
 
@@ -67,8 +74,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.next_value = 0
         self.next_seq = 0
         self.steps = callable(getattr(self.mgr, "end_step", None))
-        # pages read / written by the copies returned in the current step, per pool
+        self.tier = bool(getattr(self.mgr, "cpu_prefix_cache", False))
+        # pages read / written by the copies returned in the current step, per pool; by its
+        # CPU-tier moves, per pool; GPU pages its KV writes touched
         self.pending = {"gpu": (set(), set()), "cpu": (set(), set())}
+        self.tier_pending = {"gpu": (set(), set()), "cpu": (set(), set())}
+        self.written_pages: set[int] = set()
 
     # ------------------------------------------------------------- helpers
     def _resident(self) -> list[int]:
@@ -87,6 +98,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         values = self.history[seq_id]
         for pos in range(start, stop):
             self.store[self._slot(table, pos)] = values[pos]
+            self.written_pages.add(table[pos // self.page_size])
         self.written[seq_id] = max(self.written[seq_id], stop)
 
     def _finish_prefill(self, seq_id: int) -> None:
@@ -105,9 +117,43 @@ class BlockManagerMachine(RuleBasedStateMachine):
         return table[pos // self.page_size] * self.page_size + pos % self.page_size
 
     def _new_step(self) -> None:
-        for reads, writes in self.pending.values():
+        for reads, writes in (*self.pending.values(), *self.tier_pending.values()):
             reads.clear()
             writes.clear()
+        self.written_pages.clear()
+
+    def _run_offload(self) -> None:
+        """Run the CPU-tier moves of the last call (before its copies), checking each is safe
+        for an engine that runs a step's tier moves first, then its copies, then its writes."""
+        if not self.tier:
+            return
+        demotions, promotions = (m.tolist() for m in self.mgr.take_offload())
+        gpu_reads, gpu_writes = self.pending["gpu"]
+        cpu_reads, cpu_writes = self.pending["cpu"]
+        tier_gpu_reads, tier_gpu_writes = self.tier_pending["gpu"]
+        tier_cpu_reads, tier_cpu_writes = self.tier_pending["cpu"]
+        ps = self.page_size
+        for gpu, cpu in demotions:
+            event("demotion")
+            assert gpu not in gpu_writes and gpu not in tier_gpu_writes and gpu not in self.written_pages, (
+                f"demotion ({gpu}, {cpu}) reads GPU page {gpu}, which this step wrote before the demotion runs")
+            assert cpu not in tier_cpu_writes and cpu not in tier_cpu_reads and cpu not in cpu_reads and cpu not in cpu_writes, (
+                f"demotion ({gpu}, {cpu}) writes CPU page {cpu}, which another move or copy of this step reads or writes")
+            tier_gpu_reads.add(gpu)
+            tier_cpu_writes.add(cpu)
+            for i in range(ps):
+                value = self.store.get(gpu * ps + i)
+                self.cpu_store.pop(cpu * ps + i, None) if value is None else self.cpu_store.__setitem__(cpu * ps + i, value)
+        for cpu, gpu in promotions:
+            event("promotion")
+            assert cpu not in cpu_writes, f"promotion ({cpu}, {gpu}) reads CPU page {cpu}, which a swap-out of this step wrote"
+            assert gpu not in tier_gpu_writes and gpu not in gpu_reads and gpu not in gpu_writes, (
+                f"promotion ({cpu}, {gpu}) writes GPU page {gpu}, which another move or copy of this step reads or writes")
+            tier_cpu_reads.add(cpu)
+            tier_gpu_writes.add(gpu)
+            for i in range(ps):
+                value = self.cpu_store.get(cpu * ps + i)
+                self.store.pop(gpu * ps + i, None) if value is None else self.store.__setitem__(gpu * ps + i, value)
 
     def _check_step_safe(self, copies, src_pool: str, dst_pool: str) -> None:
         """No copy of this step writes a page that another copy of the step reads or writes.
@@ -144,6 +190,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert len(slots) == len(values), f"{len(slots)} slots for {len(values)} new tokens"
         for slot, value in zip(slots, values):
             self.store[int(slot)] = value
+            self.written_pages.add(int(slot) // self.page_size)
         self.history[seq_id].extend(values)
         self.written[seq_id] = len(self.history[seq_id])
 
@@ -175,6 +222,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         else:
             raise AssertionError("the can_* check said no, but the call succeeded")
         assert self._state() == before, "a failed call changed the manager"
+        if self.tier:
+            assert not any(len(m) for m in self.mgr.take_offload()), "a failed call moved pages between tiers"
 
     # --------------------------------------------------------------- rules
     @precondition(lambda self: len(self.history) < self.max_seqs)
@@ -185,6 +234,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self._expect_out_of_pages(lambda: self.mgr.allocate(seq_id, num_tokens))
             return
         self.mgr.allocate(seq_id, num_tokens)
+        self._run_offload()
         self.next_seq += 1
         self.history[seq_id] = []
         self.written[seq_id] = 0
@@ -216,6 +266,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self._expect_out_of_pages(lambda: self.mgr.allocate(seq_id, **kwargs))
             return
         cached, copies = self.mgr.allocate(seq_id, **kwargs)
+        self._run_offload()
         event("prefix cache hit" if cached else "prefix cache miss")
         self.next_seq += 1
         assert 0 <= cached < len(tokens) and cached % self.page_size in (0, self.page_size - 1)
@@ -257,6 +308,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         token_ids = [(start + i) % 3 for i in range(num_tokens)] if with_ids and self.caching else None
         self._finish_prefill(seq_id)  # an append commits the whole sequence
         copies = self.mgr.append(seq_id, num_tokens, token_ids=token_ids) if token_ids else self.mgr.append(seq_id, num_tokens)
+        self._run_offload()
         if len(copies):
             event("copy-on-write in append")
         self._copy_pages(copies)
@@ -277,6 +329,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert self._state() == before, "a failed append_batch changed the manager"
             return
         self._new_step()  # NOTE: an append_batch begins a step: the earlier copies have run
+        self._run_offload()
         for seq_id in seq_ids:
             self._finish_prefill(seq_id)  # an append commits the whole sequence
         self._copy_pages(plan.copies.tolist())
@@ -333,6 +386,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self._expect_out_of_pages(lambda: self.mgr.swap_in(seq_ids))
             return
         plan = self.mgr.swap_in(seq_ids)
+        self._run_offload()
         assert plan.direction == "in"
         self._copy_pages(plan.copies.tolist(), self.cpu_store, self.store)
         self.swapped.difference_update(seq_ids)
