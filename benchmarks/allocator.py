@@ -15,6 +15,11 @@ Cases (issue 2):
               at once, in a pool too small to keep them all (so pages are evicted), with and
               without a sliding window; the hit rate next to the ideal cache's on the same pages
               (pagedkv.ideal_cache.IdealPrefixCache) and the µs per turn.
+  cpu_tier    the multi-turn workload again with the CPU tier of the prefix cache on (a CPU pool
+              4x the GPU pool): the hit rate with and without it, and the part found on the CPU
+              tier; and the allocator's own cost of a demotion and of a promotion, per page:
+              evicting 1,024 cached pages with demotion minus without, and a 1,024-page hit
+              promoted from the CPU tier minus the same hit on evictable GPU pages.
   windowed    B=64 sequences with a 4,096-token sliding window, decoded at 10k / 100k / 1M
               tokens each: a step is append_batch + release_window per sequence + page_tables
               (ms per step). Page tables keep released entries as -1 today, so the step grows
@@ -125,6 +130,10 @@ def _multi_turn(mgr, window: int | None, conversations: int, turns: int, seed: i
     system = rng.integers(0, 32000, 200).tolist()
     history = [list(system) for _ in range(conversations)]
     end_step = mgr.mgr.end_step if isinstance(mgr, IdealPrefixCache) else mgr.end_step
+    if getattr(mgr, "cpu_prefix_cache", False):
+        def end_step():  # NOTE: an engine executes the tier's moves every step
+            mgr.take_offload()
+            mgr.end_step()
     seq_id = done = 0
     for _ in range(turns):
         for c in range(conversations):
@@ -162,6 +171,76 @@ def bench_multi_turn(backend: str, window: int | None, conversations: int = 24, 
     return {"case": "multi_turn", "window": window, "turns": turns_done, "num_pages": num_pages,
             "hit_rate": stats.hit_rate, "ideal_hit_rate": oracle.ideal_hit_tokens / oracle.query_tokens,
             "us_per_turn": elapsed / max(turns_done, 1) / 1e3}
+
+
+def bench_multi_turn_tier(backend: str, conversations: int = 24, turns: int = 6, num_pages: int = 640,
+                          seed: int = 0) -> dict:
+    """The multi-turn workload with the CPU tier on and off (same seed, same calls)."""
+    out = {}
+    for tier in (False, True):
+        mgr = BlockManager(num_pages, PAGE_SIZE, enable_prefix_caching=True, num_cpu_pages=4 * num_pages,
+                           cpu_prefix_cache=tier, backend=backend)
+        start = time.perf_counter_ns()
+        turns_done = _multi_turn(mgr, None, conversations, turns, seed)
+        elapsed = time.perf_counter_ns() - start
+        mgr.check_invariants()
+        out[tier] = (mgr.prefix_cache_stats(), turns_done, elapsed)
+    (off, _, _), (on, turns_done, elapsed) = out[False], out[True]
+    assert off.query_tokens == on.query_tokens, "the two runs asked for different prompts"
+    return {"case": "cpu_tier", "what": "multi_turn", "num_pages": num_pages, "num_cpu_pages": 4 * num_pages,
+            "turns": turns_done, "hit_rate_gpu_only": off.hit_rate, "hit_rate": on.hit_rate,
+            "cpu_hit_share": on.cpu_hit_tokens / max(on.hit_tokens, 1), "demotions": on.demotions,
+            "promotions": on.promotions, "us_per_turn": elapsed / max(turns_done, 1) / 1e3}
+
+
+def bench_tier_cost(backend: str, pages: int = 1024, repeats: int = 5) -> dict:
+    """Allocator cost of a demotion and of a promotion, per page (fresh managers, best of N).
+
+    The GPU pool holds one prompt of ``pages`` full pages, the CPU pool exactly ``pages``.
+    Demotion: allocating prompt B evicts prompt A's cached pages, tier on minus tier off.
+    Promotion: a hit on A found on the CPU tier only (its promotions take GPU pages, evicting
+    B's cached pages, which find no CPU page left) minus the same hit on A's evictable GPU pages.
+    """
+    rng = np.random.default_rng(2)
+    prompt_a = rng.integers(0, 32000, pages * PAGE_SIZE + 1)
+    prompt_b = rng.integers(0, 32000, pages * PAGE_SIZE + 1)
+
+    def cached(tier: bool) -> BlockManager:
+        """A's pages cached on the GPU (evictable, written before this step)."""
+        mgr = BlockManager(pages + 1, PAGE_SIZE, enable_prefix_caching=True, num_cpu_pages=pages,
+                           cpu_prefix_cache=tier, backend=backend)
+        mgr.allocate(0, token_ids=prompt_a)
+        mgr.free(0)
+        mgr.end_step()
+        return mgr
+
+    def a_on_cpu() -> BlockManager:
+        mgr = cached(True)
+        mgr.allocate(1, token_ids=prompt_b)  # demotes every page of A
+        assert len(mgr.take_offload().demotions) == pages
+        mgr.free(1)
+        mgr.end_step()
+        return mgr
+
+    def timed(setup, call) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            mgr = setup()
+            start = time.perf_counter_ns()
+            call(mgr)
+            best = min(best, time.perf_counter_ns() - start)
+        return best
+
+    evict_on = timed(lambda: cached(True), lambda mgr: mgr.allocate(1, token_ids=prompt_b))
+    evict_off = timed(lambda: cached(False), lambda mgr: mgr.allocate(1, token_ids=prompt_b))
+    promoted = timed(a_on_cpu, lambda mgr: mgr.allocate(2, token_ids=prompt_a))
+    on_gpu = timed(lambda: cached(True), lambda mgr: mgr.allocate(2, token_ids=prompt_a))
+    check = a_on_cpu()
+    assert check.allocate(2, token_ids=prompt_a).num_cached_tokens == pages * PAGE_SIZE
+    assert len(check.take_offload().promotions) == pages
+    return {"case": "cpu_tier", "what": "cost", "pages": pages, "ns_per_demotion": (evict_on - evict_off) / pages,
+            "ns_per_promotion": (promoted - on_gpu) / pages, "us_evict_with_demotion": evict_on / 1e3,
+            "us_evict_without": evict_off / 1e3, "us_hit_promoted": promoted / 1e3, "us_hit_on_gpu": on_gpu / 1e3}
 
 
 def bench_windowed(backend: str, length: int, batch: int = 64, window: int = 4096, steps: int = 16) -> dict:
@@ -218,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         records.append(bench_long_match(backend) | {"backend": backend})
         for window in (None, 256):
             records.append(bench_multi_turn(backend, window) | {"backend": backend})
+        records.append(bench_multi_turn_tier(backend) | {"backend": backend})
+        records.append(bench_tier_cost(backend) | {"backend": backend})
         for length in (10_000, 100_000) + ((1_000_000,) if backend == "cpp" else ()):
             records.append(bench_windowed(backend, length) | {"backend": backend})
 
@@ -231,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
             figure = f"{r['us_per_call']:.2f} us/call, hit rate {r['hit_rate']:.3f}"
         elif r["case"] == "windowed":
             figure = f"{r['num_tokens']:,} tokens: {r['ms_per_step']:.2f} ms/step (table width {r['table_width']:,})"
+        elif r["case"] == "cpu_tier" and r["what"] == "multi_turn":
+            figure = (f"multi-turn hit rate {r['hit_rate']:.3f} (GPU only {r['hit_rate_gpu_only']:.3f}), "
+                      f"{r['cpu_hit_share']:.0%} from CPU, {r['us_per_turn']:.0f} us/turn")
+        elif r["case"] == "cpu_tier":
+            figure = f"demotion {r['ns_per_demotion']:.0f} ns/page, promotion {r['ns_per_promotion']:.0f} ns/page"
         elif r["case"] == "multi_turn":
             label = "no window" if r["window"] is None else f"window {r['window']}"
             figure = (f"{label}: hit rate {r['hit_rate']:.3f} (ideal {r['ideal_hit_rate']:.3f}), "

@@ -96,6 +96,8 @@ class EngineConfig:
             (move the pages to ``num_cpu_pages`` CPU pages; recompute when those are full).
         num_cpu_pages: pages of the CPU offload tier (``"swap"`` needs > 0).
         enable_prefix_caching: reuse the KV of full pages of earlier prompts.
+        cpu_prefix_cache: with prefix caching and CPU pages, demote evicted cached pages to the
+            CPU pool and promote them back on a hit (``BlockManager(cpu_prefix_cache=True)``).
         watermark: fraction of pages kept free when admitting (see ``BlockManager``).
         backend: ``PagedKVCache`` backend (``None``: Triton on CUDA, torch elsewhere).
         block_manager_backend: ``"cpp"`` / ``"python"`` / ``None`` (the best one built).
@@ -109,6 +111,7 @@ class EngineConfig:
     preemption: str = "recompute"
     num_cpu_pages: int = 0
     enable_prefix_caching: bool = False
+    cpu_prefix_cache: bool = False
     watermark: float = 0.0
     backend: str | None = None
     block_manager_backend: str | None = None
@@ -272,7 +275,8 @@ class Engine:
         self.device = param.device
         self.mgr = BlockManager(config.num_pages, config.page_size, watermark=config.watermark,
                                 enable_prefix_caching=config.enable_prefix_caching,
-                                num_cpu_pages=config.num_cpu_pages, backend=config.block_manager_backend)
+                                num_cpu_pages=config.num_cpu_pages, cpu_prefix_cache=config.cpu_prefix_cache,
+                                backend=config.block_manager_backend)
         self.cache = PagedKVCache(self.runner.num_layers, config.num_pages, config.page_size, self.runner.num_kv_heads,
                                   self.runner.head_dim, dtype=param.dtype, device=self.device,
                                   backend=config.backend, num_cpu_pages=config.num_cpu_pages)
@@ -342,6 +346,16 @@ class Engine:
         return self._process(logits, batch)
 
     # ------------------------------------------------------------- scheduling
+    def _offload(self) -> None:
+        """Run the prefix cache's CPU-tier moves of the last manager call, before its copies.
+
+        NOTE: this engine executes each call's copies at once, so the moves of each call that
+        may take a GPU page (append_batch, swap_in, allocate) run right after it: a demotion
+        reads a page the call handed out again, and an admission copy may read a promoted page.
+        """
+        if self.config.cpu_prefix_cache:
+            self.cache.offload(self.mgr.take_offload())
+
     def _new_sequence(self, request: Request, child: int, tokens: list[int]) -> Sequence:
         gen = None
         if request.params.temperature > 0:
@@ -367,6 +381,7 @@ class Engine:
             token_ids = [s.tokens[-1] for s in decoders] if self.config.enable_prefix_caching else None
             try:
                 step = self.mgr.append_batch(ids, 1, token_ids=token_ids)
+                self._offload()
             except OutOfPages:
                 # NOTE: the victim is the latest arrival, even in the middle of its prefill:
                 # only its committed pages are matchable, and their K/V was written by earlier
@@ -397,7 +412,9 @@ class Engine:
             seq = self.swapped[0]
             if not self.mgr.can_swap_in([seq.seq_id]):
                 return
-            self.cache.swap(self.mgr.swap_in([seq.seq_id]))
+            plan = self.mgr.swap_in([seq.seq_id])
+            self._offload()
+            self.cache.swap(plan)
             self.running.append(self.swapped.pop(0))  # decodes from the next step
 
     def _prefix_in_flight(self, seq: Sequence) -> bool:
@@ -432,6 +449,7 @@ class Engine:
             # NOTE: nothing of the prompt is computed yet: with prefix caching, only the pages
             # found cached count as committed; ``step`` commits the chunks as they are scheduled.
             allocation = self.mgr.allocate(seq.seq_id, **prompt, num_computed_tokens=0)
+            self._offload()
             self.waiting.popleft()
             seq.num_computed, seq.prefill_end = allocation.num_cached_tokens, len(seq.tokens)
             if request.num_cached_tokens is None:

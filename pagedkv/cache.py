@@ -574,6 +574,19 @@ class PagedKVCache:
         else:
             raise InvalidArgument("swap_plan.direction", direction, "'out' or 'in' (a BlockManager SwapPlan)")
 
+    def offload(self, plan) -> None:
+        """Execute an ``OffloadPlan`` from ``BlockManager.take_offload`` (every layer): the
+        demotions (device -> CPU pool), then the promotions (CPU pool -> device).
+
+        Call it before the step's other copies and swaps (``copy``, ``swap``) and before any
+        KV write of the step: a demotion reads a device page the step hands out again, and a
+        copy may read a promoted page.
+        """
+        if len(plan.demotions):
+            self.swap_out(plan.demotions)
+        if len(plan.promotions):
+            self.swap_in(plan.promotions)
+
     def swap_out(self, copies: object) -> None:
         """Copy device pages (and their scales) to the CPU pool, rows ``(device_page, cpu_page)``, every layer."""
         self._require_cpu_pool()
@@ -596,9 +609,12 @@ class PagedKVCache:
             src_pool, dst_pool = quant.byte_view(src_pool), quant.byte_view(dst_pool)
             src = torch.from_numpy(pairs[:, 0]).to(src_pool.device)
             dst = torch.from_numpy(pairs[:, 1]).to(dst_pool.device)
-            # NOTE: one gather, one transfer, one scatter over every layer. Non-blocking from the
-            # pinned CPU pool; the caller orders it against later kernels by stream semantics.
-            moved = src_pool.index_select(2, src).to(dst_pool.device, non_blocking=True)
+            # NOTE: one gather, one transfer, one scatter over every layer. To the device it is
+            # non-blocking (the caller orders it against later kernels by stream semantics); to
+            # the CPU pool it is blocking, because the scatter runs on the host at once and must
+            # not read bytes still in flight.
+            to_device = dst_pool.device.type != "cpu"
+            moved = src_pool.index_select(2, src).to(dst_pool.device, non_blocking=to_device)
             dst_pool.index_copy_(2, dst, moved)
 
     def _require_cpu_pool(self) -> torch.Tensor:

@@ -242,3 +242,29 @@ def test_block_manager_swap_plans_round_trip():
     assert torch.equal(cache.kv[:, :, mgr.page_table(0)], before)
     with pytest.raises(InvalidArgument, match=r"swap_plan.direction must be 'out' or 'in'"):
         cache.swap(np.zeros((0, 2)))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "python"])
+def test_offload_plans_keep_a_demoted_prefix(backend):
+    # An evicted cached prefix goes to the CPU pool and comes back bit for bit on a later hit.
+    mgr = BlockManager(num_pages=3, page_size=4, enable_prefix_caching=True, num_cpu_pages=4, cpu_prefix_cache=True,
+                       backend=backend)
+    cache = _cache(num_pages=3, num_cpu_pages=4)
+    prompt = list(range(9))
+    mgr.allocate(0, token_ids=prompt)
+    cache.kv.copy_(torch.randn(cache.kv.shape))  # "the prefill wrote the prompt's KV"
+    kv = cache.kv[:, :, mgr.page_table(0)[:2]].clone()
+    mgr.free(0)
+    mgr.end_step()
+    mgr.allocate(1, token_ids=[50 + t for t in range(12)])  # every page: both cached pages evicted
+    plan = mgr.take_offload()
+    assert len(plan.demotions) == 2
+    cache.offload(plan)  # before the step's writes
+    cache.kv.zero_()  # "the step's prefill overwrote the pages"
+    mgr.free(1)
+    mgr.end_step()
+    assert mgr.allocate(2, token_ids=prompt).num_cached_tokens == 8
+    plan = mgr.take_offload()
+    assert len(plan.promotions) == 2
+    cache.offload(plan)
+    assert torch.equal(cache.kv[:, :, mgr.page_table(2)[:2]], kv)

@@ -319,3 +319,20 @@ def test_the_demo_shows_preemption_prefix_caching_and_forking(tmp_path):
     assert sum(int(m) for m in re.findall(r"swapped out, (\d+) recomputed", out)) > 0
     assert int(re.search(r"(\d+) prompt tokens found cached in all", out)[1]) > 0
     assert int(re.search(r"share (\d+) of its pages", out)[1]) > 0
+
+
+@pytest.mark.parametrize("tier", [False, True])
+def test_cpu_tier_brings_an_evicted_prefix_back(model, reference, tier):
+    # a's pages are evicted by b; with the tier they are demoted, and a's repeat is promoted.
+    a, b = _prompts([40, 48], seed=5)
+    eng = _engine(model, num_pages=16, page_size=4, chunk_size=16, enable_prefix_caching=True, num_cpu_pages=32,
+                  cpu_prefix_cache=tier)
+    outputs = [eng.generate([p], SamplingParams(max_new_tokens=MAX_NEW))[0] for p in (a, b, a)]
+    _check_against_reference(outputs, [a, b, a], reference)
+    stats = eng.mgr.prefix_cache_stats()
+    if tier:
+        # NOTE: 39 of 40: the last token is always computed (a whole-prompt hit copies its page)
+        assert outputs[2].num_cached_tokens == 39 and stats.promotions > 0 and stats.cpu_hit_tokens > 0
+    else:
+        assert outputs[2].num_cached_tokens < 39 and stats.promotions == 0
+    _check_drained(eng)
