@@ -21,9 +21,10 @@ Cases (issue 2):
               evicting 1,024 cached pages with demotion minus without, and a 1,024-page hit
               promoted from the CPU tier minus the same hit on evictable GPU pages.
   windowed    B=64 sequences with a 4,096-token sliding window, decoded at 10k / 100k / 1M
-              tokens each: a step is append_batch + release_window per sequence + page_tables
-              (ms per step). Page tables keep released entries as -1 today, so the step grows
-              with the length (the 1M point runs on the C++ core only).
+              tokens each: a step is append_batch + release_window per sequence + the batch's
+              tables (ms per step), once with window_tables (live pages only, with a first-page
+              offset) and once with page_tables (released entries kept as -1, so that step grows
+              with the length). The 1M point runs on the C++ core only.
 
 Usage: python benchmarks/allocator.py [--backends cpp python] [--batch-sizes 64 256 1024]
        [--steps 256] [--out results/allocator.jsonl]
@@ -243,7 +244,8 @@ def bench_tier_cost(backend: str, pages: int = 1024, repeats: int = 5) -> dict:
             "us_evict_without": evict_off / 1e3, "us_hit_promoted": promoted / 1e3, "us_hit_on_gpu": on_gpu / 1e3}
 
 
-def bench_windowed(backend: str, length: int, batch: int = 64, window: int = 4096, steps: int = 16) -> dict:
+def bench_windowed(backend: str, length: int, batch: int = 64, window: int = 4096, steps: int = 16,
+                   tables: str = "window_tables") -> dict:
     live = window // PAGE_SIZE + 2
     pages = batch * (live + window // PAGE_SIZE + 2)
     mgr = BlockManager(pages, PAGE_SIZE, backend=backend)
@@ -263,12 +265,12 @@ def bench_windowed(backend: str, length: int, batch: int = 64, window: int = 409
         mgr.append_batch(ids, 1)
         for s in range(batch):
             mgr.release_window(s, window)
-        tables = mgr.page_tables(ids)
+        out = getattr(mgr, tables)(ids)
         times.append(time.perf_counter_ns() - start)
-    assert tables.page_table.shape[0] == batch
+    assert out.page_table.shape[0] == batch
     mgr.check_invariants()
-    return {"case": "windowed", "batch_size": batch, "num_tokens": length, "window": window,
-            "table_width": int(tables.page_table.shape[1]), "ms_per_step": statistics.median(times) / 1e6}
+    return {"case": "windowed", "tables": tables, "batch_size": batch, "num_tokens": length, "window": window,
+            "table_width": int(out.page_table.shape[1]), "ms_per_step": statistics.median(times) / 1e6}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             records.append(bench_multi_turn(backend, window) | {"backend": backend})
         records.append(bench_multi_turn_tier(backend) | {"backend": backend})
         records.append(bench_tier_cost(backend) | {"backend": backend})
-        for length in (10_000, 100_000) + ((1_000_000,) if backend == "cpp" else ()):
-            records.append(bench_windowed(backend, length) | {"backend": backend})
+        for tables in ("window_tables", "page_tables"):
+            for length in (10_000, 100_000) + ((1_000_000,) if backend == "cpp" else ()):
+                records.append(bench_windowed(backend, length, tables=tables) | {"backend": backend})
 
     print(f"{'backend':8} {'case':10} {'B':>6} {'figure':>60}")
     for r in records:
@@ -311,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         elif r["case"] == "prefix":
             figure = f"{r['us_per_call']:.2f} us/call, hit rate {r['hit_rate']:.3f}"
         elif r["case"] == "windowed":
-            figure = f"{r['num_tokens']:,} tokens: {r['ms_per_step']:.2f} ms/step (table width {r['table_width']:,})"
+            figure = (f"{r['tables']} {r['num_tokens']:,} tokens: {r['ms_per_step']:.2f} ms/step "
+                      f"(width {r['table_width']:,})")
         elif r["case"] == "cpu_tier" and r["what"] == "multi_turn":
             figure = (f"multi-turn hit rate {r['hit_rate']:.3f} (GPU only {r['hit_rate_gpu_only']:.3f}), "
                       f"{r['cpu_hit_share']:.0%} from CPU, {r['us_per_turn']:.0f} us/turn")

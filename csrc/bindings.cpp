@@ -434,6 +434,26 @@ NB_MODULE(_core, m) {
           },
           "seq_ids"_a.noconvert(), "max_pages"_a.none())
       .def(
+          "window_tables",
+          [](BlockManager& self, Int64Array seq_ids, nb::handle max_pages) -> nb::object {
+            const bool has_max_pages = !max_pages.is_none();
+            int64_t width = 0;
+            if (has_max_pages && !nb::try_cast<int64_t>(max_pages, width))
+              throw nb::type_error("max_pages must be an int in the int64 range or None");
+            pagedkv::PageTables out;
+            Failure f = self.page_tables(seq_ids.data(), seq_ids.shape(0), width, has_max_pages,
+                                         out, true);
+            if (!f.ok()) return failure(f);
+            const size_t batch = out.seq_lens.size();
+            nb::object table = to_numpy(std::move(out.page_table),
+                                        {batch, static_cast<size_t>(out.width)});
+            nb::object lens = to_numpy(std::move(out.seq_lens), {batch});
+            nb::object first = to_numpy(std::move(out.first_page), {batch});
+            return nb::make_tuple(table, lens, first);
+          },
+          "seq_ids"_a.noconvert(), "max_pages"_a.none(),
+          "(page_table [B, width] of live entries, seq_lens [B], first_page [B]) int32, or a Failure.")
+      .def(
           "csr",
           [](BlockManager& self, Int64Array seq_ids) -> nb::object {
             pagedkv::CSR out;

@@ -816,12 +816,14 @@ Failure BlockManager::lookup_batch(const int64_t* seq_ids, size_t n) {
 }
 
 Failure BlockManager::page_tables(const int64_t* seq_ids, size_t n, int64_t max_pages,
-                                  bool has_max_pages, PageTables& out) {
+                                  bool has_max_pages, PageTables& out, bool live_only) {
   Failure f = lookup_batch(seq_ids, n);
   if (!f.ok()) return f;
   int64_t width = 0;
-  for (size_t i = 0; i < n; ++i)
-    width = std::max<int64_t>(width, static_cast<int64_t>(seqs_[batch_slots_[i]].pages.size()));
+  for (size_t i = 0; i < n; ++i) {
+    const Sequence& seq = seqs_[batch_slots_[i]];
+    width = std::max<int64_t>(width, static_cast<int64_t>(seq.pages.size()) - (live_only ? seq.window_start : 0));
+  }
   if (has_max_pages) {
     if (max_pages < 0) return invalid(Arg::max_pages_range, max_pages);
     if (max_pages < width) return invalid(Arg::max_pages, max_pages, width);
@@ -837,13 +839,18 @@ Failure BlockManager::page_tables(const int64_t* seq_ids, size_t n, int64_t max_
   out.width = width;
   out.page_table.resize(n * static_cast<size_t>(width));
   out.seq_lens.resize(n);
+  out.first_page.resize(live_only ? n : 0);
   int32_t* row = out.page_table.data();
   for (size_t i = 0; i < n; ++i, row += width) {
     const Sequence& seq = seqs_[batch_slots_[i]];
-    const size_t len = seq.pages.size();
-    if (len) std::memcpy(row, seq.pages.data(), len * sizeof(int32_t));
+    // NOTE: released entries form a prefix of the table, so a windowed row costs its live pages
+    // only, whatever the sequence's length.
+    const size_t first = live_only ? static_cast<size_t>(seq.window_start) : 0;
+    const size_t len = seq.pages.size() - first;
+    if (len) std::memcpy(row, seq.pages.data() + first, len * sizeof(int32_t));
     std::fill(row + len, row + width, kNullPage);
     out.seq_lens[i] = static_cast<int32_t>(seq.num_tokens);
+    if (live_only) out.first_page[i] = static_cast<int32_t>(first);
   }
   return Failure{};
 }

@@ -142,6 +142,7 @@ struct StepPlan {
 struct PageTables {
   Buffer<int32_t> page_table;  // [batch_size * width], row-major, padded with kNullPage
   Buffer<int32_t> seq_lens;    // [batch_size]
+  Buffer<int32_t> first_page;  // [batch_size] with live_only: the page index of each row's first entry
   int64_t width = 0;
 };
 
@@ -466,8 +467,10 @@ class BlockManager {
   // -------------------------------------------------------------- batch views
   Failure slots(int64_t seq_id, int64_t start, int64_t stop, std::vector<int64_t>& out) const;
   // has_max_pages == false: width is the longest page table of the batch (None in Python).
+  // live_only (window_tables): each row holds the sequence's entries from its first live one
+  // (a sliding window's released pages left out), and first_page its index in the full table.
   Failure page_tables(const int64_t* seq_ids, size_t n, int64_t max_pages, bool has_max_pages,
-                      PageTables& out);
+                      PageTables& out, bool live_only = false);
   Failure csr(const int64_t* seq_ids, size_t n, CSR& out);
 
   // --------------------------------------------------------------- invariants

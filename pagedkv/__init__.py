@@ -15,6 +15,7 @@ from .block_manager import (
     PrefixCacheStats,
     StepPlan,
     SwapPlan,
+    WindowTables,
 )
 from .errors import (
     BackendUnavailable,
@@ -69,6 +70,7 @@ __all__ = [
     "Allocation",
     "StepPlan",
     "SwapPlan",
+    "WindowTables",
     "OffloadPlan",
     "PrefixCacheStats",
     "PageTables",

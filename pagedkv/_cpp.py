@@ -355,6 +355,12 @@ class CppBlockManager:
             raise _error(out)
         return out
 
+    def window_tables(self, seq_ids: np.ndarray, max_pages: int | None):
+        out = self._core.window_tables(seq_ids, max_pages)
+        if out.__class__ is _Failure:
+            raise _error(out)
+        return out
+
     def csr(self, seq_ids: np.ndarray):
         out = self._core.csr(seq_ids)
         if out.__class__ is _Failure:

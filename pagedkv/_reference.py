@@ -556,9 +556,17 @@ class ReferenceBlockManager:
             raise invalid_argument("start", start, "start_released")
         return np.array([table[p // ps] * ps + p % ps for p in range(start, stop)], dtype=np.int64)
 
-    def page_tables(self, seq_ids: np.ndarray, max_pages: int | None):
+    def window_tables(self, seq_ids: np.ndarray, max_pages: int | None):
+        """page_tables of the live entries only, and each row's first page index."""
+        return self.page_tables(seq_ids, max_pages, live_only=True)
+
+    def page_tables(self, seq_ids: np.ndarray, max_pages: int | None, live_only: bool = False):
         seq_ids = seq_ids.tolist()
         tables = [self._resident_table(s) for s in seq_ids]
+        # NOTE: a sliding window's released entries form a prefix of the table: a live-only row
+        # starts after them, so its cost does not grow with the sequence's length.
+        first = [self._window_start.get(s, 0) if live_only else 0 for s in seq_ids]
+        tables = [t[f:] if f else t for t, f in zip(tables, first)]
         width = max((len(t) for t in tables), default=0)
         if max_pages is not None:
             if max_pages < width:
@@ -571,6 +579,8 @@ class ReferenceBlockManager:
         pad = array("i", [NULL_PAGE]) * width
         rows = b"".join(t.tobytes() + pad[len(t):].tobytes() for t in tables)
         out = np.frombuffer(rows, dtype=np.int32).reshape(len(tables), width).copy()
+        if live_only:
+            return out, np.array(lens, dtype=np.int32), np.array(first, dtype=np.int32)
         return out, np.array(lens, dtype=np.int32)
 
     def csr(self, seq_ids: np.ndarray):

@@ -50,6 +50,17 @@ def _copy_plan(pairs) -> np.ndarray:
     return np.array(pairs, dtype=np.int32).reshape(-1, 2)
 
 
+def _table_args(seq_ids, max_pages):
+    """Checked ``(seq_ids, max_pages)`` of ``page_tables`` / ``window_tables``."""
+    ids = check.seq_ids(seq_ids)
+    if max_pages is not None:
+        max_pages = check.as_int("max_pages", max_pages, 0, check.MAX_COUNT)
+        if ids.shape[0] * max_pages > MAX_TABLE_ENTRIES:
+            raise invalid_argument("max_pages", max_pages, "max_pages_size", MAX_TABLE_ENTRIES // ids.shape[0],
+                                   ids.shape[0], MAX_TABLE_ENTRIES)
+    return ids, max_pages
+
+
 class SwapPlan(NamedTuple):
     """Page copies for ``swap_out`` / ``swap_in``.
 
@@ -137,6 +148,25 @@ class PageTables(NamedTuple):
 
     page_table: np.ndarray
     seq_lens: np.ndarray
+
+
+class WindowTables(NamedTuple):
+    """Page tables of a batch's live pages (``window_tables``): sliding windows stay small.
+
+    Attributes:
+        page_table: int32 ``[batch_size, max_pages]``; row i holds sequence i's page-table
+            entries from its first live one (the pages a sliding window released are left
+            out), padded with ``NULL_PAGE`` (-1).
+        seq_lens: int32 ``[batch_size]``; tokens held by each sequence (all of them, released
+            ones included: positions keep their meaning).
+        first_page: int32 ``[batch_size]``; the page index of row i's first entry, so position
+            ``pos`` lives in ``page_table[i, pos // page_size - first_page[i]]``. 0 for a
+            sequence without a window.
+    """
+
+    page_table: np.ndarray
+    seq_lens: np.ndarray
+    first_page: np.ndarray
 
 
 class CSR(NamedTuple):
@@ -626,13 +656,19 @@ class BlockManager:
                 would pass ``MAX_TABLE_ENTRIES`` entries.
             SequenceTooLong: a sequence holds more than 2**31 - 1 tokens (int32 ``seq_lens``).
         """
-        ids = check.seq_ids(seq_ids)
-        if max_pages is not None:
-            max_pages = check.as_int("max_pages", max_pages, 0, check.MAX_COUNT)
-            if ids.shape[0] * max_pages > MAX_TABLE_ENTRIES:
-                raise invalid_argument("max_pages", max_pages, "max_pages_size", MAX_TABLE_ENTRIES // ids.shape[0],
-                                       ids.shape[0], MAX_TABLE_ENTRIES)
-        return PageTables(*self._impl.page_tables(ids, max_pages))
+        return PageTables(*self._impl.page_tables(*_table_args(seq_ids, max_pages)))
+
+    def window_tables(self, seq_ids, max_pages: int | None = None) -> WindowTables:
+        """Padded page tables of a batch's live pages, with each row's first page index.
+
+        For sequences with a sliding window (``release_window``), the cost and the width stay
+        at the window's pages however long the sequences grow. ``PagedKVCache.plan`` accepts
+        the result, and the kernels read position ``pos`` at column ``pos // page_size -
+        first_page``.
+
+        Args / Raises: as ``page_tables`` (``max_pages`` bounds the live width).
+        """
+        return WindowTables(*self._impl.window_tables(*_table_args(seq_ids, max_pages)))
 
     def csr(self, seq_ids) -> CSR:
         """FlashInfer's ``(indptr, indices, last_page_len)`` for a batch (int32 arrays).

@@ -30,7 +30,7 @@ from ._optional import require
 torch = require("torch", __name__)
 
 from . import _validate as check  # noqa: E402
-from .block_manager import CSR, PageTables  # noqa: E402
+from .block_manager import CSR, PageTables, WindowTables  # noqa: E402
 from .errors import InvalidArgument, InvalidType  # noqa: E402
 from .kernels import _common as common  # noqa: E402
 from .kernels import quant  # noqa: E402
@@ -58,6 +58,9 @@ class BatchPlan:
         max_seq_len, max_q_len: host-side maxima, used to size launches without a device sync.
         sliding_window: the window the plan was validated for (page-table entries before it
             may be ``NULL_PAGE``), or ``None``: every entry below ``seq_len`` is a page.
+        first_page: int32 ``[num_seqs]`` when the page table holds live pages only
+            (``BlockManager.window_tables``): position ``pos`` of sequence ``i`` is in column
+            ``pos // page_size - first_page[i]``; ``None``: column ``pos // page_size``.
     """
 
     page_table: torch.Tensor
@@ -69,6 +72,7 @@ class BatchPlan:
     max_seq_len: int
     max_q_len: int
     sliding_window: int | None = None
+    first_page: torch.Tensor | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -310,6 +314,7 @@ class PagedKVCache:
         slot_mapping: object = None,
         max_pages: int | None = None,
         sliding_window: int | None = None,
+        first_page: object = None,
     ) -> BatchPlan:
         """Validate one batch's page tables on the host and upload them once for every layer.
 
@@ -318,6 +323,8 @@ class PagedKVCache:
 
         Args:
             page_tables: ``BlockManager.page_tables(...)`` (a ``PageTables``),
+                ``BlockManager.window_tables(...)`` (a ``WindowTables``: live pages only, so
+                a long windowed sequence costs its window, not its length),
                 ``BlockManager.csr(...)`` (a ``CSR``), or an int ``[num_seqs, max_pages]``
                 array padded with -1 (then ``seq_lens`` is required).
             seq_lens: int ``[num_seqs]``; only with a plain array.
@@ -332,6 +339,9 @@ class PagedKVCache:
                 ``BlockManager.release_window`` has released pages: entries wholly before the
                 window of a sequence's first new token may then be ``NULL_PAGE`` (-1), and
                 ``decode`` / ``prefill`` refuse a larger window or none.
+            first_page: int ``[num_seqs]`` with a plain array whose rows start at these page
+                indices (as a ``WindowTables`` does); every page attention reads must be at or
+                after it.
 
         Returns:
             A ``BatchPlan`` on this cache's device.
@@ -340,16 +350,18 @@ class PagedKVCache:
             InvalidArgument / InvalidType: inconsistent arrays, page ids outside
                 ``[0, num_pages)`` for a used entry, too-long sequences, bad slots.
         """
-        table, lens = self._host_tables(page_tables, seq_lens)
+        table, lens, first = self._host_tables(page_tables, seq_lens, first_page)
         num_seqs = lens.shape[0]
         if max_pages is not None:
             max_pages = check.as_int("max_pages", max_pages, table.shape[1], check.MAX_COUNT)
             table = np.pad(table, ((0, 0), (0, max_pages - table.shape[1])), constant_values=-1)
         used_pages = -(-lens // self.page_size)
-        if num_seqs and int(used_pages.max()) > table.shape[1]:
-            row = int(np.argmax(used_pages > table.shape[1]))
+        start = np.zeros_like(lens) if first is None else first  # page index of each row's first entry
+        if num_seqs and np.any(used_pages - start > table.shape[1]):
+            row = int(np.argmax(used_pages - start > table.shape[1]))
+            bound = "max_pages * page_size" if first is None else "(first_page + max_pages) * page_size"
             raise InvalidArgument("seq_lens", int(lens[row]),
-                                  f"at most max_pages * page_size = {table.shape[1] * self.page_size}")
+                                  f"at most {bound} = {(int(start[row]) + table.shape[1]) * self.page_size}")
         if np.any(table < -1) or np.any(table >= self.num_pages):
             bad = int(table[(table < -1) | (table >= self.num_pages)][0])
             raise InvalidArgument("page_table", bad, f"page ids in [0, {self.num_pages}) or -1 (NULL_PAGE)")
@@ -372,7 +384,12 @@ class PagedKVCache:
             first_key = np.maximum(lens - q_lens - sliding_window + 1, 0)
         else:
             first_key = np.zeros_like(lens)
-        cols = np.arange(table.shape[1])[None, :]
+        if np.any(first_key // self.page_size < start):
+            row = int(np.argmax(first_key // self.page_size < start))
+            raise InvalidArgument("first_page", int(start[row]),
+                                  f"at most the first page attention reads for row {row} "
+                                  f"({int(first_key[row] // self.page_size)}; pass the sliding_window)")
+        cols = np.arange(table.shape[1])[None, :] + start[:, None]
         needed = (cols >= (first_key // self.page_size)[:, None]) & (cols < used_pages[:, None])
         if np.any(needed & (table < 0)):
             row = int(np.argmax(np.any(needed & (table < 0), axis=1)))
@@ -389,7 +406,8 @@ class PagedKVCache:
             # Every new token goes to its own position: the last q_len of its sequence.
             owner = np.repeat(np.arange(num_seqs), q_lens)
             positions = np.arange(num_tokens) - qo_indptr[owner] + (lens - q_lens)[owner]
-            slots = table[owner, positions // self.page_size] * self.page_size + positions % self.page_size
+            columns = positions // self.page_size - start[owner]
+            slots = table[owner, columns] * self.page_size + positions % self.page_size
         else:
             if isinstance(slot_mapping, torch.Tensor):
                 slot_mapping = slot_mapping.cpu().numpy()
@@ -411,12 +429,21 @@ class PagedKVCache:
             max_seq_len=int(lens.max()) if num_seqs else 0,
             max_q_len=int(q_lens.max()) if num_seqs else 0,
             sliding_window=sliding_window,
+            first_page=None if first is None else upload(first, torch.int32),
         )
 
-    def _host_tables(self, page_tables: object, seq_lens: object) -> tuple[np.ndarray, np.ndarray]:
-        """``(table int64 [num_seqs, width], seq_lens int64 [num_seqs])`` from any accepted form."""
-        if isinstance(page_tables, (PageTables, CSR)) and seq_lens is not None:
-            raise InvalidArgument("seq_lens", "an array", f"None when page_tables is a {type(page_tables).__name__}")
+    def _host_tables(self, page_tables: object, seq_lens: object, first_page: object = None):
+        """``(table int64 [num_seqs, width], seq_lens int64 [num_seqs], first page int64
+        [num_seqs] or None)`` from any accepted form."""
+        if isinstance(page_tables, (PageTables, WindowTables, CSR)):
+            kind = type(page_tables).__name__
+            if seq_lens is not None:
+                raise InvalidArgument("seq_lens", "an array", f"None when page_tables is a {kind}")
+            if first_page is not None:
+                raise InvalidArgument("first_page", "an array", f"None when page_tables is a {kind}")
+        if isinstance(page_tables, WindowTables):
+            table, lens, _ = self._host_tables(page_tables.page_table, page_tables.seq_lens)
+            return table, lens, self._first_pages(page_tables.first_page, lens.shape[0])
         if isinstance(page_tables, PageTables):
             page_tables, seq_lens = page_tables.page_table, page_tables.seq_lens
         elif isinstance(page_tables, CSR):
@@ -432,7 +459,7 @@ class PagedKVCache:
             cols = np.arange(width)[None, :]
             table[cols < counts[:, None]] = indices
             lens = np.where(counts > 0, (counts - 1) * self.page_size + last, 0)
-            return table, lens
+            return table, lens, None
         elif seq_lens is None:
             raise InvalidArgument("seq_lens", None, "an int array [num_seqs] when page_tables is a plain array")
         if isinstance(page_tables, torch.Tensor):
@@ -447,7 +474,16 @@ class PagedKVCache:
         lens = check.int_array("seq_lens", seq_lens, 0, check.MAX_COUNT)
         if lens.shape[0] != table.shape[0]:
             raise InvalidArgument("seq_lens", f"{lens.shape[0]} lengths", f"one per page-table row ({table.shape[0]})")
-        return table, lens
+        return table, lens, None if first_page is None else self._first_pages(first_page, lens.shape[0])
+
+    @staticmethod
+    def _first_pages(first_page: object, num_seqs: int) -> np.ndarray:
+        if isinstance(first_page, torch.Tensor):
+            first_page = first_page.cpu().numpy()
+        first = check.int_array("first_page", first_page, 0, check.MAX_COUNT)
+        if first.shape[0] != num_seqs:
+            raise InvalidArgument("first_page", f"{first.shape[0]} page indices", f"one per sequence ({num_seqs})")
+        return first
 
     # ---------------------------------------------------------------------- run
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: BatchPlan) -> None:
@@ -501,6 +537,8 @@ class PagedKVCache:
                        **self._scale_args(layer))
         if self.backend == "triton":
             options.update(max_seq_len=plan.max_seq_len, num_splits=num_splits)
+        if plan.first_page is not None:
+            options["first_page"] = plan.first_page
         return self._ops().paged_decode(q, self._kv[layer, 0], self._kv[layer, 1], plan.page_table, plan.seq_lens,
                                         **options)
 
@@ -532,6 +570,8 @@ class PagedKVCache:
                        **self._scale_args(layer))
         if self.backend == "triton":
             options.update(max_q_len=plan.max_q_len)
+        if plan.first_page is not None:
+            options["first_page"] = plan.first_page
         return self._ops().paged_prefill(q, self._kv[layer, 0], self._kv[layer, 1], plan.page_table, plan.seq_lens,
                                          plan.qo_indptr, **options)
 

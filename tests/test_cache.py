@@ -143,6 +143,34 @@ def test_plan_for_a_released_window():
         cache.decode(0, q, plan)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "python"])
+def test_plan_for_live_page_tables(backend):
+    # window_tables: rows of live pages only, with first_page; the same attention as page_tables.
+    mgr, cache = BlockManager(num_pages=12, page_size=4, backend=backend), _cache()
+    mgr.allocate(0, 14)
+    mgr.allocate(1, 3)
+    cache.kv.copy_(torch.randn(cache.kv.shape))
+    mgr.release_window(0, 6)
+    step = mgr.append_batch([0, 1], 1)
+    live = mgr.window_tables([0, 1])
+    assert live.page_table.shape == (2, 2) and live.first_page.tolist() == [2, 0]
+    full = cache.plan(mgr.page_tables([0, 1]), slot_mapping=step.slot_mapping, sliding_window=7)
+    plan = cache.plan(live, sliding_window=7)  # the new tokens' slots derived through first_page
+    assert plan.slot_mapping.tolist() == step.slot_mapping.tolist()
+    assert plan.first_page.tolist() == [2, 0] and full.first_page is None
+    q = torch.randn(2, 4, 16)
+    torch.testing.assert_close(cache.decode(0, q, plan, sliding_window=7), cache.decode(0, q, full, sliding_window=7))
+    torch.testing.assert_close(cache.prefill(1, q, plan, sliding_window=7), cache.prefill(1, q, full, sliding_window=7))
+    with pytest.raises(InvalidArgument, match=r"first_page must be at most the first page attention reads for row 0"):
+        cache.plan(live)  # no window: attention would read the released pages
+    with pytest.raises(InvalidArgument, match="first_page"):
+        cache.plan(live.page_table, live.seq_lens, first_page=[2], sliding_window=7)
+    with pytest.raises(InvalidArgument, match="first_page must be None when page_tables is a WindowTables"):
+        cache.plan(live, first_page=[2, 0], sliding_window=7)
+    again = cache.plan(live.page_table, live.seq_lens, first_page=live.first_page, sliding_window=7)
+    assert again.first_page.tolist() == [2, 0]
+
+
 # ---------------------------------------------------------------------------- write/run
 def test_write_prefill_decode_match_direct_attention():
     gen = torch.Generator().manual_seed(0)

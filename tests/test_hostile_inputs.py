@@ -32,9 +32,9 @@ GARBAGE = st.one_of(
 
 METHODS = {
     "allocate": 2, "append": 2, "append_batch": 2, "fork": 2, "free": 1, "can_allocate": 1, "can_append": 2,
-    "page_table": 1, "num_tokens": 1, "ref_count": 1, "slots": 3, "page_tables": 2, "csr": 1,
+    "page_table": 1, "num_tokens": 1, "ref_count": 1, "slots": 3, "page_tables": 2, "window_tables": 2, "csr": 1,
     "release_window": 2, "swap_out": 1, "swap_in": 1, "can_swap_out": 1, "can_swap_in": 1, "is_swapped": 1,
-    "commit": 2, "pin_prefix": 2, "unpin_prefix": 2,
+    "commit": 2, "pin_prefix": 2, "unpin_prefix": 2, "take_offload": 0,
 }
 
 
@@ -56,7 +56,7 @@ def test_garbage_arguments_raise_typed_errors_and_change_nothing(method, args):
     except PagedKVError:
         assert mgr.snapshot() == before
     except (OverflowError, MemoryError) as exc:  # a huge max_pages/slots range asks numpy for huge memory
-        assert method in ("page_tables", "slots"), f"{method}{tuple(args)} raised {exc!r}"
+        assert method in ("page_tables", "window_tables", "slots"), f"{method}{tuple(args)} raised {exc!r}"
         assert mgr.snapshot() == before
     mgr.check_invariants()
 
@@ -99,7 +99,8 @@ def test_appending_to_a_swapped_out_sequence():
 @pytest.mark.skipif(pagedkv.backend != "cpp", reason="the raw binding exists only in the C++ backend")
 @settings(max_examples=300, deadline=None)
 @given(args=st.lists(GARBAGE, min_size=3, max_size=3), method=st.sampled_from(["allocate", "append", "fork", "free",
-       "num_tokens", "page_table", "ref_count", "can_append", "slots", "append_batch", "page_tables", "csr",
+       "num_tokens", "page_table", "ref_count", "can_append", "slots", "append_batch", "page_tables", "window_tables",
+       "csr",
        "swap_out", "swap_in", "release_window", "can_allocate"]))
 def test_raw_binding_never_crashes(method, args):
     """Garbage straight into pagedkv._core: a TypeError from nanobind or a Failure value, never a crash."""

@@ -336,6 +336,7 @@ def random_cache_op(rng: random.Random, lock: Lockstep) -> None:
         lock.do("can_swap_in", some_ids(swapped))
     elif op == "window":
         lock.do("release_window", some_id(resident), rng.randint(1, 3 * ps))
+        lock.do("window_tables", some_ids(resident), *([rng.randint(0, 6)] if rng.random() < 0.3 else []))
     elif op == "reset":
         lock.do("reset_prefix_cache")
     elif op == "query":

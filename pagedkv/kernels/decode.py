@@ -29,7 +29,7 @@ def soft_cap(scores, cap):
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr, first_page_ptr,
     out_ptr, part_out_ptr, part_lse_ptr, k_scale_cache_ptr, v_scale_cache_ptr,
     sm_scale, soft_cap_value, out_scale, window, num_heads, num_splits,
     stride_qs, stride_qh,
@@ -40,7 +40,7 @@ def _paged_decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFT_CAP: tl.constexpr, IS_SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    CONVERT_KV: tl.constexpr, PER_TOKEN_SCALES: tl.constexpr,
+    CONVERT_KV: tl.constexpr, PER_TOKEN_SCALES: tl.constexpr, HAS_FIRST_PAGE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -68,6 +68,9 @@ def _paged_decode_kernel(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     table_row = page_table_ptr + seq.to(tl.int64) * stride_table_seq
+    if HAS_FIRST_PAGE:
+        # NOTE: a live-pages-only row (BlockManager.window_tables): column = page index - first.
+        table_row -= tl.load(first_page_ptr + seq).to(tl.int64)
     head_offset = kv_head * stride_cache_head
     for block_start in range(start, end, BLOCK_N):
         positions = block_start + tl.arange(0, BLOCK_N)
@@ -163,6 +166,7 @@ def paged_decode(
     v_scale: float | None = None,
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
+    first_page: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention: each sequence's single query token over its cached K/V.
 
@@ -193,6 +197,10 @@ def paged_decode(
         k_scale, v_scale: per-tensor scales of quantized pages without scale caches (default 1.0).
         k_scale_cache, v_scale_cache: fp32 ``[num_pages, page_size, num_kv_heads]``: the
             per-(token, head) scales ``write_kv`` stored with quantized pages.
+        first_page: int32 ``[num_seqs]``: ``page_table`` holds live pages only (as
+            ``BlockManager.window_tables`` builds it), and position ``pos`` of sequence ``i`` is
+            in column ``pos // page_size - first_page[i]``; ``None``: column ``pos // page_size``.
+            The positions attention reads (those inside ``sliding_window``) must be in the row.
 
     Returns:
         ``out``: ``[num_seqs, num_heads, head_dim]`` in ``q``'s dtype.
@@ -210,6 +218,9 @@ def paged_decode(
                         dtypes=(torch.int32,), device=device)
     common.check_tensor("seq_lens", seq_lens, "[num_seqs]", (num_seqs,), dtypes=(torch.int32,), device=device,
                         contiguous=True)
+    if first_page is not None:
+        common.check_tensor("first_page", first_page, "[num_seqs]", (num_seqs,), dtypes=(torch.int32,),
+                            device=device, contiguous=True)
     if out is None:
         out = torch.empty_like(q)
     else:
@@ -240,7 +251,7 @@ def paged_decode(
     k_scales = qa.k_scale_cache if qa.per_token else seq_lens
     v_scales = qa.v_scale_cache if qa.per_token else seq_lens
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, page_table, seq_lens,
+        q, k_cache, v_cache, page_table, seq_lens, seq_lens if first_page is None else first_page,
         out, part_out, part_lse, k_scales, v_scales,
         sm_scale * qa.k_scale, cap, qa.v_scale, window, num_heads, num_splits,
         q.stride(0), q.stride(1),
@@ -254,6 +265,7 @@ def paged_decode(
         UPCAST=upcast,
         DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         CONVERT_KV=upcast or qa.fmt is not None, PER_TOKEN_SCALES=qa.per_token,
+        HAS_FIRST_PAGE=first_page is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if is_split:

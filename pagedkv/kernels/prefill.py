@@ -25,7 +25,7 @@ from .decode import soft_cap  # noqa: E402
 
 @triton.jit
 def _paged_prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr, qo_indptr_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr, qo_indptr_ptr, first_page_ptr, out_ptr,
     k_scale_cache_ptr, v_scale_cache_ptr,
     sm_scale, soft_cap_value, out_scale, window,
     stride_qt, stride_qh,
@@ -36,7 +36,7 @@ def _paged_prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS_PER_BLOCK: tl.constexpr,
     HAS_SOFT_CAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    CONVERT_KV: tl.constexpr, PER_TOKEN_SCALES: tl.constexpr,
+    CONVERT_KV: tl.constexpr, PER_TOKEN_SCALES: tl.constexpr, HAS_FIRST_PAGE: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -70,6 +70,8 @@ def _paged_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     table_row = page_table_ptr + seq.to(tl.int64) * stride_table_seq
+    if HAS_FIRST_PAGE:
+        table_row -= tl.load(first_page_ptr + seq).to(tl.int64)  # a live-pages-only row
     head_offset = kv_head * stride_cache_head
     for block_start in range((first // BLOCK_N) * BLOCK_N, last, BLOCK_N):
         positions = block_start + tl.arange(0, BLOCK_N)
@@ -126,6 +128,7 @@ def paged_prefill(
     v_scale: float | None = None,
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
+    first_page: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefill / extend attention over paged K/V for a ragged batch of query chunks.
 
@@ -151,6 +154,7 @@ def paged_prefill(
             ``num_tokens`` (always safe, launches idle programs for batches of many chunks).
         k_scale, v_scale, k_scale_cache, v_scale_cache: scales of quantized pages, as in
             ``paged_decode``.
+        first_page: int32 ``[num_seqs]`` for live-pages-only tables, as in ``paged_decode``.
 
     Returns:
         ``out``: ``[num_tokens, num_heads, head_dim]`` in ``q``'s dtype.
@@ -173,6 +177,9 @@ def paged_prefill(
                         contiguous=True)
     common.check_tensor("qo_indptr", qo_indptr, "[num_seqs + 1]", (num_seqs + 1,), dtypes=(torch.int32,),
                         device=device, contiguous=True)
+    if first_page is not None:
+        common.check_tensor("first_page", first_page, "[num_seqs]", (num_seqs,), dtypes=(torch.int32,),
+                            device=device, contiguous=True)
     if out is None:
         out = torch.empty_like(q)
     else:
@@ -191,7 +198,7 @@ def paged_prefill(
     k_scales = qa.k_scale_cache if qa.per_token else seq_lens
     v_scales = qa.v_scale_cache if qa.per_token else seq_lens
     _paged_prefill_kernel[grid](
-        q, k_cache, v_cache, page_table, seq_lens, qo_indptr, out,
+        q, k_cache, v_cache, page_table, seq_lens, qo_indptr, seq_lens if first_page is None else first_page, out,
         k_scales, v_scales,
         sm_scale * qa.k_scale, cap, qa.v_scale, window,
         q.stride(0), q.stride(1),
@@ -205,6 +212,7 @@ def paged_prefill(
         UPCAST=upcast,
         DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         CONVERT_KV=upcast or qa.fmt is not None, PER_TOKEN_SCALES=qa.per_token,
+        HAS_FIRST_PAGE=first_page is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -63,14 +63,17 @@ def gather_kv(
     v_scale: float | None = None,
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
+    first_page: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence's tokens ``[start, seq_len)`` of K and V: two ``[seq_len - start, num_kv_heads, head_dim]``.
+
+    ``first_page``: the row holds live pages only, position ``pos`` in entry ``pos // page_size - first_page``.
 
     In the cache's dtype for float pages; dequantized to fp32 for int8 / fp8_e4m3 pages.
     """
     page_size = k_cache.shape[1]
     positions = torch.arange(start, seq_len, device=k_cache.device)
-    pages = page_table_row.long()[positions // page_size]
+    pages = page_table_row.long()[positions // page_size - first_page]
     offsets = positions % page_size
     fmt = quant.format_of(k_cache)
     if fmt is None:
@@ -139,6 +142,7 @@ def paged_decode(
     v_scale: float | None = None,
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
+    first_page: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention; see ``kernels.paged_decode``. Returns ``[num_seqs, num_heads, head_dim]``.
 
@@ -148,7 +152,8 @@ def paged_decode(
     qo_indptr = torch.arange(q.shape[0] + 1, device=q.device)
     return paged_prefill(q, k_cache, v_cache, page_table, seq_lens, qo_indptr, sm_scale=sm_scale,
                          sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, out=out, k_scale=k_scale,
-                         v_scale=v_scale, k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache)
+                         v_scale=v_scale, k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache,
+                         first_page=first_page)
 
 
 def paged_prefill(
@@ -167,6 +172,7 @@ def paged_prefill(
     v_scale: float | None = None,
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
+    first_page: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefill/extend attention; see ``kernels.paged_prefill``. Returns ``[num_tokens, num_heads, head_dim]``.
 
@@ -175,6 +181,7 @@ def paged_prefill(
     scales = dict(k_scale=k_scale, v_scale=v_scale, k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache)
     out = torch.empty_like(q) if out is None else out
     bounds = qo_indptr.tolist()
+    firsts = [0] * seq_lens.shape[0] if first_page is None else first_page.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):
         lo, hi = bounds[i], bounds[i + 1]
         if hi == lo:
@@ -182,7 +189,7 @@ def paged_prefill(
         # NOTE: only keys some query may see are gathered, so pages released before the window
         # (NULL_PAGE entries) are never touched.
         start = max(seq_len - (hi - lo) - sliding_window + 1, 0) if sliding_window else 0
-        keys, values = gather_kv(k_cache, v_cache, page_table[i], seq_len, start, **scales)
+        keys, values = gather_kv(k_cache, v_cache, page_table[i], seq_len, start, first_page=firsts[i], **scales)
         q_positions = torch.arange(seq_len - (hi - lo), seq_len, device=q.device)
         out[lo:hi] = attend(q[lo:hi], keys, values, q_positions, sm_scale=sm_scale, sliding_window=sliding_window,
                             logits_soft_cap=logits_soft_cap, key_start=start)

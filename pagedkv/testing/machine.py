@@ -407,6 +407,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 assert history[j * ps] is _RELEASED, f"page {j} holds a token inside the window but was released"
             if page == -1:
                 history[j * ps : (j + 1) * ps] = [_RELEASED] * len(history[j * ps : (j + 1) * ps])
+        if callable(getattr(self.mgr, "window_tables", None)):
+            # live pages only: the row starts after the released entries (a prefix of the table)
+            live = self.mgr.window_tables([seq_id])
+            first = int(live.first_page[0])
+            released = next((j for j, page in enumerate(table) if page != -1), len(table))
+            assert first == released, f"window_tables starts at page {first}, the first live page is {released}"
+            assert live.page_table[0].tolist() == table[first:], "window_tables row != the live page-table entries"
 
     @rule(data=st.data())
     def misuse(self, data) -> None:

@@ -80,6 +80,8 @@ def _call_launcher(case: dict, modules: dict) -> None:
     table = torch.empty((num_seqs, 37), dtype=torch.int32, device=meta)
     seq_lens = torch.empty((num_seqs,), dtype=torch.int32, device=meta)
     options = dict(sliding_window=case.get("window"), logits_soft_cap=case.get("soft_cap"))
+    if case.get("first_page"):
+        options["first_page"] = torch.empty((num_seqs,), dtype=torch.int32, device=meta)
     kernel = case["kernel"]
     if kernel == "decode":
         q = torch.empty((num_seqs, num_kv_heads * group, head_dim), dtype=dtype, device=meta)

@@ -36,6 +36,8 @@ def _cases() -> list[dict]:
             if kernel in ("decode", "prefill"):
                 case.update(group=(1, 4, 8, 16)[i % 4], page_size=(16, 1, 3, 256)[i % 4],
                             soft_cap=30.0 if i % 3 == 0 else None, window=4096 if i % 5 == 1 else None)
+                if case["window"]:
+                    case["first_page"] = True  # live-pages-only tables (BlockManager.window_tables)
             if kernel == "decode":
                 case["num_splits"] = (1, 4)[(i // 2) % 2]
             cases.append(case)

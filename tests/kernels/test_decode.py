@@ -146,3 +146,28 @@ def test_validation_names_the_tensor(paged_batch, device):
     with pytest.raises(InvalidArgument, match=r"head_dim must be a multiple of 16"):
         paged_decode(torch.zeros(2, 4, 72, dtype=torch.float16, device=device), cache, cache.clone(),
                      batch.page_table, batch.seq_lens)
+
+
+@pytest.mark.parametrize("page_size, num_splits", [(3, 1), (16, 3)])
+def test_live_page_tables_with_a_first_page_offset(paged_batch, device, assert_close, page_size, num_splits):
+    # BlockManager.window_tables: each row holds only the live pages, from column first_page on.
+    window, seq_lens = 10, [40, 9, 77]
+    batch = paged_batch(seq_lens, page_size=page_size, num_kv_heads=2, head_dim=64, dtype=torch.float16)
+    full = batch.page_table.clone()
+    first = [max(n - window, 0) // page_size for n in seq_lens]
+    live = torch.full_like(full, -1)
+    for i, f in enumerate(first):
+        batch.k_cache[full[i, :f].long()] = float("nan")  # released: never read
+        live[i, : full.shape[1] - f] = full[i, f:]
+    first_page = torch.tensor(first, dtype=torch.int32, device=device)
+    q = torch.randn(3, 4, 64, generator=batch.gen).half().to(device)
+    got = paged_decode(q, batch.k_cache, batch.v_cache, live, batch.seq_lens, sliding_window=window,
+                       num_splits=num_splits, first_page=first_page)
+    batch.page_table = full
+    _, want = _run(batch, q, sliding_window=window)  # the reference on the full table
+    assert_close(got, want)
+    oracle = reference.paged_decode(q, batch.k_cache, batch.v_cache, live, batch.seq_lens, sliding_window=window,
+                                    first_page=first_page)
+    assert_close(oracle, want)
+    with pytest.raises(InvalidArgument, match="first_page"):
+        paged_decode(q, batch.k_cache, batch.v_cache, live, batch.seq_lens, first_page=first_page[:2])

@@ -112,3 +112,24 @@ def test_validation_names_the_tensor(paged_batch, device):
     with pytest.raises(InvalidArgument, match=r"logits_soft_cap must be a positive finite float or None, got -1.0"):
         paged_prefill(q, batch.k_cache, batch.v_cache, batch.page_table, batch.seq_lens,
                       _qo_indptr([2, 3], device), logits_soft_cap=-1.0)
+
+
+def test_live_page_tables_with_a_first_page_offset(paged_batch, device, assert_close):
+    window, seq_lens, query_lens = 6, [40, 30], [5, 12]
+    batch = paged_batch(seq_lens, page_size=3, num_kv_heads=2, head_dim=64, dtype=torch.float32)
+    full = batch.page_table.clone()
+    live = torch.full_like(full, -1)
+    first = [max(n - q_len - window + 1, 0) // 3 for n, q_len in zip(seq_lens, query_lens)]
+    for i, f in enumerate(first):
+        batch.v_cache[full[i, :f].long()] = float("nan")
+        live[i, : full.shape[1] - f] = full[i, f:]
+    first_page = torch.tensor(first, dtype=torch.int32, device=device)
+    q = torch.randn(sum(query_lens), 4, 64, generator=batch.gen).to(device)
+    qo_indptr = _qo_indptr(query_lens, device)
+    got = paged_prefill(q, batch.k_cache, batch.v_cache, live, batch.seq_lens, qo_indptr, sliding_window=window,
+                        first_page=first_page)
+    _, want = _run(batch, q, qo_indptr, sliding_window=window)
+    assert_close(got, want)
+    with pytest.raises(InvalidArgument, match="first_page"):
+        paged_prefill(q, batch.k_cache, batch.v_cache, live, batch.seq_lens, qo_indptr,
+                      first_page=first_page.to(torch.int64))
