@@ -180,7 +180,7 @@ NB_MODULE(_core, m) {
           "__init__",
           [](BlockManager* self, int64_t num_pages, int64_t page_size, int64_t watermark_pages,
              bool enable_prefix_caching, int64_t num_cpu_pages, int64_t hash_bits,
-             bool cpu_prefix_cache) {
+             bool cpu_prefix_cache, bool enable_kv_events) {
             // Last line of defence for direct use of _core; pagedkv/_cpp.py calls check_config
             // first and raises the typed error.
             if (!BlockManager::check_config(num_pages, page_size, watermark_pages, num_cpu_pages,
@@ -188,16 +188,27 @@ NB_MODULE(_core, m) {
                      .ok())
               throw std::invalid_argument("invalid BlockManager configuration (see check_config)");
             new (self) BlockManager(num_pages, page_size, watermark_pages, enable_prefix_caching,
-                                    num_cpu_pages, hash_bits, cpu_prefix_cache);
+                                    num_cpu_pages, hash_bits, cpu_prefix_cache, enable_kv_events);
           },
           "num_pages"_a, "page_size"_a, "watermark_pages"_a, "enable_prefix_caching"_a = false,
-          "num_cpu_pages"_a = 0, "hash_bits"_a = 64, "cpu_prefix_cache"_a = false)
+          "num_cpu_pages"_a = 0, "hash_bits"_a = 64, "cpu_prefix_cache"_a = false,
+          "enable_kv_events"_a = false)
       .def_prop_ro("num_pages", &BlockManager::num_pages)
       .def_prop_ro("page_size", &BlockManager::page_size)
       .def_prop_ro("watermark_pages", &BlockManager::watermark_pages)
       .def_prop_ro("enable_prefix_caching", &BlockManager::enable_prefix_caching)
       .def_prop_ro("num_cpu_pages", &BlockManager::num_cpu_pages)
       .def_prop_ro("cpu_prefix_cache", &BlockManager::cpu_prefix_cache)
+      .def_prop_ro("enable_kv_events", &BlockManager::enable_kv_events)
+      .def(
+          "take_events",
+          [](BlockManager& self) {
+            std::vector<int64_t> records;
+            self.take_events(records);
+            const size_t n = records.size();
+            return to_numpy(std::move(records), {n});
+          },
+          "The KV-event records since the last call, flat int64 (see PrefixIndex); forgets them.")
       .def_prop_ro("num_free_pages", &BlockManager::num_free_pages)
       .def_prop_ro("num_free_cpu_pages", &BlockManager::num_free_cpu_pages)
       .def_prop_ro("num_pinned_pages", &BlockManager::num_pinned_pages)
@@ -490,6 +501,7 @@ NB_MODULE(_core, m) {
                                               arr(std::move(s.node_indptr)), arr(std::move(s.node_pages)),
                                               arr(std::move(s.node_cpu_pages)));
             const size_t num_demotions = s.demotions.size() / 2, num_promotions = s.promotions.size() / 2;
+            nb::object events = arr(std::move(s.events));
             nb::object tier = nb::make_tuple(arr(std::move(s.cpu_lru)),
                                              to_numpy(std::move(s.demotions), {num_demotions, 2}),
                                              to_numpy(std::move(s.promotions), {num_promotions, 2}));
@@ -500,7 +512,7 @@ NB_MODULE(_core, m) {
                                   arr(std::move(s.pages)), arr(std::move(s.swapped)), cached, nodes,
                                   arr(std::move(s.pinned)), arr(std::move(s.cpu_pinned)),
                                   arr(std::move(s.prefix_pin_indptr)), arr(std::move(s.prefix_pin_pages)), stats,
-                                  tier);
+                                  tier, events);
           },
           "(free, evictable, ref_count, cpu_free, cpu_ref_count, seq_ids, num_tokens, indptr, "
           "pages, swapped) as numpy arrays, then the cached pages (pages, nodes, hashes), the live "

@@ -118,7 +118,7 @@ Failure BlockManager::check_config(int64_t num_pages, int64_t page_size, int64_t
 
 BlockManager::BlockManager(int64_t num_pages, int64_t page_size, int64_t watermark_pages,
                            bool enable_prefix_caching, int64_t num_cpu_pages, int64_t hash_bits,
-                           bool cpu_prefix_cache)
+                           bool cpu_prefix_cache, bool enable_kv_events)
     : num_pages_(num_pages),
       page_size_(page_size),
       page_math_(page_size),
@@ -163,6 +163,7 @@ BlockManager::BlockManager(int64_t num_pages, int64_t page_size, int64_t waterma
   cpu_free_size_ = num_cpu_pages;
   if (enable_prefix_caching) {
     prefix_ = PrefixIndex(num_pages, page_size, cpu_prefix_cache_ ? num_cpu_pages : 0);
+    prefix_.record_events(enable_kv_events);
     block_.resize(static_cast<size_t>(page_size));
   }
 }
@@ -547,6 +548,7 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
   int64_t num_promotions = 0;
   for (int32_t page : hits_) num_promotions += page == kNullPage;
   reserve_moves(plan.need, num_promotions);
+  reserve_events();
   const int64_t slot = acquire_slot();
   // Nothing below allocates.
   if (caching) {
@@ -640,6 +642,7 @@ Failure BlockManager::append(int64_t seq_id, int64_t num_tokens, TokenIds token_
     reserve_cache(pages_filled(seq, num_tokens, token_ids.given()));
   }
   reserve_moves(need);
+  reserve_events();
   grow(seq, num_tokens, new_len, copies, token_ids.data);
   return Failure{};
 }
@@ -715,6 +718,7 @@ Failure BlockManager::append_batch(const int64_t* seq_ids, size_t num_seq_ids,
   out.copies.clear();
   out.copies.reserve(2 * num_copies);
   reserve_moves(need);
+  reserve_events();
   end_step();  // nothing below allocates
   int64_t* slot_out = out.slot_mapping.data();
   const int64_t* tokens = token_ids.data;
@@ -767,6 +771,7 @@ Failure BlockManager::free(int64_t seq_id) {
   const int64_t slot = index_.find(seq_id);
   if (slot < 0) return fail(Status::unknown_sequence, seq_id);
   Sequence& seq = seqs_[slot];
+  reserve_events();  // node releases may delete nodes (DROP records)
   // NOTE: a sequence's pages are released last page first, so that when they are reused in
   // queue order the tail of a freed sequence goes before its head (the head is the part most
   // likely to be shared again by a prefix-cache hit).
@@ -1073,6 +1078,7 @@ Snapshot BlockManager::snapshot() const {
     s.cpu_lru.push_back(cpu);
   s.demotions = demotions_;
   s.promotions = promotions_;
+  s.events = prefix_.events();
   s.prefix_pin_indptr.push_back(0);
   for (const PrefixPin& pin : prefix_pins_) {
     s.prefix_pin_pages.insert(s.prefix_pin_pages.end(), pin.pages.begin(), pin.pages.end());

@@ -198,6 +198,7 @@ struct Snapshot {
   std::vector<int64_t> node_indptr;    // [num_nodes + 1] into node_pages
   std::vector<int32_t> node_pages;
   std::vector<int32_t> node_cpu_pages;  // per node: its CPU page (kNullPage: none)
+  std::vector<int64_t> events;          // pending KV-event records (flat)
   PrefixCacheStats stats;
 };
 
@@ -322,6 +323,18 @@ class PrefixIndex {
   void attach_cpu(int32_t cpu, int32_t node);  // node has no CPU page; cpu is uncached
   void detach_cpu(int32_t cpu);                // may delete the node (then its ancestors)
 
+  // KV-event records (pagedkv/_prefix_index.py: NODE, DROP, STORED, REMOVED, CLEARED), flat:
+  // kind, then node, parent, salt, hash, page_size tokens (NODE); node (DROP); node, medium
+  // (STORED, REMOVED); nothing (CLEARED). Recorded only after record_events(true).
+  static constexpr int64_t kEventNode = 0, kEventDrop = 1, kEventStored = 2, kEventRemoved = 3,
+                           kEventCleared = 4;
+  void record_events(bool on) { record_ = on; }
+  bool recording() const { return record_; }
+  // Room for records of n new nodes and of up to `others` small records. May throw std::bad_alloc.
+  void reserve_events(int64_t n, int64_t others);
+  void take_events(std::vector<int64_t>& out) { out.clear(); out.swap(events_); }
+  const std::vector<int64_t>& events() const { return events_; }
+
   // Room for n more nodes (ids, token storage, hash-index entries). May throw std::bad_alloc;
   // call it before the first change, so that child() never allocates.
   void reserve(int64_t n);
@@ -371,6 +384,14 @@ class PrefixIndex {
   int64_t num_cached_pages_ = 0;
   std::vector<int32_t> cpu_node_;     // per CPU page: the node whose content it holds, or kNone
   int64_t num_cpu_cached_pages_ = 0;
+  bool record_ = false;
+  bool quiet_ = false;                // clear_pages: no REMOVED records
+  std::vector<int64_t> events_;
+  void record(int64_t kind, int64_t a, int64_t b) {  // within reserve_events()
+    events_.push_back(kind);
+    events_.push_back(a);
+    events_.push_back(b);
+  }
 };
 
 
@@ -386,7 +407,8 @@ class BlockManager {
   // Precondition: check_config(...).ok(). May throw std::bad_alloc (the pool's arrays).
   BlockManager(int64_t num_pages, int64_t page_size, int64_t watermark_pages,
                bool enable_prefix_caching = false, int64_t num_cpu_pages = 0,
-               int64_t hash_bits = 64, bool cpu_prefix_cache = false);
+               int64_t hash_bits = 64, bool cpu_prefix_cache = false,
+               bool enable_kv_events = false);
   // Not copyable: a copy would duplicate the ownership of every page.
   BlockManager(const BlockManager&) = delete;
   BlockManager& operator=(const BlockManager&) = delete;
@@ -398,6 +420,9 @@ class BlockManager {
   bool enable_prefix_caching() const { return enable_prefix_caching_; }
   int64_t num_cpu_pages() const { return num_cpu_pages_; }
   bool cpu_prefix_cache() const { return cpu_prefix_cache_; }
+  bool enable_kv_events() const { return prefix_.recording(); }
+  // The KV-event records since the last call (PrefixIndex's flat layout); forgets them.
+  void take_events(std::vector<int64_t>& out) { prefix_.take_events(out); }
   // Both free queues: uncached and cached (evictable) pages.
   int64_t num_free_pages() const { return queues_[kFree].size + evictable_size_; }
   // The CPU free queue and the tier's cached CPU pages (a swap-out may take either).
@@ -588,8 +613,10 @@ class BlockManager {
   // reserve_cache(pages_to_offer(seq, end, stop)). Never allocates.
   int64_t offer_pages(Sequence& seq, int64_t end, int64_t stop);
   int64_t pages_to_offer(const Sequence& seq, int64_t end, int64_t stop) const;
-  // Room for n more prefix-index nodes. May throw std::bad_alloc.
+  // Room for n more prefix-index nodes (and their event records). May throw std::bad_alloc.
   void reserve_cache(int64_t n);
+  // Room for the event records of a call making n nodes. May throw std::bad_alloc.
+  void reserve_events(int64_t n = 0);
   // Tracks appended token ids of seq (num_tokens before the append: start) and commits through
   // the new length: pending prompt pages first, then each page the new ids fill. Needs
   // reserve_cache(pages_filled) and tail capacity (reserve_tail).

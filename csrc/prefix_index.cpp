@@ -83,6 +83,14 @@ int32_t PrefixIndex::child(uint64_t h, int32_t parent, uint64_t salt, const int6
   if (head != kNone) chains_.erase(h);
   chains_.insert(h, node);  // within reserve()
   if (parent != kRoot) ++nodes_[parent].deps;
+  if (record_) {  // within reserve_events()
+    events_.push_back(kEventNode);
+    events_.push_back(node);
+    events_.push_back(parent);
+    events_.push_back(static_cast<int64_t>(salt));
+    events_.push_back(static_cast<int64_t>(h));
+    events_.insert(events_.end(), block, block + ps);
+  }
   return node;
 }
 
@@ -92,6 +100,7 @@ void PrefixIndex::attach(int32_t page, int32_t node) {
   page_prev_[page] = kNone;
   page_next_[page] = head;
   if (head != kNone) page_prev_[head] = page;
+  else if (record_) record(kEventStored, node, 0);
   nodes_[node].first_page = page;
   ++num_cached_pages_;
 }
@@ -105,6 +114,7 @@ void PrefixIndex::detach(int32_t page) {
   if (next != kNone) page_prev_[next] = prev;
   page_node_[page] = page_next_[page] = page_prev_[page] = kNone;
   --num_cached_pages_;
+  if (record_ && nodes_[node].first_page == kNone && !quiet_) record(kEventRemoved, node, 0);
   collect(node);
 }
 
@@ -112,6 +122,7 @@ void PrefixIndex::attach_cpu(int32_t cpu, int32_t node) {
   cpu_node_[cpu] = node;
   nodes_[node].cpu_page = cpu;
   ++num_cpu_cached_pages_;
+  if (record_) record(kEventStored, node, 1);
 }
 
 void PrefixIndex::detach_cpu(int32_t cpu) {
@@ -120,6 +131,7 @@ void PrefixIndex::detach_cpu(int32_t cpu) {
   cpu_node_[cpu] = kNone;
   nodes_[node].cpu_page = kNone;
   --num_cpu_cached_pages_;
+  if (record_ && !quiet_) record(kEventRemoved, node, 1);
   collect(node);
 }
 
@@ -134,10 +146,20 @@ void PrefixIndex::release(int32_t node) {
 }
 
 void PrefixIndex::clear_pages() {
+  quiet_ = true;
   for (int64_t page = 0; page < num_pages_; ++page)
     if (page_node_[page] != kNone) detach(static_cast<int32_t>(page));
   for (size_t cpu = 0; cpu < cpu_node_.size(); ++cpu)
     if (cpu_node_[cpu] != kNone) detach_cpu(static_cast<int32_t>(cpu));
+  quiet_ = false;
+  if (record_) events_.push_back(kEventCleared);
+}
+
+void PrefixIndex::reserve_events(int64_t n, int64_t others) {
+  if (!record_) return;
+  const size_t want = events_.size() + static_cast<size_t>(std::max<int64_t>(n, 0)) * static_cast<size_t>(5 + page_size_) +
+                      3 * static_cast<size_t>(std::max<int64_t>(others, 0));
+  if (events_.capacity() < want) events_.reserve(std::max(want, 2 * events_.capacity()));
 }
 
 void PrefixIndex::collect(int32_t node) {
@@ -159,6 +181,10 @@ void PrefixIndex::collect(int32_t node) {
     n.parent = kRoot;
     n.next_same_hash = kNone;
     free_nodes_.push_back(node);  // within the capacity kept by reserve()
+    if (record_) {
+      events_.push_back(kEventDrop);  // within reserve_events()
+      events_.push_back(node);
+    }
     if (parent != kRoot) --nodes_[parent].deps;
     node = parent;
   }

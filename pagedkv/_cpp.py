@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _core
 from . import _validate as check
+from ._prefix_index import CLEARED, DROP, NODE
 from ._reference import MAX_PRIORITY, MIN_PRIORITY
 from .errors import DuplicateSequence, InvalidArgument, InvariantViolation, OutOfPages, PagedKVError
 from .errors import SequenceExists, SequenceSwapped, SequenceTooLong, UnknownSequence, invalid_argument
@@ -102,6 +103,29 @@ def _invariant_violation(name: str, values: tuple[int, ...]) -> InvariantViolati
     return InvariantViolation.of(name, *values)
 
 
+def _event_records(flat: np.ndarray, page_size: int) -> list[tuple]:
+    """The core's flat int64 event records as the reference's tuples (see ``_prefix_index``)."""
+    values = flat.tolist()
+    out: list[tuple] = []
+    i, n = 0, len(values)
+    while i < n:
+        kind = values[i]
+        if kind == NODE:
+            node, parent, salt, h = values[i + 1:i + 5]
+            out.append((NODE, node, parent, salt & _MASK64, h & _MASK64, tuple(values[i + 5:i + 5 + page_size])))
+            i += 5 + page_size
+        elif kind == DROP:
+            out.append((DROP, values[i + 1]))
+            i += 2
+        elif kind == CLEARED:
+            out.append((CLEARED,))
+            i += 1
+        else:
+            out.append((kind, values[i + 1], values[i + 2]))
+            i += 3
+    return out
+
+
 def _error(failure) -> Exception:
     """The typed exception for a ``_core.Failure``."""
     status, values = failure.status, failure.values
@@ -127,7 +151,7 @@ def _error(failure) -> Exception:
 class CppBlockManager:
     """C++ implementation; see ``pagedkv.BlockManager`` for the public documentation."""
 
-    __slots__ = ("_core",)
+    __slots__ = ("_core", "_page_size")
 
     def __init__(
         self,
@@ -138,6 +162,7 @@ class CppBlockManager:
         num_cpu_pages: int = 0,
         hash_bits: int = 64,
         cpu_prefix_cache: bool = False,
+        enable_kv_events: bool = False,
     ):
         failure = _core.check_config(num_pages, page_size, watermark_pages, num_cpu_pages, hash_bits,
                                      bool(enable_prefix_caching), bool(cpu_prefix_cache))
@@ -145,8 +170,9 @@ class CppBlockManager:
             raise _error(failure)
         self._core = _core.BlockManager(
             num_pages, page_size, watermark_pages, bool(enable_prefix_caching), num_cpu_pages, hash_bits,
-            bool(cpu_prefix_cache)
+            bool(cpu_prefix_cache), bool(enable_kv_events)
         )
+        self._page_size = page_size
 
     # ----------------------------------------------------------------- queries
     @property
@@ -305,6 +331,13 @@ class CppBlockManager:
     def take_offload(self):
         return self._core.take_offload()
 
+    @property
+    def enable_kv_events(self) -> bool:
+        return self._core.enable_kv_events
+
+    def take_events(self) -> list[tuple]:
+        return _event_records(self._core.take_events(), self._page_size)
+
     def pin_prefix(self, token_ids: np.ndarray, salt: int = 0) -> int:
         out = self._core.pin_prefix(_ids(token_ids), salt)
         if out.__class__ is _Failure:
@@ -376,7 +409,7 @@ class CppBlockManager:
     def snapshot(self) -> dict:
         """Complete observable state, for parity and atomicity tests (as the reference's)."""
         (free, evictable, ref_count, cpu_free, cpu_ref_count, seq_ids, num_tokens, indptr, pages, swapped,
-         cached, nodes, pinned, cpu_pinned, pin_indptr, pin_pages, stats, tier) = self._core.snapshot()
+         cached, nodes, pinned, cpu_pinned, pin_indptr, pin_pages, stats, tier, events) = self._core.snapshot()
         pin_indptr, pin_pages = pin_indptr.tolist(), pin_pages.tolist()
         cached_pages, cached_nodes, cached_hashes = (a.tolist() for a in cached)
         node_ids, node_hashes, node_parents, node_deps, node_indptr, node_pages, node_cpu = (a.tolist() for a in nodes)
@@ -397,6 +430,7 @@ class CppBlockManager:
             "cpu_pinned": cpu_pinned.tolist(),
             "cpu_lru": cpu_lru.tolist(),
             "offload": ([tuple(p) for p in demotions.tolist()], [tuple(p) for p in promotions.tolist()]),
+            "events": _event_records(events, self._page_size),
             "index": {p: (n, h) for p, n, h in zip(cached_pages, cached_nodes, cached_hashes)},
             "nodes": {n: (h, parent, deps, tuple(node_pages[node_indptr[i]:node_indptr[i + 1]]), cpu)
                       for i, (n, h, parent, deps, cpu) in enumerate(zip(node_ids, node_hashes, node_parents, node_deps,

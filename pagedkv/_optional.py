@@ -14,7 +14,7 @@ from .errors import MissingDependency
 
 #: Extra of ``pyproject.toml`` that installs each optional top-level module.
 EXTRAS = {"torch": "kernels", "triton": "kernels", "hypothesis": "testing", "matplotlib": "plot",
-          "transformers": "examples"}
+          "transformers": "examples", "msgspec": "events", "zmq": "events", "cbor2": "events"}
 
 
 def require(module: str, feature: str) -> ModuleType:

@@ -21,6 +21,12 @@ parent may follow. A node with dependents but no pages is a *ghost*: it keeps th
 identity, so when an evicted prefix is computed again its new pages join the same nodes and the
 pages cached after it are found again.
 
+With ``events`` on, the index records what a KV-event consumer needs, in order (``take_events``):
+``(NODE, node, parent, salt, hash, tokens)`` when a node is made, ``(DROP, node)`` when it is
+deleted, ``(STORED, node, medium)`` when a node's content becomes matchable in a tier (its first
+GPU page, or its CPU page) and ``(REMOVED, node, medium)`` when it stops being so, and
+``(CLEARED,)`` for ``clear_pages`` (which records no REMOVED of its own).
+
 ``csrc/prefix_index.cpp`` is the C++ twin, with the same node ids (a free stack: the last id
 freed is reused first), list orders and results. Must not import torch, triton or hypothesis.
 """
@@ -31,12 +37,15 @@ from __future__ import annotations
 ROOT = -1
 #: No page / no node.
 NONE = -1
+#: Event record kinds (``PrefixIndex.events``) and media; the C++ core uses the same codes.
+NODE, DROP, STORED, REMOVED, CLEARED = range(5)
+GPU, CPU = 0, 1
 
 
 class PrefixIndex:
     """Nodes, their hash chains and their page lists (see the module docstring)."""
 
-    def __init__(self, num_pages: int, num_cpu_pages: int = 0):
+    def __init__(self, num_pages: int, num_cpu_pages: int = 0, events: bool = False):
         # per node (index = node id); a freed id is pushed on _free_nodes
         self._hash: list[int] = []
         self._salt: list[int] = []
@@ -57,6 +66,8 @@ class PrefixIndex:
         # per CPU page: the node whose content it holds
         self._cpu_node = [NONE] * num_cpu_pages
         self.num_cpu_cached_pages = 0
+        self.events: list[tuple] | None = [] if events else None
+        self._quiet = False  # clear_pages: no REMOVED records
 
     # ---------------------------------------------------------------- lookups
     def find(self, h: int, parent: int, salt: int, block: tuple) -> int:
@@ -126,6 +137,8 @@ class PrefixIndex:
         self._chains[h] = node
         if parent != ROOT:
             self._deps[parent] += 1
+        if self.events is not None:
+            self.events.append((NODE, node, parent, salt, h, block))
         return node
 
     def attach(self, page: int, node: int) -> None:
@@ -136,6 +149,8 @@ class PrefixIndex:
         self._page_next[page] = head
         if head != NONE:
             self._page_prev[head] = page
+        elif self.events is not None:
+            self.events.append((STORED, node, GPU))
         self._first_page[node] = page
         self.num_cached_pages += 1
 
@@ -151,6 +166,8 @@ class PrefixIndex:
             self._page_prev[nxt] = prev
         self._page_node[page] = self._page_next[page] = self._page_prev[page] = NONE
         self.num_cached_pages -= 1
+        if self.events is not None and self._first_page[node] == NONE and not self._quiet:
+            self.events.append((REMOVED, node, GPU))
         self._collect(node)
 
     def attach_cpu(self, cpu: int, node: int) -> None:
@@ -158,6 +175,8 @@ class PrefixIndex:
         self._cpu_node[cpu] = node
         self._cpu_page[node] = cpu
         self.num_cpu_cached_pages += 1
+        if self.events is not None:
+            self.events.append((STORED, node, CPU))
 
     def detach_cpu(self, cpu: int) -> None:
         """``cpu`` no longer holds its node's content (evicted from the CPU tier or reset)."""
@@ -165,6 +184,8 @@ class PrefixIndex:
         self._cpu_node[cpu] = NONE
         self._cpu_page[node] = NONE
         self.num_cpu_cached_pages -= 1
+        if self.events is not None and not self._quiet:
+            self.events.append((REMOVED, node, CPU))
         self._collect(node)
 
     def acquire(self, node: int) -> None:
@@ -181,12 +202,16 @@ class PrefixIndex:
     def clear_pages(self) -> None:
         """Detach every page (``reset_prefix_cache``), GPU then CPU pages, in page order; ghosts
         with dependents stay."""
+        self._quiet = True
         for page, node in enumerate(self._page_node):
             if node != NONE:
                 self.detach(page)
         for cpu, node in enumerate(self._cpu_node):
             if node != NONE:
                 self.detach_cpu(cpu)
+        self._quiet = False
+        if self.events is not None:
+            self.events.append((CLEARED,))
 
     def _collect(self, node: int) -> None:
         """Delete ``node`` and then its ancestors while they have neither pages nor dependents."""
@@ -207,6 +232,8 @@ class PrefixIndex:
             self._parent[node] = ROOT
             self._next_same_hash[node] = NONE
             self._free_nodes.append(node)
+            if self.events is not None:
+                self.events.append((DROP, node))
             if parent != ROOT:
                 self._deps[parent] -= 1
             node = parent

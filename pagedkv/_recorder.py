@@ -27,7 +27,7 @@ FORMAT = "pagedkv-trace/1"
 
 #: Backend methods that are recorded; everything else (properties, snapshot) passes through.
 RECORDED = frozenset({
-    "allocate", "append", "append_batch", "commit", "fork", "free", "release_window", "reset_prefix_cache", "end_step", "pin_prefix", "unpin_prefix", "take_offload",
+    "allocate", "append", "append_batch", "commit", "fork", "free", "release_window", "reset_prefix_cache", "end_step", "pin_prefix", "unpin_prefix", "take_offload", "take_events",
     "swap_out", "swap_in", "can_allocate", "can_append", "can_swap_out", "can_swap_in",
     "page_table", "num_tokens", "page_tables", "window_tables", "csr", "slots", "is_swapped", "prefix_cache_stats",
 })
@@ -128,7 +128,11 @@ def _config(path, header) -> dict:
         value = cfg.get(key)
         if not isinstance(value, int) or not lo <= value <= hi:
             raise InvalidTrace(str(path), 1, f"config field {key!r} must be an int in [{lo}, {hi}], got {value!r}")
-    # NOTE: optional (traces written before the CPU tier of the prefix cache lack it).
+    # NOTE: optional (traces written before the CPU tier of the prefix cache and KV events lack them).
+    events = cfg.setdefault("enable_kv_events", False)
+    if not isinstance(events, bool) or (events and not cfg["enable_prefix_caching"]):
+        raise InvalidTrace(str(path), 1, f"config field 'enable_kv_events' must be a bool, True only with prefix "
+                           f"caching, got {events!r}")
     tier = cfg.setdefault("cpu_prefix_cache", False)
     if not isinstance(tier, bool) or (tier and not (cfg["enable_prefix_caching"] and cfg["num_cpu_pages"])):
         raise InvalidTrace(str(path), 1, f"config field 'cpu_prefix_cache' must be a bool, True only with prefix "
@@ -180,7 +184,7 @@ def replay(path, backend: str | None = None) -> ReplayResult:
             cfg = _config(path, header)
             impl = impl_class(cfg["num_pages"], cfg["page_size"], cfg["watermark_pages"],
                               bool(cfg["enable_prefix_caching"]), cfg["num_cpu_pages"], cfg["hash_bits"],
-                              cfg["cpu_prefix_cache"])
+                              cfg["cpu_prefix_cache"], cfg["enable_kv_events"])
             count = 0
             for index, line in enumerate(f):
                 if not line.strip():

@@ -121,6 +121,7 @@ class ReferenceBlockManager:
         num_cpu_pages: int = 0,
         hash_bits: int = 64,
         cpu_prefix_cache: bool = False,
+        enable_kv_events: bool = False,
     ):
         self.num_pages = num_pages
         self.page_size = page_size
@@ -128,6 +129,7 @@ class ReferenceBlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.num_cpu_pages = num_cpu_pages
         self.cpu_prefix_cache = cpu_prefix_cache
+        self.enable_kv_events = enable_kv_events
         # NOTE: hash_bits < 64 truncates page hashes; tests use it to force collisions.
         self._hash_mask = (1 << hash_bits) - 1
         # NOTE: queues hand out pages from their head and take freed pages at their tail, so the
@@ -139,7 +141,7 @@ class ReferenceBlockManager:
         self._page_priority = [0] * num_pages
         self._ref_count = [0] * num_pages
         # prefix cache: content-prefix nodes and the pages attached to them
-        self._prefix = PrefixIndex(num_pages, num_cpu_pages)
+        self._prefix = PrefixIndex(num_pages, num_cpu_pages, events=enable_kv_events and enable_prefix_caching)
         self._stats = {"queries": 0, "hits": 0, "query_tokens": 0, "hit_tokens": 0,
                        "cpu_hit_tokens": 0, "demotions": 0, "promotions": 0}
         # NOTE: step-safe copies. Every page a returned copy reads or writes is pinned until
@@ -443,6 +445,14 @@ class ReferenceBlockManager:
         self._cpu_free.extend(self._cpu_lru)
         self._cpu_lru.clear()
 
+    def take_events(self) -> list[tuple]:
+        """The prefix index's event records since the last call (see ``_prefix_index``)."""
+        events = self._prefix.events
+        if not events:
+            return []
+        self._prefix.events = []
+        return events
+
     def take_offload(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """The prefix cache's CPU-tier moves since the last call: ((gpu, cpu) demotions,
         (cpu, gpu) promotions), each in the order made."""
@@ -695,6 +705,7 @@ class ReferenceBlockManager:
             "cpu_pinned": list(self._cpu_pinned),
             "cpu_lru": list(self._cpu_lru),
             "offload": (list(self._demotions), list(self._promotions)),
+            "events": list(self._prefix.events or []),
             **dict(zip(("index", "nodes"), self._prefix.snapshot())),
             "stats": dict(self._stats),
         }

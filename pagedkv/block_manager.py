@@ -17,6 +17,7 @@ from . import _backend
 from . import _validate as check
 from ._reference import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, NULL_PAGE
 from ._hashing import salt_hash
+from .events import PREFIX_HASHES, EventBuilder
 from .errors import InvalidArgument, InvalidType, invalid_argument
 
 
@@ -199,6 +200,13 @@ class BlockManager:
             ``enable_prefix_caching`` and ``num_cpu_pages >= 1``): an evicted cached page is
             demoted to a CPU page rather than lost, and a later hit promotes it back. The moves
             come from ``take_offload``, which an engine calls once per step (see the README).
+        enable_kv_events: record KV events (needs ``enable_prefix_caching``): ``take_events``
+            returns vLLM's ``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared`` (see
+            ``pagedkv.events``). Off, the hot path pays nothing.
+        prefix_hash: the block hashes of events: ``"pagedkv"`` (the index's own 64-bit chained
+            hash) or ``"sha256_cbor"`` (vLLM's reproducible hash; needs cbor2), which routers
+            that recompute hashes from prompt tokens expect. Prefix matching itself keeps the
+            64-bit key and confirms by tokens either way.
         backend: ``"cpp"`` or ``"python"``; default ``$PAGEDKV_IMPL`` or the best one built.
         record: a path (``.gz`` compresses) or text file: write every call and its result there
             as JSON Lines, for ``pagedkv replay`` (see ``pagedkv/_recorder.py``).
@@ -219,6 +227,8 @@ class BlockManager:
         enable_prefix_caching: bool = False,
         num_cpu_pages: int = 0,
         cpu_prefix_cache: bool = False,
+        enable_kv_events: bool = False,
+        prefix_hash: str = "pagedkv",
         backend: str | None = None,
         record=None,
         _hash_bits: int = 64,
@@ -238,18 +248,27 @@ class BlockManager:
             raise InvalidArgument("cpu_prefix_cache", cpu_prefix_cache,
                                   "False unless enable_prefix_caching=True and num_cpu_pages >= 1")
         hash_bits = check.as_int("_hash_bits", _hash_bits, 1, 64)
+        if not isinstance(enable_kv_events, (bool, np.bool_)):
+            raise InvalidType("enable_kv_events", enable_kv_events, "a bool")
+        if enable_kv_events and not enable_prefix_caching:
+            raise InvalidArgument("enable_kv_events", enable_kv_events, "False unless enable_prefix_caching=True")
+        if prefix_hash not in PREFIX_HASHES:
+            raise InvalidArgument("prefix_hash", prefix_hash, f"one of {PREFIX_HASHES}")
+        # NOTE: built first: a missing cbor2 fails before anything is made.
+        self._events = EventBuilder(page_size, prefix_hash) if enable_kv_events else None
         self._backend = _backend.resolve(backend)
         self.watermark = float(watermark)
         self._impl = _backend.implementation(self._backend)(
             num_pages, page_size, math.floor(self.watermark * num_pages), bool(enable_prefix_caching), num_cpu_pages,
-            hash_bits, bool(cpu_prefix_cache)
+            hash_bits, bool(cpu_prefix_cache), bool(enable_kv_events)
         )
         if record is not None:
             from ._recorder import Recorder
 
             config = dict(num_pages=num_pages, page_size=page_size, watermark_pages=math.floor(self.watermark * num_pages),
                           enable_prefix_caching=bool(enable_prefix_caching), num_cpu_pages=num_cpu_pages,
-                          hash_bits=hash_bits, cpu_prefix_cache=bool(cpu_prefix_cache), backend=self._backend)
+                          hash_bits=hash_bits, cpu_prefix_cache=bool(cpu_prefix_cache),
+                          enable_kv_events=bool(enable_kv_events), backend=self._backend)
             self._impl = Recorder(self._impl, record, config)
 
     # ------------------------------------------------------------------ facts
@@ -354,6 +373,8 @@ class BlockManager:
             raise InvalidArgument("token_ids", "[]", "at least one token id")
         if num_tokens is not None and check.count("num_tokens", num_tokens) != tokens.shape[0]:
             raise invalid_argument("num_tokens", num_tokens, "num_tokens_len", tokens.shape[0])
+        if self._events is not None:
+            self._events.remember_salt(cache_salt)  # NOTE: sha256_cbor hashes the salt itself
         # NOTE: the int64 array goes to the backend as is: the C++ core reads it without any
         # per-token Python work (a 100k-token prompt), the reference converts it itself.
         return tokens.shape[0], tokens, salt_hash(cache_salt)
@@ -578,6 +599,22 @@ class BlockManager:
         """Forget every cached page (both tiers); cached free pages become plain free pages (LRU
         order kept). Moves already returned, or pending for ``take_offload``, must still run."""
         self._impl.reset_prefix_cache()
+
+    @property
+    def enable_kv_events(self) -> bool:
+        return self._events is not None
+
+    def take_events(self) -> list:
+        """The KV events since the last call, in order, and forget them.
+
+        Returns:
+            A list of ``pagedkv.events.BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared``
+            (vLLM's field names and order; ``encode_batch`` writes vLLM's wire format). Empty
+            without ``enable_kv_events``.
+        """
+        if self._events is None:
+            return []
+        return self._events.build(self._impl.take_events())
 
     def take_offload(self) -> OffloadPlan:
         """The CPU-tier moves of the prefix cache made since the last call, and forget them.

@@ -275,6 +275,7 @@ def random_cache_op(rng: random.Random, lock: Lockstep) -> None:
     )[0]
     if op == "offload":
         lock.do("take_offload")
+        lock.do("take_events")
         if rng.random() < 0.7:
             lock.do("end_step")
         return
@@ -591,6 +592,7 @@ def test_direct_bad_arguments_raise_typed_errors():
         "cpu_pinned": [],
         "cpu_lru": [],
         "offload": ([], []),
+        "events": [],
         "index": {},
         "nodes": {},
         "stats": {"queries": 0, "hits": 0, "query_tokens": 0, "hit_tokens": 0, "cpu_hit_tokens": 0, "demotions": 0,
@@ -647,7 +649,8 @@ def test_direct_random_integers_never_crash():
 @pytest.mark.parametrize("num_pages,page_size,watermark,num_cpu_pages,hash_bits", CACHE_CONFIGS)
 def test_random_prefix_cache_operations_match(num_pages, page_size, watermark, num_cpu_pages, hash_bits, seed):
     rng = random.Random(seed * 7919 + num_pages * 31 + page_size)
-    lock = Lockstep(num_pages, page_size, watermark, enable_prefix_caching=True, num_cpu_pages=num_cpu_pages, _hash_bits=hash_bits)
+    lock = Lockstep(num_pages, page_size, watermark, enable_prefix_caching=True, num_cpu_pages=num_cpu_pages,
+                    enable_kv_events=seed % 2 == 1, _hash_bits=hash_bits)
     for _ in range(200):
         random_cache_op(rng, lock)
     assert lock.py.prefix_cache_stats().queries > 0
@@ -702,7 +705,7 @@ TIER_CONFIGS = [  # (num_pages, page_size, watermark, num_cpu_pages, hash_bits):
 def test_random_cpu_tier_operations_match(num_pages, page_size, watermark, num_cpu_pages, hash_bits, seed):
     rng = random.Random(seed * 104729 + num_pages * 31 + page_size)
     lock = Lockstep(num_pages, page_size, watermark, enable_prefix_caching=True, num_cpu_pages=num_cpu_pages,
-                    cpu_prefix_cache=True, _hash_bits=hash_bits)
+                    cpu_prefix_cache=True, enable_kv_events=True, _hash_bits=hash_bits)
     for _ in range(250):
         random_tier_op(rng, lock)
     drain(lock)
@@ -713,7 +716,7 @@ def test_random_cpu_tier_operations_cover_demotion_and_promotion():
     for num_pages, page_size, watermark, num_cpu_pages, hash_bits in TIER_CONFIGS:
         rng = random.Random(num_pages * 77 + page_size)
         lock = Lockstep(num_pages, page_size, watermark, enable_prefix_caching=True, num_cpu_pages=num_cpu_pages,
-                        cpu_prefix_cache=True, _hash_bits=hash_bits)
+                        cpu_prefix_cache=True, enable_kv_events=True, _hash_bits=hash_bits)
         for _ in range(300):
             random_tier_op(rng, lock)
         drain(lock)
@@ -733,7 +736,7 @@ def test_random_cpu_tier_operations_cover_demotion_and_promotion():
 def test_hypothesis_cpu_tier_operations_match(config, rng, num_ops):
     num_pages, page_size, watermark, num_cpu_pages, hash_bits = config
     lock = Lockstep(num_pages, page_size, watermark, enable_prefix_caching=True, num_cpu_pages=num_cpu_pages,
-                    cpu_prefix_cache=True, _hash_bits=hash_bits)
+                    cpu_prefix_cache=True, enable_kv_events=True, _hash_bits=hash_bits)
     for _ in range(num_ops):
         random_tier_op(rng, lock)
     drain(lock)
