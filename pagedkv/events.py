@@ -254,3 +254,306 @@ def decode_batch(payload: bytes, event_format: str = "array") -> tuple[float, li
         else:
             events.append(AllBlocksCleared())
     return decoded.ts, events, decoded.data_parallel_rank
+
+
+# ---------------------------------------------------------------------------- transport
+#: Replay reply that ends a replay (vLLM's ``END_SEQ``): sequence number -1, empty payload.
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+
+
+def _binds(endpoint: str) -> bool:
+    """vLLM's convention: a wildcard or a local transport binds, a concrete address connects."""
+    return "*" in endpoint or "::" in endpoint or endpoint.startswith(("ipc://", "inproc://"))
+
+
+class ZmqPublisher:
+    """Publishes event batches as vLLM's ``ZmqEventPublisher`` does, from a background thread.
+
+    Each message is three frames: ``[topic, sequence number (8 bytes, big-endian), payload]``
+    (``encode_batch``). The last ``buffer_steps`` payloads are kept for replay: a subscriber
+    that missed messages sends ``[b"", start sequence (8 bytes)]`` to the ROUTER socket at
+    ``replay_endpoint`` and gets back ``[b"", seq, payload]`` for each buffered batch from
+    there, then ``[b"", END_SEQ, b""]``.
+
+    ``publish`` never blocks the scheduler: it numbers the batch and queues it; when the queue
+    (``max_queue_size`` batches) is full the batch is dropped and counted in ``num_dropped``,
+    so subscribers see the gap in the sequence numbers (and cannot replay it: resynchronize).
+
+    Args:
+        endpoint: PUB address; ``tcp://*:5557`` (or ``tcp://127.0.0.1:*`` for a free port) binds,
+            ``tcp://host:port`` connects.
+        topic: first frame of every message; replay_endpoint: ROUTER address (binds), or None.
+        data_parallel_rank: written into every batch (``None``: omitted).
+        event_format: ``"array"`` or ``"map"`` (see ``encode_batch``).
+    """
+
+    def __init__(self, endpoint: str = "tcp://*:5557", topic: str = "kv-events", replay_endpoint: str | None = None,
+                 *, buffer_steps: int = 10_000, max_queue_size: int = 100_000, hwm: int = 100_000,
+                 data_parallel_rank: int | None = None, event_format: str = "array"):
+        import collections
+        import queue
+        import threading
+
+        zmq = require("zmq", "pagedkv.events.ZmqPublisher")
+        _schema(event_format)  # NOTE: fails here (bad format, no msgspec), not in the thread
+        for name, value in (("buffer_steps", buffer_steps), ("max_queue_size", max_queue_size), ("hwm", hwm)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgument(name, value, "an int >= 1")
+        self._zmq = zmq
+        self._ctx = zmq.Context.instance()
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.SNDHWM, hwm)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._replay = None
+        name, value = "endpoint", endpoint
+        try:
+            if _binds(endpoint):
+                self._pub.bind(endpoint)
+            else:
+                self._pub.connect(endpoint)
+            if replay_endpoint is not None:
+                name, value = "replay_endpoint", replay_endpoint
+                self._replay = self._ctx.socket(zmq.ROUTER)
+                self._replay.setsockopt(zmq.LINGER, 0)
+                self._replay.bind(replay_endpoint)
+        except zmq.ZMQError as exc:
+            self._close_sockets()
+            raise InvalidArgument(name, value, f"an address ZeroMQ can use ({exc})") from None
+        #: the PUB socket's resolved address (a bound wildcard port filled in)
+        self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT) or endpoint
+        self.replay_endpoint = (self._replay.getsockopt_string(zmq.LAST_ENDPOINT) if self._replay is not None
+                                else None)
+        self._topic = topic.encode()
+        self._format = event_format
+        self._rank = data_parallel_rank
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue_size)
+        self._buffer: collections.deque = collections.deque(maxlen=buffer_steps)
+        self._lock = threading.Lock()
+        self._next_seq = 0
+        self.num_dropped = 0
+        self.num_sent = 0
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="pagedkv-kv-events", daemon=True)
+        self._thread.start()
+
+    def publish(self, events, ts: float | None = None) -> int | None:
+        """Queue one batch (a ``take_events`` list); returns its sequence number, or None when
+        the queue was full and it was dropped. Never blocks."""
+        import queue
+        import time
+
+        if not self._running:
+            raise InvalidArgument("publisher", "closed", "an open ZmqPublisher")
+        with self._lock:
+            seq = self._next_seq
+            self._next_seq += 1
+        try:
+            self._queue.put_nowait((seq, time.time() if ts is None else ts, list(events)))
+        except queue.Full:
+            self.num_dropped += 1
+            return None
+        return seq
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Send what is queued (within ``timeout`` seconds), stop the thread, close the sockets."""
+        if not self._running:
+            return
+        self._running = False
+        self._thread.join(timeout)
+        self._close_sockets()
+
+    def __enter__(self) -> "ZmqPublisher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _close_sockets(self) -> None:
+        for sock in (self._pub, self._replay):
+            if sock is not None and not sock.closed:
+                sock.close(linger=0)
+
+    def _run(self) -> None:
+        import queue
+
+        while self._running or not self._queue.empty():
+            if self._replay is not None and self._replay.poll(0):
+                self._serve_replay()
+            try:
+                seq, ts, events = self._queue.get(timeout=0.02)
+            except queue.Empty:
+                continue
+            payload = encode_batch(events, ts, self._rank, self._format)
+            self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload))
+            self._buffer.append((seq, payload))
+            self.num_sent += 1
+
+    def _serve_replay(self) -> None:
+        frames = self._replay.recv_multipart()
+        if len(frames) != 3 or len(frames[2]) != 8:
+            return  # NOTE: a malformed request is ignored, as vLLM's publisher does
+        client, _, start = frames
+        first = int.from_bytes(start, "big")
+        for seq, payload in list(self._buffer):
+            if seq >= first:
+                self._replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))
+        self._replay.send_multipart((client, b"", END_SEQ, b""))
+
+
+class ZmqSubscriber:
+    """The consumer side (as a KV-aware router runs it): SUB to a publisher, replay on gaps.
+
+    ``poll`` returns the batches received, in sequence order, as ``(seq, ts, events, rank)``;
+    with ``replay_endpoint``, a gap in the sequence numbers (including the batches sent before
+    this subscriber joined, with ``from_seq=0``) is filled from the publisher's replay buffer
+    first. ``num_missed`` counts batches that could not be recovered.
+    """
+
+    def __init__(self, endpoint: str, topic: str = "kv-events", replay_endpoint: str | None = None,
+                 event_format: str = "array", from_seq: int | None = None):
+        zmq = require("zmq", "pagedkv.events.ZmqSubscriber")
+        self._zmq = zmq
+        ctx = zmq.Context.instance()
+        self._sub = ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self._sub.connect(endpoint)
+        self._replay = None
+        if replay_endpoint is not None:
+            self._replay = ctx.socket(zmq.DEALER)
+            self._replay.setsockopt(zmq.LINGER, 0)
+            self._replay.connect(replay_endpoint)
+        self._format = event_format
+        # the sequence number expected next: from_seq (e.g. 0: everything the publisher sent,
+        # recovered by replay), or None: whatever arrives first
+        self.next_seq: int | None = from_seq
+        self._catch_up = from_seq is not None and self._replay is not None
+        self.num_missed = 0
+
+    def poll(self, timeout_ms: int = 100, max_batches: int = 1000) -> list[tuple]:
+        out: list[tuple] = []
+        if self._catch_up:
+            # NOTE: once, at the start: what was sent before the subscription took effect (a
+            # SUB socket misses it) comes from the replay buffer; later duplicates are skipped.
+            self._catch_up = False
+            out.extend(self._replay_from(self.next_seq))
+            if out:
+                self.next_seq = out[-1][0] + 1
+        timeout = timeout_ms
+        while len(out) < max_batches and self._sub.poll(timeout):
+            _, seq_bytes, payload = self._sub.recv_multipart()
+            seq = int.from_bytes(seq_bytes, "big")
+            if self.next_seq is not None and seq > self.next_seq:
+                out.extend(self._recover(self.next_seq, seq))
+            if self.next_seq is None or seq >= self.next_seq:
+                out.append((seq, *decode_batch(payload, self._format)))
+                self.next_seq = seq + 1
+            timeout = 0
+        return out
+
+    def _recover(self, first: int, upto: int) -> list[tuple]:
+        got = [b for b in self._replay_from(first) if b[0] < upto]
+        self.num_missed += (upto - first) - len(got)
+        return got
+
+    def _replay_from(self, first: int) -> list[tuple]:
+        """The publisher's buffered batches from ``first`` on (bounded wait; [] without replay)."""
+        got: list[tuple] = []
+        if self._replay is None:
+            return got
+        self._replay.send_multipart((b"", first.to_bytes(8, "big")))
+        while self._replay.poll(2000):
+            _, seq_bytes, payload = self._replay.recv_multipart()
+            if seq_bytes == END_SEQ:
+                break
+            seq = int.from_bytes(seq_bytes, "big")
+            if seq >= first:
+                got.append((seq, *decode_batch(payload, self._format)))
+        return got
+
+    def close(self) -> None:
+        for sock in (self._sub, self._replay):
+            if sock is not None:
+                sock.close(linger=0)
+
+
+# ------------------------------------------------------------------------ router index
+class PrefixIndex:
+    """What a KV-aware router knows: for each replica, the blocks it can match, per medium.
+
+    Feed it every replica's event batches (``apply``/``apply_payload``) and ask
+    ``match(token_ids)``: the prompt tokens each replica holds as a cached prefix. Hashes are
+    recomputed from token ids with the engines' ``prefix_hash`` and ``block_size``.
+    """
+
+    def __init__(self, block_size: int, prefix_hash: str = "pagedkv"):
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise InvalidArgument("block_size", block_size, "an int >= 1")
+        if prefix_hash not in PREFIX_HASHES:
+            raise InvalidArgument("prefix_hash", prefix_hash, f"one of {PREFIX_HASHES}")
+        self.block_size = block_size
+        self.prefix_hash = prefix_hash
+        self._where: dict[str, dict[int, set]] = {medium: {} for medium in MEDIA}
+        self._held: dict[object, set[tuple[int, str]]] = {}
+        self.num_events = 0
+
+    def apply(self, replica, events) -> None:
+        """Apply one replica's events, in order."""
+        held = self._held.setdefault(replica, set())
+        for event in events:
+            self.num_events += 1
+            if isinstance(event, BlockStored):
+                where = self._where.setdefault(event.medium or "GPU", {})
+                for h in event.block_hashes:
+                    where.setdefault(h, set()).add(replica)
+                    held.add((h, event.medium or "GPU"))
+            elif isinstance(event, BlockRemoved):
+                where = self._where.setdefault(event.medium or "GPU", {})
+                for h in event.block_hashes:
+                    holders = where.get(h)
+                    if holders is not None:
+                        holders.discard(replica)
+                        if not holders:
+                            del where[h]
+                    held.discard((h, event.medium or "GPU"))
+            else:
+                for h, medium in held:
+                    holders = self._where[medium].get(h)
+                    if holders is not None:
+                        holders.discard(replica)
+                        if not holders:
+                            del self._where[medium][h]
+                held.clear()
+
+    def apply_payload(self, replica, payload: bytes, event_format: str = "array") -> None:
+        """Apply one encoded batch (a ZMQ message's payload)."""
+        self.apply(replica, decode_batch(payload, event_format)[1])
+
+    def blocks(self, replica, medium: str = "GPU") -> set[int]:
+        """The block hashes ``replica`` holds in ``medium``."""
+        return {h for h, m in self._held.get(replica, ()) if m == medium}
+
+    def match(self, token_ids, cache_salt=None, medium: str | None = "GPU") -> dict:
+        """``{replica: cached prompt tokens}`` for every replica holding the prompt's first block.
+
+        ``medium``: ``"GPU"``, ``"CPU"`` or ``None`` (a block held in either tier counts).
+        """
+        return self.match_hashes(block_hashes(token_ids, self.block_size, cache_salt, self.prefix_hash), medium)
+
+    def match_hashes(self, hashes, medium: str | None = "GPU") -> dict:
+        """``match`` for block hashes already computed (``block_hashes``)."""
+        if medium is not None and medium not in MEDIA:
+            raise InvalidArgument("medium", medium, f"one of {MEDIA} or None")
+        tables = [self._where[m] for m in (MEDIA if medium is None else (medium,))]
+        out: dict = {}
+        alive: set | None = None
+        for i, h in enumerate(hashes):
+            holders = set().union(*(t.get(h, ()) for t in tables)) if len(tables) > 1 else tables[0].get(h)
+            if not holders:
+                break
+            alive = set(holders) if alive is None else alive & holders
+            if not alive:
+                break
+            for replica in alive:
+                out[replica] = (i + 1) * self.block_size
+        return out
