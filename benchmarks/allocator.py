@@ -15,6 +15,10 @@ Cases (issue 2):
               at once, in a pool too small to keep them all (so pages are evicted), with and
               without a sliding window; the hit rate next to the ideal cache's on the same pages
               (pagedkv.ideal_cache.IdealPrefixCache) and the µs per turn.
+  prefix+ev   the prefix case with KV events on (taken after every call), with pagedkv's
+              hash and with vLLM's sha256_cbor: the overhead of events.
+  router      the router-side pagedkv.events.PrefixIndex: blocks applied per second from
+              BlockStored events of 8 replicas, and matches per second on a 100k-token prompt.
   cpu_tier    the multi-turn workload again with the CPU tier of the prefix cache on (a CPU pool
               4x the GPU pool): the hit rate with and without it, and the part found on the CPU
               tier; and the allocator's own cost of a demotion and of a promotion, per page:
@@ -89,22 +93,67 @@ def bench_prefill_free(backend: str, prompt: int, count: int) -> list[dict]:
     ]
 
 
-def bench_prefix(backend: str, count: int, prompt: int = 512, shared: int = 384) -> dict:
+def bench_prefix(backend: str, count: int, prompt: int = 512, shared: int = 384, events: str | None = None) -> dict:
+    """``events``: None (off), "pagedkv" or "sha256_cbor": KV events on, taken after every call
+    (as an engine takes them every step) with that hash."""
     rng = np.random.default_rng(0)
     system = rng.integers(0, 32000, shared).tolist()
     prompts = [system + rng.integers(0, 32000, prompt - shared).tolist() for _ in range(count)]
     pages = 64 * (-(-prompt // PAGE_SIZE))
-    mgr = BlockManager(pages, PAGE_SIZE, enable_prefix_caching=True, backend=backend)
+    mgr = BlockManager(pages, PAGE_SIZE, enable_prefix_caching=True, backend=backend, enable_kv_events=events is not None,
+                       prefix_hash=events or "pagedkv")
+    num_events = 0
     start = time.perf_counter_ns()
     for s, tokens in enumerate(prompts):
         mgr.allocate(s, token_ids=tokens)
         if s >= 32:
             mgr.free(s - 32)
+        if events is not None:
+            num_events += len(mgr.take_events())
     elapsed = time.perf_counter_ns() - start
     mgr.check_invariants()
     stats = mgr.prefix_cache_stats()
-    return {"case": "prefix", "prompt_len": prompt, "shared_len": shared, "calls": count,
-            "us_per_call": elapsed / count / 1e3, "hit_rate": stats.hit_rate}
+    return {"case": "prefix", "prompt_len": prompt, "shared_len": shared, "calls": count, "events": events,
+            "num_events": num_events, "us_per_call": elapsed / count / 1e3, "hit_rate": stats.hit_rate}
+
+
+def bench_router(num_replicas: int = 8, prompt: int = 100_000, block_size: int = PAGE_SIZE) -> dict:
+    """The router-side PrefixIndex: events applied per second, and matches per second on
+    100k-token prompts (hashes recomputed from tokens, and from precomputed hashes)."""
+    from pagedkv.events import BlockStored, PrefixIndex, block_hashes
+
+    rng = np.random.default_rng(3)
+    index = PrefixIndex(block_size)
+    tokens = rng.integers(0, 32000, prompt).tolist()
+    hashes = block_hashes(tokens, block_size)
+    # one BlockStored per 16-block chunk of the prompt, per replica (replica r holds a prefix
+    # of r/num_replicas of it), then as many removes of the last chunk and re-stores
+    batches = []
+    for r in range(num_replicas):
+        keep = len(hashes) * (r + 1) // num_replicas
+        batches.append((r, [BlockStored(hashes[i:i + 16], hashes[i - 1] if i else None,
+                                        tokens[i * block_size:(i + 16) * block_size], block_size)
+                            for i in range(0, keep, 16)]))
+    num = sum(len(events) for _, events in batches)
+    start = time.perf_counter_ns()
+    for replica, events in batches:
+        index.apply(replica, events)
+    apply_ns = time.perf_counter_ns() - start
+    repeats = 3
+    start = time.perf_counter_ns()
+    for _ in range(repeats):
+        got = index.match(tokens)
+    match_ns = (time.perf_counter_ns() - start) / repeats
+    start = time.perf_counter_ns()
+    for _ in range(repeats):
+        assert index.match_hashes(hashes) == got
+    hashed_ns = (time.perf_counter_ns() - start) / repeats
+    assert got[num_replicas - 1] == len(hashes) * block_size
+    return {"case": "router", "replicas": num_replicas, "prompt_len": prompt, "events": num,
+            "blocks": sum(len(e.block_hashes) for _, events in batches for e in events),
+            "events_per_s": num / (apply_ns / 1e9), "blocks_per_s": sum(len(e.block_hashes) for _, ev in batches
+                                                                        for e in ev) / (apply_ns / 1e9),
+            "matches_per_s": 1e9 / match_ns, "matches_per_s_prehashed": 1e9 / hashed_ns}
 
 
 def bench_long_match(backend: str, length: int = 100_000, repeats: int = 5) -> dict:
@@ -130,7 +179,7 @@ def _multi_turn(mgr, window: int | None, conversations: int, turns: int, seed: i
     rng = np.random.default_rng(seed)
     system = rng.integers(0, 32000, 200).tolist()
     history = [list(system) for _ in range(conversations)]
-    end_step = mgr.mgr.end_step if isinstance(mgr, IdealPrefixCache) else mgr.end_step
+    end_step = mgr.end_step
     if getattr(mgr, "cpu_prefix_cache", False):
         def end_step():  # NOTE: an engine executes the tier's moves every step
             mgr.take_offload()
@@ -295,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             records.append(bench_decode(backend, batch, args.prompt_len, args.steps, args.repeats) | {"backend": backend})
         for rec in bench_prefill_free(backend, args.prompt_len, 2000):
             records.append(rec | {"backend": backend})
-        records.append(bench_prefix(backend, 500) | {"backend": backend})
+        for events in (None, "pagedkv", "sha256_cbor"):
+            records.append(bench_prefix(backend, 500, events=events) | {"backend": backend})
         records.append(bench_long_match(backend) | {"backend": backend})
         for window in (None, 256):
             records.append(bench_multi_turn(backend, window) | {"backend": backend})
@@ -305,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
             for length in (10_000, 100_000) + ((1_000_000,) if backend == "cpp" else ()):
                 records.append(bench_windowed(backend, length, tables=tables) | {"backend": backend})
 
+    records.append(bench_router() | {"backend": "python"})
+
     print(f"{'backend':8} {'case':10} {'B':>6} {'figure':>60}")
     for r in records:
         if r["case"] == "decode":
@@ -312,7 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         elif r["case"] == "long_match":
             figure = f"{r['ms_per_call']:.2f} ms/call"
         elif r["case"] == "prefix":
-            figure = f"{r['us_per_call']:.2f} us/call, hit rate {r['hit_rate']:.3f}"
+            label = "events off" if r["events"] is None else f"events {r['events']}"
+            figure = f"{label}: {r['us_per_call']:.2f} us/call, hit rate {r['hit_rate']:.3f}"
+        elif r["case"] == "router":
+            figure = (f"{r['blocks_per_s']:,.0f} blocks/s applied, {r['matches_per_s']:.1f} matches/s "
+                      f"({r['matches_per_s_prehashed']:.0f} prehashed) on {r['prompt_len']:,} tokens")
         elif r["case"] == "windowed":
             figure = (f"{r['tables']} {r['num_tokens']:,} tokens: {r['ms_per_step']:.2f} ms/step "
                       f"(width {r['table_width']:,})")

@@ -70,6 +70,35 @@ nb::object failure(const Failure& f) { return nb::cast(f); }
 
 }  // namespace
 
+// KV-event records (PrefixIndex's flat int64 layout) as the reference's tuples: built here, so
+// the Python side does no per-record decoding (take_events runs every step with events on).
+static nb::list event_records(const std::vector<int64_t>& flat, int64_t page_size) {
+  nb::list out;
+  const size_t ps = static_cast<size_t>(page_size);
+  size_t i = 0;
+  while (i < flat.size()) {
+    const int64_t kind = flat[i];
+    if (kind == pagedkv::PrefixIndex::kEventNode) {
+      nb::tuple tokens = nb::steal<nb::tuple>(PyTuple_New(static_cast<Py_ssize_t>(ps)));
+      for (size_t k = 0; k < ps; ++k)
+        PyTuple_SET_ITEM(tokens.ptr(), static_cast<Py_ssize_t>(k), PyLong_FromLongLong(flat[i + 5 + k]));
+      out.append(nb::make_tuple(kind, flat[i + 1], flat[i + 2], static_cast<uint64_t>(flat[i + 3]),
+                                static_cast<uint64_t>(flat[i + 4]), tokens));
+      i += 5 + ps;
+    } else if (kind == pagedkv::PrefixIndex::kEventDrop) {
+      out.append(nb::make_tuple(kind, flat[i + 1]));
+      i += 2;
+    } else if (kind == pagedkv::PrefixIndex::kEventCleared) {
+      out.append(nb::make_tuple(kind));
+      i += 1;
+    } else {
+      out.append(nb::make_tuple(kind, flat[i + 1], flat[i + 2]));
+      i += 3;
+    }
+  }
+  return out;
+}
+
 NB_MODULE(_core, m) {
   m.doc() = "C++ core of the pagedkv block manager (use pagedkv.BlockManager, not this module).";
 
@@ -202,13 +231,14 @@ NB_MODULE(_core, m) {
       .def_prop_ro("enable_kv_events", &BlockManager::enable_kv_events)
       .def(
           "take_events",
-          [](BlockManager& self) {
+          [](BlockManager& self, int64_t page_size) {
             std::vector<int64_t> records;
             self.take_events(records);
-            const size_t n = records.size();
-            return to_numpy(std::move(records), {n});
+            return event_records(records, page_size);
           },
-          "The KV-event records since the last call, flat int64 (see PrefixIndex); forgets them.")
+          "page_size"_a,
+          "The KV-event records since the last call as the reference's tuples (see "
+          "pagedkv/_prefix_index.py); forgets them.")
       .def_prop_ro("num_free_pages", &BlockManager::num_free_pages)
       .def_prop_ro("num_free_cpu_pages", &BlockManager::num_free_cpu_pages)
       .def_prop_ro("num_pinned_pages", &BlockManager::num_pinned_pages)
@@ -501,7 +531,7 @@ NB_MODULE(_core, m) {
                                               arr(std::move(s.node_indptr)), arr(std::move(s.node_pages)),
                                               arr(std::move(s.node_cpu_pages)));
             const size_t num_demotions = s.demotions.size() / 2, num_promotions = s.promotions.size() / 2;
-            nb::object events = arr(std::move(s.events));
+            nb::object events = event_records(s.events, self.page_size());
             nb::object tier = nb::make_tuple(arr(std::move(s.cpu_lru)),
                                              to_numpy(std::move(s.demotions), {num_demotions, 2}),
                                              to_numpy(std::move(s.promotions), {num_promotions, 2}));

@@ -144,8 +144,11 @@ BlockManager::BlockManager(int64_t num_pages, int64_t page_size, int64_t waterma
       cpu_swapped_from_(static_cast<size_t>(num_cpu_pages), kNullPage) {
   pinned_.reserve(static_cast<size_t>(num_pages));
   cpu_pinned_.reserve(static_cast<size_t>(num_cpu_pages));
-  if (cpu_prefix_cache_) {
+  if (enable_prefix_caching) {
     fresh_.reserve(static_cast<size_t>(num_pages));
+    fresh_offset_.assign(static_cast<size_t>(num_pages), static_cast<int32_t>(page_size));
+  }
+  if (cpu_prefix_cache_) {
     cpu_lru_prev_.assign(static_cast<size_t>(num_cpu_pages), kNotQueued);
     cpu_lru_next_.assign(static_cast<size_t>(num_cpu_pages), kNotQueued);
   }
@@ -294,7 +297,7 @@ void BlockManager::demote(int32_t page) {
   // step's forward pass, after the demotion would run), only once per node (the tier is
   // inclusive), and never into a swapped-out sequence's page.
   const int32_t node = prefix_.node_of(page);
-  if ((pin_flags_[page] & kFresh) || prefix_.cpu_page_of(node) != PrefixIndex::kNone ||
+  if (fresh_offset_[page] < page_size_ || prefix_.cpu_page_of(node) != PrefixIndex::kNone ||
       num_free_cpu_pages() == 0)
     return;
   const int32_t cpu = take_cpu_page();
@@ -389,7 +392,7 @@ void BlockManager::end_step() {
     if (cpu_ref_count_[page] == 0) enqueue_cpu(page);
   }
   cpu_pinned_.clear();
-  for (int32_t page : fresh_) pin_flags_[page] &= static_cast<uint8_t>(~kFresh);
+  for (int32_t page : fresh_) fresh_offset_[page] = static_cast<int32_t>(page_size_);
   fresh_.clear();
 }
 
@@ -586,6 +589,7 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
   if (caching) {
     seq.cache->node = shared ? prefix_.node_of(seq.pages[static_cast<size_t>(shared - 1)]) : PrefixIndex::kRoot;
     prefix_.acquire(seq.cache->node);
+    written_from_ = plan.num_cached;  // NOTE: the rest of the prompt is computed in this step
     offer_pages(seq, num_tokens, committed);
   }
   index_.insert(seq_id, slot);

@@ -309,8 +309,11 @@ class PrefixIndex {
   // A page of node's: referenced and, when pin_flags is given (a copy source), not a copy
   // destination of this step (flags & 2); else any page not such a destination; else the
   // first; kNone for a ghost.
+  // With fresh (per page: the first offset written in this step, page_size when none), only
+  // pages whose offset is at least min_offset are considered (kNone if there is none).
   int32_t pick_page(int32_t node, const std::vector<int32_t>& ref_count,
-                    const std::vector<uint8_t>* pin_flags = nullptr) const;
+                    const std::vector<uint8_t>* pin_flags = nullptr,
+                    const std::vector<int32_t>* fresh = nullptr, int32_t min_offset = 0) const;
   int32_t node_of(int32_t page) const { return page_node_[page]; }
   bool is_cached(int32_t page) const { return page_node_[page] != kNone; }
   uint64_t hash_of(int32_t node) const { return node == kRoot ? 0 : nodes_[node].hash; }
@@ -688,9 +691,13 @@ class BlockManager {
   // swap-out of this step moved into it (kNullPage: none).
   static constexpr uint8_t kPinned = 1;
   static constexpr uint8_t kCopyDst = 2;
-  // Indexed in this step (its KV lands in this step: never demoted in it); listed in fresh_.
-  static constexpr uint8_t kFresh = 4;
+  // Per GPU page indexed in this step: the first in-page offset whose KV lands in this step's
+  // forward pass (page_size: none), ReferenceBlockManager._fresh; such pages are listed in
+  // fresh_ (capacity num_pages). Never demoted in the step; a whole-prompt hit's copy source
+  // only if the offset is the last slot. written_from_: set by the caller of offer_pages.
+  std::vector<int32_t> fresh_offset_;
   std::vector<int32_t> fresh_;
+  int64_t written_from_ = 0;
   std::vector<uint8_t> pin_flags_;
   std::vector<int32_t> pinned_;
   std::vector<uint8_t> cpu_pinned_flag_;

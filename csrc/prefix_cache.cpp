@@ -86,20 +86,31 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
   const int64_t ps = page_size_;
   const int32_t parent = match_prefix(token_ids.data, page_math_.index(num_tokens), salt, hits_,
                                       cpu_prefix_cache_, &hit_nodes_);
-  const int64_t num_hits = static_cast<int64_t>(hits_.size());
-  const int64_t hit_tokens = num_hits * ps;
+  const int64_t hit_tokens = static_cast<int64_t>(hits_.size()) * ps;
   plan.num_cached = std::min(hit_tokens, num_tokens - 1);
   plan.copy = plan.num_cached < hit_tokens;
   // NOTE: the last hit page is a copy source: prefer a page no copy of this step writes (a copy
   // from one would have to wait for that copy).
-  if (plan.copy && !hits_.empty() && hits_.back() != kNullPage)
-    hits_.back() = prefix_.pick_page(parent, ref_count_, &pin_flags_);
+  if (plan.copy && !hits_.empty() && hits_.back() != kNullPage) {
+    // NOTE: a copy source whose KV is written before this step's copies run, but for its last
+    // slot (which this prompt recomputes); without one, the hit stops a page earlier.
+    const int32_t src = prefix_.pick_page(parent, ref_count_, &pin_flags_, &fresh_offset_,
+                                          static_cast<int32_t>(ps - 1));
+    if (src == kNullPage) {
+      hits_.pop_back();
+      hit_nodes_.pop_back();
+      plan.num_cached = static_cast<int64_t>(hits_.size()) * ps;
+      plan.copy = false;
+    } else {
+      hits_.back() = src;
+    }
+  }
   // NOTE: a hit on a page only a pending copy pins takes no page from the free queues; a hit
   // on the CPU tier takes one (its promotion's destination).
   int64_t taken = 0;
   for (int32_t page : hits_)
     taken += page == kNullPage || (ref_count_[page] == 0 && !(pin_flags_[page] & kPinned));
-  plan.need = pages - num_hits + (plan.copy ? 1 : 0) + taken;
+  plan.need = pages - static_cast<int64_t>(hits_.size()) + (plan.copy ? 1 : 0) + taken;
   return plan;
 }
 
@@ -151,9 +162,10 @@ bool BlockManager::index_page(Sequence& seq, size_t i, const int64_t* block) {
   const int32_t page = seq.pages[i];
   if (page < 0 || prefix_.is_cached(page)) return false;  // a window released it, or a hit
   prefix_.attach(page, node);
-  if (cpu_prefix_cache_ && !(pin_flags_[page] & kFresh)) {
-    pin_flags_[page] |= kFresh;
-    fresh_.push_back(page);  // within the capacity reserved at construction
+  const int64_t offset = std::max<int64_t>(written_from_ - static_cast<int64_t>(i) * page_size_, 0);
+  if (offset < page_size_) {
+    if (fresh_offset_[page] == page_size_) fresh_.push_back(page);  // within capacity num_pages
+    fresh_offset_[page] = std::min(fresh_offset_[page], static_cast<int32_t>(offset));
   }
   return true;
 }
@@ -234,6 +246,7 @@ Failure BlockManager::commit(int64_t seq_id, int64_t num_computed_tokens, int64_
   if (cache.tail_known) reserve_cache(pages_to_offer(seq, seq.num_tokens, num_computed_tokens));
   reserve_events();
   // Nothing below allocates.
+  written_from_ = cache.committed;  // NOTE: the chunk up to num_computed_tokens lands in this step
   cache.committed = num_computed_tokens;
   if (cache.tail_known) indexed = offer_pages(seq, seq.num_tokens, num_computed_tokens);
   return Failure{};
@@ -244,6 +257,7 @@ void BlockManager::extend_cached_tokens(Sequence& seq, int64_t start, const int6
   SequenceCache& cache = *seq.cache;
   // NOTE: appended tokens are written in the step that appends them, and so is everything
   // before them: the append commits the whole sequence, pending prompt pages first.
+  written_from_ = cache.committed;
   cache.committed = seq.num_tokens;
   if (!cache.tail_known) return;
   if (cache.pending() >= page_size_) offer_pages(seq, start, start);

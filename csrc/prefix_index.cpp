@@ -31,15 +31,19 @@ int32_t PrefixIndex::find(uint64_t h, int32_t parent, uint64_t salt, const int64
 }
 
 int32_t PrefixIndex::pick_page(int32_t node, const std::vector<int32_t>& ref_count,
-                               const std::vector<uint8_t>* pin_flags) const {
+                               const std::vector<uint8_t>* pin_flags,
+                               const std::vector<int32_t>* fresh, int32_t min_offset) const {
   constexpr uint8_t kCopyDst = 2;  // BlockManager::kCopyDst
+  int32_t first = kNone;
   int32_t fallback = kNone;
   for (int32_t page = nodes_[node].first_page; page != kNone; page = page_next_[page]) {
+    if (fresh && (*fresh)[page] < min_offset) continue;
+    if (first == kNone) first = page;
     if (pin_flags && ((*pin_flags)[page] & kCopyDst)) continue;
     if (ref_count[page]) return page;
     if (fallback == kNone) fallback = page;
   }
-  return fallback == kNone ? nodes_[node].first_page : fallback;
+  return fallback == kNone ? first : fallback;
 }
 
 void PrefixIndex::reserve(int64_t n) {

@@ -98,6 +98,9 @@ class EngineConfig:
         enable_prefix_caching: reuse the KV of full pages of earlier prompts.
         cpu_prefix_cache: with prefix caching and CPU pages, demote evicted cached pages to the
             CPU pool and promote them back on a hit (``BlockManager(cpu_prefix_cache=True)``).
+        kv_events: a ZeroMQ endpoint (e.g. ``tcp://*:5557``): with prefix caching, publish the
+            block manager's KV events there after every step, in vLLM's format (topic
+            ``kv-events``, replay on the next port), for a KV-aware router.
         watermark: fraction of pages kept free when admitting (see ``BlockManager``).
         backend: ``PagedKVCache`` backend (``None``: Triton on CUDA, torch elsewhere).
         block_manager_backend: ``"cpp"`` / ``"python"`` / ``None`` (the best one built).
@@ -112,6 +115,7 @@ class EngineConfig:
     num_cpu_pages: int = 0
     enable_prefix_caching: bool = False
     cpu_prefix_cache: bool = False
+    kv_events: str | None = None
     watermark: float = 0.0
     backend: str | None = None
     block_manager_backend: str | None = None
@@ -276,7 +280,15 @@ class Engine:
         self.mgr = BlockManager(config.num_pages, config.page_size, watermark=config.watermark,
                                 enable_prefix_caching=config.enable_prefix_caching,
                                 num_cpu_pages=config.num_cpu_pages, cpu_prefix_cache=config.cpu_prefix_cache,
+                                enable_kv_events=config.kv_events is not None,
+                                prefix_hash="sha256_cbor" if config.kv_events is not None else "pagedkv",
                                 backend=config.block_manager_backend)
+        self.publisher = None
+        if config.kv_events is not None:
+            from pagedkv.events import ZmqPublisher
+
+            self.publisher = ZmqPublisher(config.kv_events, topic="kv-events",
+                                          replay_endpoint=_next_port(config.kv_events))
         self.cache = PagedKVCache(self.runner.num_layers, config.num_pages, config.page_size, self.runner.num_kv_heads,
                                   self.runner.head_dim, dtype=param.dtype, device=self.device,
                                   backend=config.backend, num_cpu_pages=config.num_cpu_pages)
@@ -326,6 +338,7 @@ class Engine:
             self._admit(chunks, budget)
         if not decoders and not chunks:
             self.mgr.end_step()  # the copies of this step (swaps) have run
+            self._publish()
             return []
         # NOTE: each chunk's K/V is written by this step's forward pass, before any attention
         # reads it, so its pages may become matchable now. Committed after the admissions, so a
@@ -343,7 +356,19 @@ class Engine:
         # NOTE: every copy of this step has run: the pages only they held can be reused. (The
         # next step's append_batch would release them too; a step without decoders has none.)
         self.mgr.end_step()
-        return self._process(logits, batch)
+        outputs = self._process(logits, batch)
+        self._publish()
+        return outputs
+
+    def _publish(self) -> None:
+        """The step's KV events (its allocations, appends, evictions and frees) to the router."""
+        if self.publisher is not None:
+            self.publisher.publish(self.mgr.take_events())
+
+    def close(self) -> None:
+        """Send the queued KV events and close the publisher."""
+        if self.publisher is not None:
+            self.publisher.close()
 
     # ------------------------------------------------------------- scheduling
     def _offload(self) -> None:
@@ -573,7 +598,13 @@ def tiny_llama(*, vocab_size: int = 256, hidden_size: int = 64, num_layers: int 
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
-def _demo() -> int:
+def _next_port(endpoint: str) -> str:
+    """The replay endpoint beside a tcp publisher endpoint: the next port (a wildcard stays)."""
+    base, _, port = endpoint.rpartition(":")
+    return f"{base}:{int(port) + 1}" if port.isdigit() else f"{base}:*"
+
+
+def _demo(kv_events: str | None = None) -> int:
     """Three runs that show what the engine does, each checked against ``model.generate``.
 
     1. Tight memory: four requests whose pages cannot all fit, so sequences are preempted
@@ -612,7 +643,12 @@ def _demo() -> int:
 
     system = torch.randint(0, 256, (32,), generator=gen).tolist()
     turn1 = [system + torch.randint(0, 256, (n,), generator=gen).tolist() for n in (6, 11)]
-    engine = Engine(model, EngineConfig(num_pages=128, page_size=4, enable_prefix_caching=True))
+    engine = Engine(model, EngineConfig(num_pages=128, page_size=4, enable_prefix_caching=True, kv_events=kv_events))
+    if kv_events is not None:
+        import time
+
+        print(f"  publishing KV events on {engine.publisher.endpoint} (replay {engine.publisher.replay_endpoint})")
+        time.sleep(0.5)  # NOTE: a subscriber that starts now sees the first batch live
     first = engine.generate(turn1, params)
     turn2 = [prompt + out.output_ids[0] + torch.randint(0, 256, (5,), generator=gen).tolist()
              for prompt, out in zip(turn1, first)]
@@ -620,6 +656,9 @@ def _demo() -> int:
           turn1 + turn2, first + engine.generate(turn2, params))
     print(f"  {engine.stats.num_cached_tokens} prompt tokens found cached in all, "
           f"hit rate {engine.mgr.prefix_cache_stats().hit_rate:.2f}")
+    engine.close()
+    if kv_events is not None:
+        print(f"  {engine.publisher.num_sent} KV event batches published ({engine.publisher.num_dropped} dropped)")
 
     engine = Engine(model, EngineConfig(num_pages=64, page_size=4))
     request_id = engine.add_request(prompts[1], SamplingParams(max_new_tokens=8, temperature=1.0, n=3, seed=7))
@@ -640,4 +679,10 @@ def _demo() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_demo())
+    import argparse
+
+    parser = argparse.ArgumentParser(description="pagedkv's example engine: three runs checked against model.generate")
+    parser.add_argument("--kv-events", metavar="ENDPOINT", default=None,
+                        help="publish the prefix-caching run's KV events in vLLM's format on this ZeroMQ endpoint "
+                        "(e.g. 'tcp://*:5557', which binds; replay on the next port); see examples/kv_events_subscriber.py")
+    sys.exit(_demo(parser.parse_args().kv_events))

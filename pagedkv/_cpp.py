@@ -19,7 +19,6 @@ import numpy as np
 
 from . import _core
 from . import _validate as check
-from ._prefix_index import CLEARED, DROP, NODE
 from ._reference import MAX_PRIORITY, MIN_PRIORITY
 from .errors import DuplicateSequence, InvalidArgument, InvariantViolation, OutOfPages, PagedKVError
 from .errors import SequenceExists, SequenceSwapped, SequenceTooLong, UnknownSequence, invalid_argument
@@ -101,29 +100,6 @@ def _invariant_violation(name: str, values: tuple[int, ...]) -> InvariantViolati
         what = ("a free page", "referenced", "not cached", "pinned", "a free or referenced page holding cached content")
         return InvariantViolation.of(name, values[0], what[values[1]])
     return InvariantViolation.of(name, *values)
-
-
-def _event_records(flat: np.ndarray, page_size: int) -> list[tuple]:
-    """The core's flat int64 event records as the reference's tuples (see ``_prefix_index``)."""
-    values = flat.tolist()
-    out: list[tuple] = []
-    i, n = 0, len(values)
-    while i < n:
-        kind = values[i]
-        if kind == NODE:
-            node, parent, salt, h = values[i + 1:i + 5]
-            out.append((NODE, node, parent, salt & _MASK64, h & _MASK64, tuple(values[i + 5:i + 5 + page_size])))
-            i += 5 + page_size
-        elif kind == DROP:
-            out.append((DROP, values[i + 1]))
-            i += 2
-        elif kind == CLEARED:
-            out.append((CLEARED,))
-            i += 1
-        else:
-            out.append((kind, values[i + 1], values[i + 2]))
-            i += 3
-    return out
 
 
 def _error(failure) -> Exception:
@@ -336,7 +312,7 @@ class CppBlockManager:
         return self._core.enable_kv_events
 
     def take_events(self) -> list[tuple]:
-        return _event_records(self._core.take_events(), self._page_size)
+        return self._core.take_events(self._page_size)
 
     def pin_prefix(self, token_ids: np.ndarray, salt: int = 0) -> int:
         out = self._core.pin_prefix(_ids(token_ids), salt)
@@ -430,7 +406,7 @@ class CppBlockManager:
             "cpu_pinned": cpu_pinned.tolist(),
             "cpu_lru": cpu_lru.tolist(),
             "offload": ([tuple(p) for p in demotions.tolist()], [tuple(p) for p in promotions.tolist()]),
-            "events": _event_records(events, self._page_size),
+            "events": events,
             "index": {p: (n, h) for p, n, h in zip(cached_pages, cached_nodes, cached_hashes)},
             "nodes": {n: (h, parent, deps, tuple(node_pages[node_indptr[i]:node_indptr[i + 1]]), cpu)
                       for i, (n, h, parent, deps, cpu) in enumerate(zip(node_ids, node_hashes, node_parents, node_deps,

@@ -79,20 +79,24 @@ class PrefixIndex:
             node = self._next_same_hash[node]
         return NONE
 
-    def pick_page(self, node: int, ref_count: list[int], copy_dsts=()) -> int:
+    def pick_page(self, node: int, ref_count: list[int], copy_dsts=(), fresh=None, min_offset: int = 0) -> int:
         """A page holding ``node``'s content, in this order of preference: referenced (taking it
         costs no free page) and not in ``copy_dsts`` (for a copy source: the destinations of
         this step's copies, which a copy from would have to wait for), then any page not in
-        ``copy_dsts``, then the first page; NONE for a ghost."""
-        first = self._first_page[node]
-        fallback = NONE
-        page = first
+        ``copy_dsts``, then the first page; NONE for a ghost. With ``fresh`` (page -> first
+        offset written in this step), only pages not in it or with that offset at least
+        ``min_offset`` are considered (NONE if there is none)."""
+        first = fallback = NONE
+        page = self._first_page[node]
         while page != NONE:
-            if page not in copy_dsts:
-                if ref_count[page]:
-                    return page
-                if fallback == NONE:
-                    fallback = page
+            if fresh is None or fresh.get(page, min_offset) >= min_offset:
+                if first == NONE:
+                    first = page
+                if page not in copy_dsts:
+                    if ref_count[page]:
+                        return page
+                    if fallback == NONE:
+                        fallback = page
             page = self._page_next[page]
         return first if fallback == NONE else fallback
 

@@ -161,12 +161,15 @@ class ReferenceBlockManager:
         self._cpu_free: deque[int] = deque(range(num_cpu_pages))
         self._cpu_ref_count = [0] * num_cpu_pages
         # CPU tier of the prefix cache: unpinned cached CPU pages, least recently used first;
-        # the (gpu, cpu) demotions and (cpu, gpu) promotions not yet taken by take_offload; the
-        # GPU pages indexed in this step (their KV lands in this step: never demoted in it)
+        # the (gpu, cpu) demotions and (cpu, gpu) promotions not yet taken by take_offload
         self._cpu_lru: OrderedDict[int, None] = OrderedDict()
         self._demotions: list[tuple[int, int]] = []
         self._promotions: list[tuple[int, int]] = []
-        self._fresh: set[int] = set()
+        # NOTE: the GPU pages indexed in this step, each with the first in-page offset whose KV
+        # lands in this step's forward pass (after this step's copies run): such a page is never
+        # demoted in the step, and is a whole-prompt hit's copy source only if that offset is its
+        # last slot (the one the hitting prompt recomputes itself).
+        self._fresh: dict[int, int] = {}
         # NOTE: page tables are array('i') rather than lists so that padded numpy page tables
         # are built from their bytes, not element by element (the batch path runs every step).
         self._tables: dict[int, array] = {}
@@ -319,7 +322,7 @@ class ReferenceBlockManager:
             self._seq_node[seq_id] = node
             self._seq_tail[seq_id] = list(token_ids[shared * ps :])
             self._seq_committed[seq_id] = committed
-            self._offer_pages(seq_id, table, num_tokens, committed)
+            self._offer_pages(seq_id, table, num_tokens, committed, num_cached)
         return num_cached, copies
 
     def append(self, seq_id: int, num_tokens: int, token_ids: np.ndarray | None = None) -> list[tuple[int, int]]:
@@ -376,10 +379,11 @@ class ReferenceBlockManager:
             raise invalid_argument(name, num_computed_tokens, name, seq_id, num_tokens)
         if seq_id not in self._seq_committed or num_computed_tokens <= self._seq_committed[seq_id]:
             return 0
+        written_from = self._seq_committed[seq_id]
         self._seq_committed[seq_id] = num_computed_tokens
         if self._seq_tail[seq_id] is None:
             return 0
-        return self._offer_pages(seq_id, table, num_tokens, num_computed_tokens)
+        return self._offer_pages(seq_id, table, num_tokens, num_computed_tokens, written_from)
 
     def fork(self, parent_id: int, child_id: int) -> None:
         parent = self._resident_table(parent_id)
@@ -744,8 +748,17 @@ class ReferenceBlockManager:
         copy = 1 if num_cached < len(hits) * ps else 0
         if copy and hits and hits[-1] != NONE:
             # NOTE: the last hit page is a copy source: prefer a page no copy of this step writes
-            # (a copy from one would have to wait for that copy).
-            hits[-1] = self._prefix.pick_page(nodes[-1], self._ref_count, self._copy_dsts)
+            # (a copy from one would have to wait for that copy), and take only a page whose KV
+            # is written before this step's copies run, but for its last slot, which this prompt
+            # recomputes. Without one (a multi-token append or a prefill of this step filled
+            # it), the hit stops a page earlier: that page is computed again.
+            src = self._prefix.pick_page(nodes[-1], self._ref_count, self._copy_dsts, self._fresh, ps - 1)
+            if src == NONE:
+                hits.pop()
+                nodes.pop()
+                num_cached, copy = len(hits) * ps, 0
+            else:
+                hits[-1] = src
         # NOTE: a hit on a page only a pending copy pins takes no page from the free queues; a
         # hit on the CPU tier takes one (its promotion's destination).
         taken = sum(1 for page in hits if page == NONE or (self._ref_count[page] == 0 and page not in self._pinned))
@@ -821,7 +834,7 @@ class ReferenceBlockManager:
         else:
             self._cpu_free.append(cpu)
 
-    def _index_page(self, seq_id: int, table: array, i: int, block: tuple) -> bool:
+    def _index_page(self, seq_id: int, table: array, i: int, block: tuple, written_from: int) -> bool:
         """Offer page ``i`` of a sequence, whose tokens are ``block``, to the index: its node is
         found or made after the sequence's last one, and the page joins it unless it is a
         released (NULL) entry or cached already. Returns whether the page was attached."""
@@ -837,7 +850,9 @@ class ReferenceBlockManager:
         if page == NULL_PAGE or prefix.is_cached(page):
             return False
         prefix.attach(page, node)
-        self._fresh.add(page)
+        offset = max(written_from - i * self.page_size, 0)
+        if offset < self.page_size:
+            self._fresh[page] = min(self._fresh.get(page, offset), offset)
         return True
 
     def _reattach(self, seq_id: int, table: array) -> None:
@@ -972,26 +987,28 @@ class ReferenceBlockManager:
         before them: the append commits the whole sequence, prompt pages still pending first.
         """
         end = self._num_tokens[seq_id]
+        written_from = self._seq_committed[seq_id]  # NOTE: the rest is written in this step
         self._seq_committed[seq_id] = end
         tail = self._seq_tail[seq_id]
         if tail is None:
             return
         if token_ids is None:
-            self._offer_pages(seq_id, table, start, start)
+            self._offer_pages(seq_id, table, start, start, written_from)
             self._seq_tail[seq_id] = None  # tokens unknown from here on: cache no more pages
             return
         tail.extend(token_ids)
-        self._offer_pages(seq_id, table, end, end)
+        self._offer_pages(seq_id, table, end, end, written_from)
 
-    def _offer_pages(self, seq_id: int, table: array, end: int, stop: int) -> int:
+    def _offer_pages(self, seq_id: int, table: array, end: int, stop: int, written_from: int) -> int:
         """Offer to the index, in order, each full page of the sequence's pending token ids
-        (which end at position ``end``) lying wholly before ``stop``; returns pages indexed."""
+        (which end at position ``end``) lying wholly before ``stop``; returns pages indexed.
+        Positions from ``written_from`` on get their KV in this step's forward pass."""
         tail = self._seq_tail[seq_id]
         ps = self.page_size
         page = (end - len(tail)) // ps
         offered = indexed = 0
         while len(tail) - offered >= ps and (page + 1) * ps <= stop:
-            indexed += self._index_page(seq_id, table, page, tuple(tail[offered : offered + ps]))
+            indexed += self._index_page(seq_id, table, page, tuple(tail[offered : offered + ps]), written_from)
             offered += ps
             page += 1
         if offered:

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 from ._hashing import MASK64, page_hash, salt_hash
 from ._optional import require
-from ._prefix_index import CLEARED, CPU, DROP, NODE, REMOVED, ROOT, STORED
+from ._prefix_index import CLEARED, DROP, NODE, REMOVED, ROOT, STORED
 from .errors import InvalidArgument
 
 #: Hash algorithms of ``BlockManager(prefix_hash=...)`` and ``block_hashes``.
@@ -142,43 +142,46 @@ class EventBuilder:
 
     def build(self, records) -> list:
         events: list = []
-        last_stored = ROOT  # node of the last block of events[-1] when it is a BlockStored
+        nodes = self._nodes
+        # NOTE: the event being extended (a chain stored in one go is one event, as vLLM sends a
+        # request's blocks; consecutive removals of one medium are one event), and for a
+        # BlockStored the node of its last block. Hot with events on: kept to plain locals.
+        open_kind, open_medium, open_node, open_event = None, None, ROOT, None
         for record in records:
             kind = record[0]
             if kind == NODE:
                 _, node, parent, salt, h, tokens = record
                 if self._none is None:
-                    self._nodes[node] = (h, parent, tuple(tokens), None)
+                    nodes[node] = (h, parent, tokens, None)
                 else:
-                    base = self._none if parent == ROOT else self._nodes[parent][3]
+                    base = self._none if parent == ROOT else nodes[parent][3]
                     digest = _sha256_block(base, tokens, self.salts.get(salt, salt) if parent == ROOT else None)
-                    self._nodes[node] = (external_hash(digest), parent, tuple(tokens), digest)
-            elif kind == DROP:
-                del self._nodes[record[1]]
+                    nodes[node] = (external_hash(digest), parent, tokens, digest)
             elif kind == STORED:
                 _, node, medium = record
-                h, parent, tokens, _ = self._nodes[node]
-                name = "CPU" if medium == CPU else "GPU"
-                last = events[-1] if events else None
-                # NOTE: a chain stored in one go is one event, as vLLM sends a request's blocks.
-                if isinstance(last, BlockStored) and last.medium == name and parent == last_stored and parent != ROOT:
-                    last.block_hashes.append(h)
-                    last.token_ids.extend(tokens)
+                h, parent, tokens, _ = nodes[node]
+                if open_kind == STORED and open_medium == medium and parent == open_node and parent != ROOT:
+                    open_event.block_hashes.append(h)
+                    open_event.token_ids.extend(tokens)
                 else:
-                    parent_hash = None if parent == ROOT else self._nodes[parent][0]
-                    events.append(BlockStored([h], parent_hash, list(tokens), self.page_size, None, name, None))
-                last_stored = node
+                    parent_hash = None if parent == ROOT else nodes[parent][0]
+                    open_event = BlockStored([h], parent_hash, list(tokens), self.page_size, None, MEDIA[medium], None)
+                    events.append(open_event)
+                    open_kind, open_medium = STORED, medium
+                open_node = node
             elif kind == REMOVED:
                 _, node, medium = record
-                name = "CPU" if medium == CPU else "GPU"
-                h = self._nodes[node][0]
-                last = events[-1] if events else None
-                if isinstance(last, BlockRemoved) and last.medium == name:
-                    last.block_hashes.append(h)
+                if open_kind == REMOVED and open_medium == medium:
+                    open_event.block_hashes.append(nodes[node][0])
                 else:
-                    events.append(BlockRemoved([h], name))
+                    open_event = BlockRemoved([nodes[node][0]], MEDIA[medium])
+                    events.append(open_event)
+                    open_kind, open_medium = REMOVED, medium
+            elif kind == DROP:
+                del nodes[record[1]]
             elif kind == CLEARED:
                 events.append(AllBlocksCleared())
+                open_kind = None
         return events
 
 

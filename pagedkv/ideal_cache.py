@@ -16,7 +16,14 @@ the pages a swap-in brings back. The oracle reads those from the page tables bef
 each call. ``reset_prefix_cache`` forgets the pages that hold content at that moment: they stay
 unfindable until they are handed out again, a sequence sharing one offers it for the first
 time (it commits that page later), or a swap-in brings its sequence back (a swap-in offers all
-of a sequence's committed pages); pages committed later are findable as ever. Pure Python; must not import torch, triton or hypothesis.
+of a sequence's committed pages); pages committed later are findable as ever.
+
+One more rule makes a hit ideal but safe: a whole-prompt hit copies its last page, and the copy
+runs before the step's forward pass, so it may only read a page whose KV was written before this
+step but for its last slot. The oracle tracks, per page, the first offset committed in the
+current step (until ``end_step`` or ``append_batch``); when every page holding a whole prompt's
+last content was filled in this step by more than its last slot, the ideal hit stops a page
+earlier. Pure Python; must not import torch, triton or hypothesis.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class IdealPrefixCache:
         self._committed: dict[int, int] = {}
         self._offered: dict[int, int] = {}  # seq -> its full pages offered to the cache so far
         self._forgotten: set[int] = set()  # pages whose content reset_prefix_cache forgot
+        self._fresh: dict[int, int] = {}  # page -> first offset whose KV lands in this step
         self.ideal_hit_tokens = self.hit_tokens = self.query_tokens = 0
 
     # ---------------------------------------------------------------- the model
@@ -74,12 +82,16 @@ class IdealPrefixCache:
     def ideal_hit(self, token_ids, cache_salt=None) -> int:
         """Tokens of ``token_ids`` an ideal cache holds now (at most ``len - 1``)."""
         tokens = [int(t) for t in token_ids]
-        found = 0
-        for cid in self._content_ids(tokens, cache_salt, len(tokens) // self.page_size, create=False):
+        ps, found, last = self.page_size, 0, None
+        for cid in self._content_ids(tokens, cache_salt, len(tokens) // ps, create=False):
             if not self._holders.get(cid):
                 break
-            found += 1
-        return min(found * self.page_size, len(tokens) - 1)
+            found, last = found + 1, cid
+        if found and found * ps >= len(tokens):
+            # the last page is copied: some page holding it must be written but for its last slot
+            if not any(c == last and self._fresh.get(p, ps) >= ps - 1 for p, c in self._content.items()):
+                found -= 1
+        return min(found * ps, len(tokens) - 1)
 
     def _drop(self, page: int) -> None:
         self._forgotten.discard(page)  # handed out again: new content from here on
@@ -87,7 +99,8 @@ class IdealPrefixCache:
         if cid is not None:
             self._holders[cid] -= 1
 
-    def _hold(self, page: int, cid: int, offered_now: bool = False) -> None:
+    def _hold(self, page: int, cid: int, offered_now: bool = False, offset: int | None = None) -> None:
+        """``page`` holds content ``cid``; ``offset``: its first slot written in this step."""
         if offered_now:
             self._forgotten.discard(page)  # a sequence offers it for the first time
         if self._content.get(page) == cid or page in self._forgotten:
@@ -95,6 +108,8 @@ class IdealPrefixCache:
         self._drop(page)
         self._content[page] = cid
         self._holders[cid] = self._holders.get(cid, 0) + 1
+        if offset is not None and offset < self.page_size:
+            self._fresh[page] = min(self._fresh.get(page, offset), offset)
 
     def _taken(self, before: list[int] | None, after: list[int], kept: int = 0) -> None:
         """Pages of ``after`` that the call took from the free queues (beyond the first ``kept``)."""
@@ -104,17 +119,20 @@ class IdealPrefixCache:
             if before is None or i >= len(before) or before[i] != page:
                 self._drop(page)
 
-    def _commit_pages(self, seq_id: int) -> None:
-        """Every committed full page with known tokens holds its content."""
+    def _commit_pages(self, seq_id: int, written_from: int | None = None) -> None:
+        """Every committed full page with known tokens holds its content (positions from
+        ``written_from`` on are written in this step; None: all before it)."""
         if seq_id not in self._tokens or self.mgr.is_swapped(seq_id):
             return
         tokens = self._tokens[seq_id]
         upto = min(self._committed[seq_id], len(tokens))
         table = self.mgr.page_table(seq_id)
         offered = self._offered[seq_id]
-        for i, cid in enumerate(self._content_ids(tokens, self._salt[seq_id], upto // self.page_size, create=True)):
+        ps = self.page_size
+        for i, cid in enumerate(self._content_ids(tokens, self._salt[seq_id], upto // ps, create=True)):
             if table[i] != NULL_PAGE:
-                self._hold(table[i], cid, offered_now=i >= offered)
+                offset = None if written_from is None else max(written_from - i * ps, 0)
+                self._hold(table[i], cid, offered_now=i >= offered, offset=offset)
         self._offered[seq_id] = max(offered, upto // self.page_size)
 
     def _grow_tokens(self, seq_id: int, token_ids, num_tokens: int) -> None:
@@ -146,7 +164,7 @@ class IdealPrefixCache:
             self._committed[seq_id] = max(n if num_computed_tokens is None else num_computed_tokens,
                                           alloc.num_cached_tokens)
             self._offered[seq_id] = 0
-            self._commit_pages(seq_id)
+            self._commit_pages(seq_id, alloc.num_cached_tokens)
             self.query_tokens += n
             self.hit_tokens += alloc.num_cached_tokens
             self.ideal_hit_tokens += ideal
@@ -155,16 +173,18 @@ class IdealPrefixCache:
     def commit(self, seq_id: int, num_computed_tokens: int) -> int:
         out = self.mgr.commit(seq_id, num_computed_tokens)
         if seq_id in self._committed:
+            written_from = self._committed[seq_id]
             self._committed[seq_id] = max(self._committed[seq_id], num_computed_tokens)
-            self._commit_pages(seq_id)
+            self._commit_pages(seq_id, written_from)
         return out
 
     def append(self, seq_id: int, num_tokens: int | None = None, *, token_ids=None):
         before = self.mgr.page_table(seq_id)
         out = self.mgr.append(seq_id, num_tokens, token_ids=token_ids)
         self._taken(before, self.mgr.page_table(seq_id))
+        written_from = self._committed.get(seq_id)
         self._grow_tokens(seq_id, token_ids, num_tokens)
-        self._commit_pages(seq_id)
+        self._commit_pages(seq_id, written_from)
         return out
 
     def append_batch(self, seq_ids, num_tokens=1, *, token_ids=None):
@@ -172,14 +192,20 @@ class IdealPrefixCache:
         counts = [int(num_tokens)] * len(ids) if isinstance(num_tokens, int) else [int(n) for n in num_tokens]
         before = {s: self.mgr.page_table(s) for s in ids}
         out = self.mgr.append_batch(ids, counts, token_ids=token_ids)
+        self._fresh.clear()  # NOTE: a new step (append_batch ends the last one first)
+        written_from = {s: self._committed.get(s) for s in ids}
         at = 0
         for s, n in zip(ids, counts):
             self._taken(before[s], self.mgr.page_table(s))
             self._grow_tokens(s, None if token_ids is None else list(token_ids)[at:at + n], n)
             at += n
         for s in ids:
-            self._commit_pages(s)
+            self._commit_pages(s, written_from[s])
         return out
+
+    def end_step(self) -> None:
+        self.mgr.end_step()
+        self._fresh.clear()
 
     def fork(self, parent_id: int, child_id: int) -> None:
         self.mgr.fork(parent_id, child_id)

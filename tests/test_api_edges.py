@@ -22,6 +22,7 @@ def test_every_call_returns_copies_as_one_type(backend):
     mgr = BlockManager(16, 4, enable_prefix_caching=True, num_cpu_pages=8, backend=backend)
     alloc = mgr.allocate(0, token_ids=[1, 2, 3, 4, 5, 6, 7, 8])
     assert _is_copy_plan(alloc.copies) and alloc.copies.shape == (0, 2)
+    mgr.end_step()  # its KV is written
     hit = mgr.allocate(1, token_ids=[1, 2, 3, 4, 5, 6, 7, 8])  # whole prompt cached: last page copied
     assert _is_copy_plan(hit.copies) and hit.copies.tolist() == [[1, 2]]
     mgr.allocate(2, 3)

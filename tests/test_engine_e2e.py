@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -336,3 +337,33 @@ def test_cpu_tier_brings_an_evicted_prefix_back(model, reference, tier):
     else:
         assert outputs[2].num_cached_tokens < 39 and stats.promotions == 0
     _check_drained(eng)
+
+
+def test_kv_events_reach_a_router_over_zmq(model, reference):
+    # `examples/engine.py --kv-events`: every step's events go out on loopback; a router-side
+    # index fed from the subscriber ends up with exactly the manager's cached blocks.
+    pytest.importorskip("zmq")
+    pytest.importorskip("cbor2")
+    from pagedkv.events import PrefixIndex, ZmqSubscriber, block_hashes
+
+    a, b = _prompts([40, 7], seed=6)
+    eng = _engine(model, num_pages=64, page_size=4, chunk_size=16, enable_prefix_caching=True,
+                  kv_events="tcp://127.0.0.1:*")
+    sub = ZmqSubscriber(eng.publisher.endpoint, replay_endpoint=eng.publisher.replay_endpoint, from_seq=0)
+    outputs = eng.generate([a, a[:24] + b], SamplingParams(max_new_tokens=MAX_NEW))
+    _check_against_reference(outputs, [a, a[:24] + b], reference)
+    eng.close()
+    router = PrefixIndex(4, prefix_hash="sha256_cbor")
+    got, deadline = [], time.monotonic() + 10
+    while len(got) < eng.publisher.num_sent and time.monotonic() < deadline:
+        got.extend(sub.poll(50))
+    sub.close()
+    assert [seq for seq, *_ in got] == list(range(eng.publisher.num_sent))
+    for _, _, events, _ in got:
+        router.apply("engine", events)
+    # NOTE: the snapshot's node hashes are the index's own; the events carry vLLM's sha256_cbor
+    held = sum(1 for *_, pages, _ in eng.mgr.snapshot()["nodes"].values() if pages)
+    assert len(router.blocks("engine")) == held > 0
+    # the router finds the first prompt where the engine has it, by vLLM's hashes of its tokens
+    assert set(block_hashes(a, 4, prefix_hash="sha256_cbor")) <= router.blocks("engine")
+    assert router.match(a) == {"engine": 40}

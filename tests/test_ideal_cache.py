@@ -40,6 +40,7 @@ def test_sliding_window_keeps_the_later_pages_findable(backend):
     cache.free(1)
     assert _hit(cache, 2, prompt) == (0, 0)  # page 0 is gone: nothing to hit
     cache.free(2)  # the recomputed prompt joins the same nodes
+    cache.end_step()  # its KV is written
     assert _hit(cache, 3, prompt) == (15, 15)  # the whole prompt: 16 cacheable tokens, the last computed
     cache.mgr.check_invariants()
 
@@ -50,6 +51,7 @@ def test_a_follow_up_turn_after_a_whole_prompt_hit_hits_everything_committed(bac
     prompt = list(range(8))
     cache.allocate(0, token_ids=prompt)
     cache.free(0)
+    cache.end_step()  # its KV is written
     assert _hit(cache, 1, prompt) == (7, 7)  # whole prompt: the last page is a private copy
     answer = list(range(50, 62))
     for token in answer:

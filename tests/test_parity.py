@@ -759,6 +759,7 @@ def test_hypothesis_prefix_cache_operations_match(config, rng, num_ops):
 def test_hits_copies_evictions_and_reset_match():
     lock = Lockstep(6, 2, enable_prefix_caching=True)
     lock.do("allocate", 0, token_ids=[1, 2, 3, 4])  # pages 0 1, both cached
+    lock.do("end_step")  # the step that computed them ran
     outcome = lock.do("allocate", 1, token_ids=[1, 2, 3, 4])  # whole prompt cached: page 1 copied
     assert outcome[1] == ("Allocation", (("int", 3), ("ndarray", "int32", (1, 2), [[1, 2]])))
     lock.do("end_step")  # the engine ran the copy

@@ -38,6 +38,7 @@ def test_partial_last_page_is_never_matchable():
 def test_whole_prompt_hit_copies_the_last_page_instead_of_sharing_it():
     mgr = _mgr()
     mgr.allocate(0, token_ids=range(8))
+    mgr.end_step()  # its KV is written (a copy must not read KV this step's forward pass writes)
     got = mgr.allocate(1, token_ids=range(8))
     # the engine must compute the last token, which lands in page 1: copy it, do not share it
     assert got.num_cached_tokens == 7
@@ -94,6 +95,7 @@ def test_cache_salt_isolates_tenants():
     mgr.allocate(0, token_ids=range(12), cache_salt="tenant-a")
     assert mgr.allocate(1, token_ids=range(12), cache_salt="tenant-b").num_cached_tokens == 0
     assert mgr.allocate(2, token_ids=range(12)).num_cached_tokens == 0
+    mgr.end_step()
     assert mgr.allocate(3, token_ids=range(12), cache_salt="tenant-a").num_cached_tokens == 11
     assert not set(mgr.page_table(1)) & set(mgr.page_table(0))
 
@@ -203,7 +205,10 @@ def test_commit_makes_pages_matchable_in_order_and_is_monotone():
     assert mgr.commit(0, 5) == 0 and mgr.commit(0, 7) == 0  # smaller or equal: no-op
     assert mgr.allocate(1, token_ids=[*range(4), 50, 51, 52, 53, 54]).num_cached_tokens == 4
     assert mgr.commit(0, 12) == 2  # pages 1 and 2
-    assert mgr.allocate(2, token_ids=range(12)).num_cached_tokens == 11  # whole prompt: last page copied
+    # page 2's KV lands in this step's forward pass: a whole-prompt copy of it must wait a step
+    assert mgr.allocate(2, token_ids=range(12)).num_cached_tokens == 8
+    mgr.end_step()
+    assert mgr.allocate(3, token_ids=range(12)).num_cached_tokens == 11  # whole prompt: last page copied
     mgr.check_invariants()
 
 
@@ -214,6 +219,7 @@ def test_duplicates_computed_at_once_are_all_cached():
     assert mgr.commit(1, 12) == 3
     assert mgr.commit(0, 12) == 3  # the same content computed twice: both copies are findable
     assert mgr.prefix_cache_stats().num_cached_pages == 6
+    mgr.end_step()  # both prefills ran
     assert mgr.allocate(2, token_ids=range(12)).num_cached_tokens == 11
     assert mgr.page_table(2)[:2] in (mgr.page_table(0)[:2], mgr.page_table(1)[:2])
     mgr.free(0)
@@ -290,6 +296,7 @@ def test_window_released_and_swapped_pages_keep_the_chain():
         mgr.commit(1, 8)
     mgr.swap_in([1])  # the page brought back holds committed content: it is indexed again
     assert mgr.commit(1, 12) == 2  # duplicates of sequence 0's pages 1 and 2
+    mgr.end_step()  # their KV is written
     assert mgr.allocate(2, token_ids=range(12)).num_cached_tokens == 11  # the whole prompt again
     mgr.check_invariants()
 
@@ -404,6 +411,7 @@ def test_a_pending_copy_source_is_never_another_copy_destination():
     mgr.allocate(1, token_ids=prompt_x)  # pages 2 3
     mgr.free(0)
     mgr.free(1)
+    mgr.end_step()  # their KV is written
     mgr.allocate(9, 4)  # pages 4 5: one free page (6) is left
     hit = mgr.allocate(2, token_ids=prompt_a)
     assert hit.copies.tolist() == [[1, 6]]
@@ -421,6 +429,7 @@ def test_a_hit_prefers_a_page_no_pending_copy_writes():
     prompt = [1, 2, 3, 4]
     mgr.allocate(0, token_ids=prompt)  # pages 0 1
     mgr.free(0)
+    mgr.end_step()  # its KV is written
     first = mgr.allocate(1, token_ids=prompt)  # whole prompt: page 1 copied to page 2
     second = mgr.allocate(2, token_ids=prompt)  # page 2 holds it too, but its copy is pending
     assert first.copies.tolist() == [[1, 2]] and second.copies[0, 0] == 1
@@ -552,4 +561,35 @@ def test_a_shared_hit_takes_the_referenced_duplicate_even_if_a_copy_writes_it(ba
     assert mgr.swap_in([0]).copies.tolist() == [[0, 3], [1, 0]]  # page 3 is a pending destination
     hit = mgr.allocate(2, token_ids=[1, 2, 7])
     assert hit.num_cached_tokens == 2 and mgr.page_table(2)[0] == 3
+    mgr.check_invariants()
+
+
+@pytest.mark.parametrize("backend", ["python"] + (["cpp"] if os.environ.get("PAGEDKV_IMPL") != "python" else []))
+@pytest.mark.parametrize("appended", [1, 2])
+def test_a_whole_prompt_copy_never_reads_kv_this_step_writes(backend, appended):
+    # A whole-prompt hit's copy runs before the step's forward pass. A page an append of this
+    # step filled with 2+ tokens still lacks KV then (found in review): the hit stops a page
+    # earlier. Filled by one decode token, its only missing slot is the prompt's last, which the
+    # prompt recomputes: the copy is taken. Checked by running the plans in the documented order.
+    ps = 4
+    mgr = BlockManager(8, ps, enable_prefix_caching=True, backend=backend)
+    kv = np.full(8 * ps, -1)
+    value = lambda tokens: [hash(tuple(tokens[:i + 1])) for i in range(len(tokens))]  # noqa: E731
+    seq = list(range(1, 9 - appended))
+    mgr.allocate(0, token_ids=seq)
+    kv[mgr.slots(0)] = value(seq)
+    mgr.end_step()
+    step = mgr.append_batch([0], appended, token_ids=list(range(50, 50 + appended)))
+    seq += list(range(50, 50 + appended))
+    hit = mgr.allocate(1, token_ids=seq)  # the same 8 tokens, admitted in this step
+    assert hit.num_cached_tokens == (7 if appended == 1 else 4)
+    for src, dst in hit.copies.tolist():  # the step's copies ...
+        kv[dst * ps:(dst + 1) * ps] = kv[src * ps:(src + 1) * ps]
+    kv[step.slot_mapping] = value(seq)[-appended:]  # ... then the forward pass
+    slots = mgr.slots(1)
+    kv[slots[hit.num_cached_tokens:]] = value(seq)[hit.num_cached_tokens:]
+    assert kv[slots].tolist() == value(seq)
+    mgr.end_step()
+    mgr.free(1)
+    assert mgr.allocate(2, token_ids=seq).num_cached_tokens == 7  # a step later: the whole prompt
     mgr.check_invariants()
