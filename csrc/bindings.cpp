@@ -72,30 +72,108 @@ nb::object failure(const Failure& f) { return nb::cast(f); }
 
 // KV-event records (PrefixIndex's flat int64 layout) as the reference's tuples: built here, so
 // the Python side does no per-record decoding (take_events runs every step with events on).
+static nb::object int_list(const int64_t* values, size_t n, bool as_uint64) {
+  nb::list out = nb::steal<nb::list>(PyList_New(static_cast<Py_ssize_t>(n)));
+  for (size_t k = 0; k < n; ++k)
+    PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(k),
+                    as_uint64 ? PyLong_FromUnsignedLongLong(static_cast<uint64_t>(values[k]))
+                              : PyLong_FromLongLong(values[k]));
+  return out;
+}
+
+static nb::object int_tuple(const int64_t* values, size_t n) {
+  nb::tuple out = nb::steal<nb::tuple>(PyTuple_New(static_cast<Py_ssize_t>(n)));
+  for (size_t k = 0; k < n; ++k)
+    PyTuple_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(k), PyLong_FromLongLong(values[k]));
+  return out;
+}
+
 static nb::list event_records(const std::vector<int64_t>& flat, int64_t page_size) {
+  using pagedkv::PrefixIndex;
   nb::list out;
   const size_t ps = static_cast<size_t>(page_size);
   size_t i = 0;
   while (i < flat.size()) {
     const int64_t kind = flat[i];
-    if (kind == pagedkv::PrefixIndex::kEventNode) {
-      nb::tuple tokens = nb::steal<nb::tuple>(PyTuple_New(static_cast<Py_ssize_t>(ps)));
-      for (size_t k = 0; k < ps; ++k)
-        PyTuple_SET_ITEM(tokens.ptr(), static_cast<Py_ssize_t>(k), PyLong_FromLongLong(flat[i + 5 + k]));
-      out.append(nb::make_tuple(kind, flat[i + 1], flat[i + 2], static_cast<uint64_t>(flat[i + 3]),
-                                static_cast<uint64_t>(flat[i + 4]), tokens));
+    const int64_t* v = flat.data() + i;
+    if (kind == PrefixIndex::kEventStored) {
+      out.append(nb::make_tuple(kind, v[1], v[2], v[3], static_cast<uint64_t>(v[4]), static_cast<uint64_t>(v[5]),
+                                int_tuple(v + 6, ps)));
+      i += 6 + ps;
+    } else if (kind == PrefixIndex::kEventRemoved) {
+      out.append(nb::make_tuple(kind, v[1], v[2], static_cast<uint64_t>(v[3])));
+      i += 4;
+    } else if (kind == PrefixIndex::kEventNode) {
+      out.append(nb::make_tuple(kind, v[1], v[2], static_cast<uint64_t>(v[3]), static_cast<uint64_t>(v[4]),
+                                int_tuple(v + 5, ps)));
       i += 5 + ps;
-    } else if (kind == pagedkv::PrefixIndex::kEventDrop) {
-      out.append(nb::make_tuple(kind, flat[i + 1]));
+    } else if (kind == PrefixIndex::kEventDrop) {
+      out.append(nb::make_tuple(kind, v[1]));
       i += 2;
-    } else if (kind == pagedkv::PrefixIndex::kEventCleared) {
+    } else {
+      out.append(nb::make_tuple(kind));
+      i += 1;
+    }
+  }
+  return out;
+}
+
+// The same records merged into events as pagedkv.events.EventBuilder merges them (with the
+// index's own hashes): (STORED, medium, parent hash or None, [hashes], [tokens]), (REMOVED,
+// medium, [hashes]), (CLEARED,). NOTE: the fast path of take_events: one tuple per event.
+static nb::list merged_events(const std::vector<int64_t>& flat, int64_t page_size) {
+  using pagedkv::PrefixIndex;
+  nb::list out;
+  const size_t ps = static_cast<size_t>(page_size);
+  std::vector<int64_t> hashes, tokens;
+  int64_t open_kind = -1, open_medium = -1, open_node = PrefixIndex::kRoot, open_parent_hash = 0;
+  bool open_has_parent = false;
+  auto flush = [&]() {
+    if (open_kind == PrefixIndex::kEventStored) {
+      nb::object parent = open_has_parent ? nb::cast(static_cast<uint64_t>(open_parent_hash)) : nb::none();
+      out.append(nb::make_tuple(open_kind, open_medium, parent, int_list(hashes.data(), hashes.size(), true),
+                                int_list(tokens.data(), tokens.size(), false)));
+    } else if (open_kind == PrefixIndex::kEventRemoved) {
+      out.append(nb::make_tuple(open_kind, open_medium, int_list(hashes.data(), hashes.size(), true)));
+    }
+    hashes.clear();
+    tokens.clear();
+    open_kind = -1;
+  };
+  size_t i = 0;
+  while (i < flat.size()) {
+    const int64_t kind = flat[i];
+    const int64_t* v = flat.data() + i;
+    if (kind == PrefixIndex::kEventStored) {
+      const int64_t medium = v[1], node = v[2], parent = v[3];
+      if (!(open_kind == kind && open_medium == medium && parent == open_node && parent != PrefixIndex::kRoot)) {
+        flush();
+        open_kind = kind;
+        open_medium = medium;
+        open_has_parent = parent != PrefixIndex::kRoot;
+        open_parent_hash = v[5];
+      }
+      hashes.push_back(v[4]);
+      tokens.insert(tokens.end(), v + 6, v + 6 + ps);
+      open_node = node;
+      i += 6 + ps;
+    } else if (kind == PrefixIndex::kEventRemoved) {
+      if (!(open_kind == kind && open_medium == v[1])) {
+        flush();
+        open_kind = kind;
+        open_medium = v[1];
+      }
+      hashes.push_back(v[3]);
+      i += 4;
+    } else if (kind == PrefixIndex::kEventCleared) {
+      flush();
       out.append(nb::make_tuple(kind));
       i += 1;
     } else {
-      out.append(nb::make_tuple(kind, flat[i + 1], flat[i + 2]));
-      i += 3;
+      i += kind == PrefixIndex::kEventNode ? 5 + ps : 2;  // node records: not needed here
     }
   }
+  flush();
   return out;
 }
 
@@ -209,7 +287,7 @@ NB_MODULE(_core, m) {
           "__init__",
           [](BlockManager* self, int64_t num_pages, int64_t page_size, int64_t watermark_pages,
              bool enable_prefix_caching, int64_t num_cpu_pages, int64_t hash_bits,
-             bool cpu_prefix_cache, bool enable_kv_events) {
+             bool cpu_prefix_cache, bool enable_kv_events, bool kv_event_nodes) {
             // Last line of defence for direct use of _core; pagedkv/_cpp.py calls check_config
             // first and raises the typed error.
             if (!BlockManager::check_config(num_pages, page_size, watermark_pages, num_cpu_pages,
@@ -217,11 +295,12 @@ NB_MODULE(_core, m) {
                      .ok())
               throw std::invalid_argument("invalid BlockManager configuration (see check_config)");
             new (self) BlockManager(num_pages, page_size, watermark_pages, enable_prefix_caching,
-                                    num_cpu_pages, hash_bits, cpu_prefix_cache, enable_kv_events);
+                                    num_cpu_pages, hash_bits, cpu_prefix_cache, enable_kv_events,
+                                    kv_event_nodes);
           },
           "num_pages"_a, "page_size"_a, "watermark_pages"_a, "enable_prefix_caching"_a = false,
           "num_cpu_pages"_a = 0, "hash_bits"_a = 64, "cpu_prefix_cache"_a = false,
-          "enable_kv_events"_a = false)
+          "enable_kv_events"_a = false, "kv_event_nodes"_a = false)
       .def_prop_ro("num_pages", &BlockManager::num_pages)
       .def_prop_ro("page_size", &BlockManager::page_size)
       .def_prop_ro("watermark_pages", &BlockManager::watermark_pages)
@@ -229,6 +308,15 @@ NB_MODULE(_core, m) {
       .def_prop_ro("num_cpu_pages", &BlockManager::num_cpu_pages)
       .def_prop_ro("cpu_prefix_cache", &BlockManager::cpu_prefix_cache)
       .def_prop_ro("enable_kv_events", &BlockManager::enable_kv_events)
+      .def(
+          "take_merged_events",
+          [](BlockManager& self, int64_t page_size) {
+            std::vector<int64_t> records;
+            self.take_events(records);
+            return merged_events(records, page_size);
+          },
+          "page_size"_a,
+          "The KV events since the last call, merged (see merged_events); forgets them.")
       .def(
           "take_events",
           [](BlockManager& self, int64_t page_size) {

@@ -118,7 +118,7 @@ Failure BlockManager::check_config(int64_t num_pages, int64_t page_size, int64_t
 
 BlockManager::BlockManager(int64_t num_pages, int64_t page_size, int64_t watermark_pages,
                            bool enable_prefix_caching, int64_t num_cpu_pages, int64_t hash_bits,
-                           bool cpu_prefix_cache, bool enable_kv_events)
+                           bool cpu_prefix_cache, bool enable_kv_events, bool kv_event_nodes)
     : num_pages_(num_pages),
       page_size_(page_size),
       page_math_(page_size),
@@ -166,7 +166,7 @@ BlockManager::BlockManager(int64_t num_pages, int64_t page_size, int64_t waterma
   cpu_free_size_ = num_cpu_pages;
   if (enable_prefix_caching) {
     prefix_ = PrefixIndex(num_pages, page_size, cpu_prefix_cache_ ? num_cpu_pages : 0);
-    prefix_.record_events(enable_kv_events);
+    prefix_.record_events(enable_kv_events, kv_event_nodes);
     block_.resize(static_cast<size_t>(page_size));
   }
 }
@@ -538,8 +538,9 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
   std::vector<int32_t> pages;
   pages.reserve(len);
   std::unique_ptr<SequenceCache> cache;
+  const int64_t new_nodes = caching ? page_math_.index(committed) - shared : 0;
   if (caching) {
-    reserve_cache(page_math_.index(committed) - shared);
+    reserve_cache(new_nodes);
     cache = std::make_unique<SequenceCache>();
     cache->salt = salt;
     cache->committed = committed;
@@ -551,7 +552,8 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
   int64_t num_promotions = 0;
   for (int32_t page : hits_) num_promotions += page == kNullPage;
   reserve_moves(plan.need, num_promotions);
-  reserve_events();
+  // NOTE: evictions (and their demotions) of the pages it takes, and its own pages attached
+  reserve_events(new_nodes, 2 * plan.need + static_cast<int64_t>(len));
   const int64_t slot = acquire_slot();
   // Nothing below allocates.
   if (caching) {
@@ -641,12 +643,13 @@ Failure BlockManager::append(int64_t seq_id, int64_t num_tokens, TokenIds token_
   copies.clear();
   copies.reserve(2);
   reserve_pages(seq.pages, new_len);
+  const int64_t filled = seq.cache ? pages_filled(seq, num_tokens, token_ids.given()) : 0;
   if (seq.cache) {
     reserve_tail(seq, num_tokens, token_ids.given());
-    reserve_cache(pages_filled(seq, num_tokens, token_ids.given()));
+    reserve_cache(filled);
   }
   reserve_moves(need);
-  reserve_events();
+  reserve_events(filled, 2 * need + filled);
   grow(seq, num_tokens, new_len, copies, token_ids.data);
   return Failure{};
 }
@@ -704,11 +707,11 @@ Failure BlockManager::append_batch(const int64_t* seq_ids, size_t num_seq_ids,
     total_tokens += n;
   }
   if (need > free_pages) return fail(Status::out_of_pages, need, free_pages, num_pages_);
+  int64_t filled = 0;
   if (enable_prefix_caching_) {
     // NOTE: without token ids, only sequences with pending prompt pages fill any (the append
     // commits them); the loop runs only with prefix caching on, off the plain decode path.
     const bool has_tokens = token_ids.given();
-    int64_t filled = 0;
     for (size_t i = 0; i < num_seq_ids; ++i) {
       Sequence& seq = seqs_[batch_slots_[i]];
       if (!seq.cache) continue;
@@ -722,7 +725,7 @@ Failure BlockManager::append_batch(const int64_t* seq_ids, size_t num_seq_ids,
   out.copies.clear();
   out.copies.reserve(2 * num_copies);
   reserve_moves(need);
-  reserve_events();
+  reserve_events(filled, 2 * need + filled);
   end_step();  // nothing below allocates
   int64_t* slot_out = out.slot_mapping.data();
   const int64_t* tokens = token_ids.data;
@@ -775,7 +778,7 @@ Failure BlockManager::free(int64_t seq_id) {
   const int64_t slot = index_.find(seq_id);
   if (slot < 0) return fail(Status::unknown_sequence, seq_id);
   Sequence& seq = seqs_[slot];
-  reserve_events();  // node releases may delete nodes (DROP records)
+  reserve_events(0, 0);  // node releases may delete nodes (DROP records)
   // NOTE: a sequence's pages are released last page first, so that when they are reused in
   // queue order the tail of a freed sequence goes before its head (the head is the part most
   // likely to be shared again by a prefix-cache hit).

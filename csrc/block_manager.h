@@ -327,14 +327,19 @@ class PrefixIndex {
   void detach_cpu(int32_t cpu);                // may delete the node (then its ancestors)
 
   // KV-event records (pagedkv/_prefix_index.py: NODE, DROP, STORED, REMOVED, CLEARED), flat:
-  // kind, then node, parent, salt, hash, page_size tokens (NODE); node (DROP); node, medium
-  // (STORED, REMOVED); nothing (CLEARED). Recorded only after record_events(true).
+  // kind, then medium, node, parent, hash, parent hash, page_size tokens (STORED); medium,
+  // node, hash (REMOVED); nothing (CLEARED); with nodes, also node, parent, salt, hash,
+  // page_size tokens (NODE) and node (DROP). Recorded only after record_events(true).
   static constexpr int64_t kEventNode = 0, kEventDrop = 1, kEventStored = 2, kEventRemoved = 3,
                            kEventCleared = 4;
-  void record_events(bool on) { record_ = on; }
+  void record_events(bool on, bool nodes = false) {
+    record_ = on;
+    record_nodes_ = on && nodes;
+  }
   bool recording() const { return record_; }
-  // Room for records of n new nodes and of up to `others` small records. May throw std::bad_alloc.
-  void reserve_events(int64_t n, int64_t others);
+  // Room for the records of a call making n nodes and storing or removing up to `pages` pages.
+  // May throw std::bad_alloc.
+  void reserve_events(int64_t n, int64_t pages);
   void take_events(std::vector<int64_t>& out) { out.clear(); out.swap(events_); }
   const std::vector<int64_t>& events() const { return events_; }
 
@@ -388,12 +393,15 @@ class PrefixIndex {
   std::vector<int32_t> cpu_node_;     // per CPU page: the node whose content it holds, or kNone
   int64_t num_cpu_cached_pages_ = 0;
   bool record_ = false;
+  bool record_nodes_ = false;
   bool quiet_ = false;                // clear_pages: no REMOVED records
   std::vector<int64_t> events_;
-  void record(int64_t kind, int64_t a, int64_t b) {  // within reserve_events()
-    events_.push_back(kind);
-    events_.push_back(a);
-    events_.push_back(b);
+  void record_stored(int64_t medium, int32_t node);  // within reserve_events()
+  void record_removed(int64_t medium, int32_t node) {
+    events_.push_back(kEventRemoved);
+    events_.push_back(medium);
+    events_.push_back(node);
+    events_.push_back(static_cast<int64_t>(nodes_[node].hash));
   }
 };
 
@@ -411,7 +419,7 @@ class BlockManager {
   BlockManager(int64_t num_pages, int64_t page_size, int64_t watermark_pages,
                bool enable_prefix_caching = false, int64_t num_cpu_pages = 0,
                int64_t hash_bits = 64, bool cpu_prefix_cache = false,
-               bool enable_kv_events = false);
+               bool enable_kv_events = false, bool kv_event_nodes = false);
   // Not copyable: a copy would duplicate the ownership of every page.
   BlockManager(const BlockManager&) = delete;
   BlockManager& operator=(const BlockManager&) = delete;
@@ -618,8 +626,9 @@ class BlockManager {
   int64_t pages_to_offer(const Sequence& seq, int64_t end, int64_t stop) const;
   // Room for n more prefix-index nodes (and their event records). May throw std::bad_alloc.
   void reserve_cache(int64_t n);
-  // Room for the event records of a call making n nodes. May throw std::bad_alloc.
-  void reserve_events(int64_t n = 0);
+  // Room for the event records of a call making n nodes and storing or removing up to `pages`
+  // pages. May throw std::bad_alloc.
+  void reserve_events(int64_t n, int64_t pages);
   // Tracks appended token ids of seq (num_tokens before the append: start) and commits through
   // the new length: pending prompt pages first, then each page the new ids fill. Needs
   // reserve_cache(pages_filled) and tail capacity (reserve_tail).

@@ -72,7 +72,7 @@ Failure BlockManager::swap_out(const int64_t* seq_ids, size_t n, std::vector<int
     return fail(Status::out_of_pages, num_moved, num_free_cpu_pages(), num_cpu_pages_, 1);
   copies.clear();
   copies.reserve(2 * moved_.size());
-  reserve_events();  // cached CPU pages it takes lose their content
+  reserve_events(0, num_moved);  // cached CPU pages it takes lose their content
   // Nothing below allocates. drop_count_ holds each moved GPU page's CPU page.
   for (int32_t page : moved_) {
     const int32_t cpu = take_cpu_page();  // NOTE: swap-out outranks the prefix cache's CPU tier
@@ -110,7 +110,8 @@ Failure BlockManager::swap_in(const int64_t* seq_ids, size_t n, std::vector<int3
   copies.clear();
   copies.reserve(2 * moved_.size());
   reserve_moves(need);
-  reserve_events();
+  // NOTE: its pages may evict (and demote) cached pages, and are attached again (reattach)
+  reserve_events(0, 2 * need + 2 * static_cast<int64_t>(moved_.size()));
   // Nothing below allocates.
   for (int32_t cpu : moved_) {
     const int32_t reused = cpu_swapped_from_[cpu];

@@ -139,14 +139,10 @@ int32_t BlockManager::match_prefix(const int64_t* token_ids, int64_t num_full, u
 
 void BlockManager::reserve_cache(int64_t n) {
   if (enable_prefix_caching_ && n > 0) prefix_.reserve(n);
-  reserve_events(n);
 }
 
-void BlockManager::reserve_events(int64_t n) {
-  // NOTE: a bound on one call's records: every node may be deleted, every page (of both pools)
-  // stored and removed once, plus the nodes it makes; a no-op with events off.
-  if (!prefix_.recording()) return;
-  prefix_.reserve_events(n, 2 * (prefix_.num_node_ids() + n + num_pages_ + num_cpu_pages_) + 4);
+void BlockManager::reserve_events(int64_t n, int64_t pages) {
+  if (prefix_.recording()) prefix_.reserve_events(n, pages);  // a no-op with events off
 }
 
 bool BlockManager::index_page(Sequence& seq, size_t i, const int64_t* block) {
@@ -243,8 +239,9 @@ Failure BlockManager::commit(int64_t seq_id, int64_t num_computed_tokens, int64_
   // NOTE: monotone: a value at or below the committed count changes nothing.
   if (!seq.cache || num_computed_tokens <= seq.cache->committed) return Failure{};
   SequenceCache& cache = *seq.cache;
-  if (cache.tail_known) reserve_cache(pages_to_offer(seq, seq.num_tokens, num_computed_tokens));
-  reserve_events();
+  const int64_t offered = cache.tail_known ? pages_to_offer(seq, seq.num_tokens, num_computed_tokens) : 0;
+  reserve_cache(offered);
+  reserve_events(offered, offered);
   // Nothing below allocates.
   written_from_ = cache.committed;  // NOTE: the chunk up to num_computed_tokens lands in this step
   cache.committed = num_computed_tokens;
@@ -319,7 +316,7 @@ Failure BlockManager::unpin_prefix(TokenIds token_ids, uint64_t salt, int64_t& r
 
 void BlockManager::reset_prefix_cache() {
   if (!enable_prefix_caching_) return;  // nothing can be cached
-  reserve_events();
+  reserve_events(0, 0);  // quiet: only DROP and CLEARED records
   // NOTE: nodes that sequences still chain after stay as ghosts, so the pages those sequences
   // commit later are found once their prefix is computed again.
   prefix_.clear_pages();

@@ -87,7 +87,7 @@ int32_t PrefixIndex::child(uint64_t h, int32_t parent, uint64_t salt, const int6
   if (head != kNone) chains_.erase(h);
   chains_.insert(h, node);  // within reserve()
   if (parent != kRoot) ++nodes_[parent].deps;
-  if (record_) {  // within reserve_events()
+  if (record_nodes_) {  // within reserve_events()
     events_.push_back(kEventNode);
     events_.push_back(node);
     events_.push_back(parent);
@@ -104,7 +104,7 @@ void PrefixIndex::attach(int32_t page, int32_t node) {
   page_prev_[page] = kNone;
   page_next_[page] = head;
   if (head != kNone) page_prev_[head] = page;
-  else if (record_) record(kEventStored, node, 0);
+  else if (record_) record_stored(0, node);
   nodes_[node].first_page = page;
   ++num_cached_pages_;
 }
@@ -118,7 +118,7 @@ void PrefixIndex::detach(int32_t page) {
   if (next != kNone) page_prev_[next] = prev;
   page_node_[page] = page_next_[page] = page_prev_[page] = kNone;
   --num_cached_pages_;
-  if (record_ && nodes_[node].first_page == kNone && !quiet_) record(kEventRemoved, node, 0);
+  if (record_ && nodes_[node].first_page == kNone && !quiet_) record_removed(0, node);
   collect(node);
 }
 
@@ -126,7 +126,7 @@ void PrefixIndex::attach_cpu(int32_t cpu, int32_t node) {
   cpu_node_[cpu] = node;
   nodes_[node].cpu_page = cpu;
   ++num_cpu_cached_pages_;
-  if (record_) record(kEventStored, node, 1);
+  if (record_) record_stored(1, node);
 }
 
 void PrefixIndex::detach_cpu(int32_t cpu) {
@@ -135,7 +135,7 @@ void PrefixIndex::detach_cpu(int32_t cpu) {
   cpu_node_[cpu] = kNone;
   nodes_[node].cpu_page = kNone;
   --num_cpu_cached_pages_;
-  if (record_ && !quiet_) record(kEventRemoved, node, 1);
+  if (record_ && !quiet_) record_removed(1, node);
   collect(node);
 }
 
@@ -159,10 +159,26 @@ void PrefixIndex::clear_pages() {
   if (record_) events_.push_back(kEventCleared);
 }
 
-void PrefixIndex::reserve_events(int64_t n, int64_t others) {
+void PrefixIndex::record_stored(int64_t medium, int32_t node) {
+  const Node& n = nodes_[node];
+  events_.push_back(kEventStored);
+  events_.push_back(medium);
+  events_.push_back(node);
+  events_.push_back(n.parent);
+  events_.push_back(static_cast<int64_t>(n.hash));
+  events_.push_back(static_cast<int64_t>(hash_of(n.parent)));
+  const int64_t* tokens = tokens_.data() + static_cast<size_t>(node) * static_cast<size_t>(page_size_);
+  events_.insert(events_.end(), tokens, tokens + page_size_);
+}
+
+void PrefixIndex::reserve_events(int64_t n, int64_t pages) {
   if (!record_) return;
-  const size_t want = events_.size() + static_cast<size_t>(std::max<int64_t>(n, 0)) * static_cast<size_t>(5 + page_size_) +
-                      3 * static_cast<size_t>(std::max<int64_t>(others, 0));
+  // NOTE: per new node a NODE record; per page stored or removed a STORED and a REMOVED
+  // record; per node (live or new) a DROP; and a CLEARED.
+  const size_t ps = static_cast<size_t>(page_size_);
+  const size_t new_nodes = static_cast<size_t>(std::max<int64_t>(n, 0));
+  const size_t want = events_.size() + new_nodes * (5 + ps) + static_cast<size_t>(std::max<int64_t>(pages, 0)) * (10 + ps) +
+                      2 * (nodes_.size() + new_nodes) + 1;
   if (events_.capacity() < want) events_.reserve(std::max(want, 2 * events_.capacity()));
 }
 
@@ -185,7 +201,7 @@ void PrefixIndex::collect(int32_t node) {
     n.parent = kRoot;
     n.next_same_hash = kNone;
     free_nodes_.push_back(node);  // within the capacity kept by reserve()
-    if (record_) {
+    if (record_nodes_) {
       events_.push_back(kEventDrop);  // within reserve_events()
       events_.push_back(node);
     }

@@ -139,6 +139,7 @@ class CppBlockManager:
         hash_bits: int = 64,
         cpu_prefix_cache: bool = False,
         enable_kv_events: bool = False,
+        kv_event_nodes: bool = False,
     ):
         failure = _core.check_config(num_pages, page_size, watermark_pages, num_cpu_pages, hash_bits,
                                      bool(enable_prefix_caching), bool(cpu_prefix_cache))
@@ -146,7 +147,7 @@ class CppBlockManager:
             raise _error(failure)
         self._core = _core.BlockManager(
             num_pages, page_size, watermark_pages, bool(enable_prefix_caching), num_cpu_pages, hash_bits,
-            bool(cpu_prefix_cache), bool(enable_kv_events)
+            bool(cpu_prefix_cache), bool(enable_kv_events), bool(kv_event_nodes)
         )
         self._page_size = page_size
 
@@ -313,6 +314,10 @@ class CppBlockManager:
 
     def take_events(self) -> list[tuple]:
         return self._core.take_events(self._page_size)
+
+    def take_merged_events(self) -> list[tuple]:
+        """take_events merged into one tuple per event in C++ (see EventBuilder.wrap)."""
+        return self._core.take_merged_events(self._page_size)
 
     def pin_prefix(self, token_ids: np.ndarray, salt: int = 0) -> int:
         out = self._core.pin_prefix(_ids(token_ids), salt)

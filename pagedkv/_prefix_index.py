@@ -22,10 +22,11 @@ identity, so when an evicted prefix is computed again its new pages join the sam
 pages cached after it are found again.
 
 With ``events`` on, the index records what a KV-event consumer needs, in order (``take_events``):
-``(NODE, node, parent, salt, hash, tokens)`` when a node is made, ``(DROP, node)`` when it is
-deleted, ``(STORED, node, medium)`` when a node's content becomes matchable in a tier (its first
-GPU page, or its CPU page) and ``(REMOVED, node, medium)`` when it stops being so, and
-``(CLEARED,)`` for ``clear_pages`` (which records no REMOVED of its own).
+``(STORED, medium, node, parent, hash, parent hash, tokens)`` when a node's content becomes
+matchable in a tier (its first GPU page, or its CPU page), ``(REMOVED, medium, node, hash)`` when
+it stops being so, and ``(CLEARED,)`` for ``clear_pages`` (which records no REMOVED of its own).
+With ``nodes`` too (for hashes computed outside the index), ``(NODE, node, parent, salt, hash,
+tokens)`` when a node is made and ``(DROP, node)`` when it is deleted.
 
 ``csrc/prefix_index.cpp`` is the C++ twin, with the same node ids (a free stack: the last id
 freed is reused first), list orders and results. Must not import torch, triton or hypothesis.
@@ -45,7 +46,7 @@ GPU, CPU = 0, 1
 class PrefixIndex:
     """Nodes, their hash chains and their page lists (see the module docstring)."""
 
-    def __init__(self, num_pages: int, num_cpu_pages: int = 0, events: bool = False):
+    def __init__(self, num_pages: int, num_cpu_pages: int = 0, events: bool = False, nodes: bool = False):
         # per node (index = node id); a freed id is pushed on _free_nodes
         self._hash: list[int] = []
         self._salt: list[int] = []
@@ -67,6 +68,7 @@ class PrefixIndex:
         self._cpu_node = [NONE] * num_cpu_pages
         self.num_cpu_cached_pages = 0
         self.events: list[tuple] | None = [] if events else None
+        self._record_nodes = events and nodes
         self._quiet = False  # clear_pages: no REMOVED records
 
     # ---------------------------------------------------------------- lookups
@@ -141,7 +143,7 @@ class PrefixIndex:
         self._chains[h] = node
         if parent != ROOT:
             self._deps[parent] += 1
-        if self.events is not None:
+        if self._record_nodes:
             self.events.append((NODE, node, parent, salt, h, block))
         return node
 
@@ -154,7 +156,7 @@ class PrefixIndex:
         if head != NONE:
             self._page_prev[head] = page
         elif self.events is not None:
-            self.events.append((STORED, node, GPU))
+            self._stored(GPU, node)
         self._first_page[node] = page
         self.num_cached_pages += 1
 
@@ -171,7 +173,7 @@ class PrefixIndex:
         self._page_node[page] = self._page_next[page] = self._page_prev[page] = NONE
         self.num_cached_pages -= 1
         if self.events is not None and self._first_page[node] == NONE and not self._quiet:
-            self.events.append((REMOVED, node, GPU))
+            self.events.append((REMOVED, GPU, node, self._hash[node]))
         self._collect(node)
 
     def attach_cpu(self, cpu: int, node: int) -> None:
@@ -180,7 +182,7 @@ class PrefixIndex:
         self._cpu_page[node] = cpu
         self.num_cpu_cached_pages += 1
         if self.events is not None:
-            self.events.append((STORED, node, CPU))
+            self._stored(CPU, node)
 
     def detach_cpu(self, cpu: int) -> None:
         """``cpu`` no longer holds its node's content (evicted from the CPU tier or reset)."""
@@ -189,8 +191,12 @@ class PrefixIndex:
         self._cpu_page[node] = NONE
         self.num_cpu_cached_pages -= 1
         if self.events is not None and not self._quiet:
-            self.events.append((REMOVED, node, CPU))
+            self.events.append((REMOVED, CPU, node, self._hash[node]))
         self._collect(node)
+
+    def _stored(self, medium: int, node: int) -> None:
+        parent = self._parent[node]
+        self.events.append((STORED, medium, node, parent, self._hash[node], self.hash_of(parent), self._tokens[node]))
 
     def acquire(self, node: int) -> None:
         """A sequence chains its next pages after ``node`` (ROOT: nothing to hold)."""
@@ -236,7 +242,7 @@ class PrefixIndex:
             self._parent[node] = ROOT
             self._next_same_hash[node] = NONE
             self._free_nodes.append(node)
-            if self.events is not None:
+            if self._record_nodes:
                 self.events.append((DROP, node))
             if parent != ROOT:
                 self._deps[parent] -= 1

@@ -133,6 +133,8 @@ def _config(path, header) -> dict:
     if not isinstance(events, bool) or (events and not cfg["enable_prefix_caching"]):
         raise InvalidTrace(str(path), 1, f"config field 'enable_kv_events' must be a bool, True only with prefix "
                            f"caching, got {events!r}")
+    if not isinstance(cfg.setdefault("kv_event_nodes", False), bool):
+        raise InvalidTrace(str(path), 1, f"config field 'kv_event_nodes' must be a bool, got {cfg['kv_event_nodes']!r}")
     tier = cfg.setdefault("cpu_prefix_cache", False)
     if not isinstance(tier, bool) or (tier and not (cfg["enable_prefix_caching"] and cfg["num_cpu_pages"])):
         raise InvalidTrace(str(path), 1, f"config field 'cpu_prefix_cache' must be a bool, True only with prefix "
@@ -184,7 +186,7 @@ def replay(path, backend: str | None = None) -> ReplayResult:
             cfg = _config(path, header)
             impl = impl_class(cfg["num_pages"], cfg["page_size"], cfg["watermark_pages"],
                               bool(cfg["enable_prefix_caching"]), cfg["num_cpu_pages"], cfg["hash_bits"],
-                              cfg["cpu_prefix_cache"], cfg["enable_kv_events"])
+                              cfg["cpu_prefix_cache"], cfg["enable_kv_events"], cfg["kv_event_nodes"])
             count = 0
             for index, line in enumerate(f):
                 if not line.strip():

@@ -122,6 +122,7 @@ class ReferenceBlockManager:
         hash_bits: int = 64,
         cpu_prefix_cache: bool = False,
         enable_kv_events: bool = False,
+        kv_event_nodes: bool = False,
     ):
         self.num_pages = num_pages
         self.page_size = page_size
@@ -141,7 +142,8 @@ class ReferenceBlockManager:
         self._page_priority = [0] * num_pages
         self._ref_count = [0] * num_pages
         # prefix cache: content-prefix nodes and the pages attached to them
-        self._prefix = PrefixIndex(num_pages, num_cpu_pages, events=enable_kv_events and enable_prefix_caching)
+        self._prefix = PrefixIndex(num_pages, num_cpu_pages, events=enable_kv_events and enable_prefix_caching,
+                                   nodes=kv_event_nodes)
         self._stats = {"queries": 0, "hits": 0, "query_tokens": 0, "hit_tokens": 0,
                        "cpu_hit_tokens": 0, "demotions": 0, "promotions": 0}
         # NOTE: step-safe copies. Every page a returned copy reads or writes is pinned until

@@ -260,15 +260,18 @@ class BlockManager:
         self.watermark = float(watermark)
         self._impl = _backend.implementation(self._backend)(
             num_pages, page_size, math.floor(self.watermark * num_pages), bool(enable_prefix_caching), num_cpu_pages,
-            hash_bits, bool(cpu_prefix_cache), bool(enable_kv_events)
+            hash_bits, bool(cpu_prefix_cache), bool(enable_kv_events), prefix_hash == "sha256_cbor"
         )
+        self._fast_events = (enable_kv_events and prefix_hash == "pagedkv" and self._backend == "cpp"
+                             and record is None)
         if record is not None:
             from ._recorder import Recorder
 
             config = dict(num_pages=num_pages, page_size=page_size, watermark_pages=math.floor(self.watermark * num_pages),
                           enable_prefix_caching=bool(enable_prefix_caching), num_cpu_pages=num_cpu_pages,
                           hash_bits=hash_bits, cpu_prefix_cache=bool(cpu_prefix_cache),
-                          enable_kv_events=bool(enable_kv_events), backend=self._backend)
+                          enable_kv_events=bool(enable_kv_events), kv_event_nodes=prefix_hash == "sha256_cbor",
+                          backend=self._backend)
             self._impl = Recorder(self._impl, record, config)
 
     # ------------------------------------------------------------------ facts
@@ -614,6 +617,9 @@ class BlockManager:
         """
         if self._events is None:
             return []
+        if self._fast_events:
+            # NOTE: the C++ core merges its records into events itself (one tuple per event)
+            return self._events.wrap(self._impl.take_merged_events())
         return self._events.build(self._impl.take_events())
 
     def take_offload(self) -> OffloadPlan:

@@ -123,8 +123,8 @@ def block_hashes(token_ids, block_size: int, cache_salt=None, prefix_hash: str =
 class EventBuilder:
     """Turns a manager's event records (``_prefix_index``) into vLLM event objects.
 
-    It follows the records' nodes (their hash, parent and tokens) from creation to deletion, so
-    a block's hash and its parent's are known whenever the block is stored or removed.
+    Stored and removed records carry the index's own hashes; for ``sha256_cbor`` the builder
+    also follows node records (creation to deletion) and chains vLLM's hashes over them.
     """
 
     def __init__(self, page_size: int, prefix_hash: str = "pagedkv"):
@@ -140,43 +140,60 @@ class EventBuilder:
         if cache_salt is not None:
             self.salts[salt_hash(cache_salt)] = cache_salt
 
+    def wrap(self, merged) -> list:
+        """Events from the C++ core's already merged tuples (its fast path, pagedkv hashes)."""
+        ps = self.page_size
+        out = []
+        for event in merged:
+            kind = event[0]
+            if kind == STORED:
+                out.append(BlockStored(event[3], event[2], event[4], ps, None, MEDIA[event[1]], None))
+            elif kind == REMOVED:
+                out.append(BlockRemoved(event[2], MEDIA[event[1]]))
+            else:
+                out.append(AllBlocksCleared())
+        return out
+
     def build(self, records) -> list:
         events: list = []
         nodes = self._nodes
+        sha = self._none is not None
         # NOTE: the event being extended (a chain stored in one go is one event, as vLLM sends a
         # request's blocks; consecutive removals of one medium are one event), and for a
         # BlockStored the node of its last block. Hot with events on: kept to plain locals.
         open_kind, open_medium, open_node, open_event = None, None, ROOT, None
         for record in records:
             kind = record[0]
-            if kind == NODE:
-                _, node, parent, salt, h, tokens = record
-                if self._none is None:
-                    nodes[node] = (h, parent, tokens, None)
-                else:
-                    base = self._none if parent == ROOT else nodes[parent][3]
-                    digest = _sha256_block(base, tokens, self.salts.get(salt, salt) if parent == ROOT else None)
-                    nodes[node] = (external_hash(digest), parent, tokens, digest)
-            elif kind == STORED:
-                _, node, medium = record
-                h, parent, tokens, _ = nodes[node]
+            if kind == STORED:
+                _, medium, node, parent, h, parent_hash, tokens = record
+                if sha:
+                    h = nodes[node][0]
+                    parent_hash = nodes[parent][0] if parent != ROOT else None
+                elif parent == ROOT:
+                    parent_hash = None
                 if open_kind == STORED and open_medium == medium and parent == open_node and parent != ROOT:
                     open_event.block_hashes.append(h)
                     open_event.token_ids.extend(tokens)
                 else:
-                    parent_hash = None if parent == ROOT else nodes[parent][0]
                     open_event = BlockStored([h], parent_hash, list(tokens), self.page_size, None, MEDIA[medium], None)
                     events.append(open_event)
                     open_kind, open_medium = STORED, medium
                 open_node = node
             elif kind == REMOVED:
-                _, node, medium = record
+                _, medium, node, h = record
+                if sha:
+                    h = nodes[node][0]
                 if open_kind == REMOVED and open_medium == medium:
-                    open_event.block_hashes.append(nodes[node][0])
+                    open_event.block_hashes.append(h)
                 else:
-                    open_event = BlockRemoved([nodes[node][0]], MEDIA[medium])
+                    open_event = BlockRemoved([h], MEDIA[medium])
                     events.append(open_event)
                     open_kind, open_medium = REMOVED, medium
+            elif kind == NODE:  # NOTE: recorded only for sha256_cbor, whose hashes chain here
+                _, node, parent, salt, _, tokens = record
+                base = self._none if parent == ROOT else nodes[parent][3]
+                digest = _sha256_block(base, tokens, self.salts.get(salt, salt) if parent == ROOT else None)
+                nodes[node] = (external_hash(digest), parent, tokens, digest)
             elif kind == DROP:
                 del nodes[record[1]]
             elif kind == CLEARED:
