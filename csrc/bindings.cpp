@@ -253,6 +253,20 @@ NB_MODULE(_core, m) {
       },
       "parent"_a, "tokens"_a, "salt"_a,
       "pagedkv._hashing.page_hash computed by the core (tokens: int64 array), for parity tests.");
+  m.def(
+      "chain_hashes",
+      [](Int64Array tokens, int64_t page_size, uint64_t salt) -> nb::object {
+        if (page_size < 1) throw nb::value_error("page_size must be >= 1");
+        const size_t ps = static_cast<size_t>(page_size);
+        const size_t n = tokens.shape(0) / ps;
+        std::vector<uint64_t> out(n);
+        uint64_t h = 0;
+        for (size_t i = 0; i < n; ++i) out[i] = h = pagedkv::page_hash(h, tokens.data() + i * ps, ps, salt);
+        return to_numpy(std::move(out), {n});
+      },
+      "tokens"_a.noconvert(), "page_size"_a, "salt"_a,
+      "The chained page hash of every full page of tokens (int64 array), as the prefix index "
+      "keys them: pagedkv.events.block_hashes' fast path.");
 
   nb::class_<Failure>(m, "Failure", "An expected failure: a status code and its fields.")
       .def_prop_ro("status", [](const Failure& f) { return int(f.status); })

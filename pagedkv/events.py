@@ -32,7 +32,10 @@ import hashlib
 import os
 from typing import NamedTuple
 
+import numpy as np
+
 from ._hashing import MASK64, page_hash, salt_hash
+from ._validate import MAX_TOKEN_ID
 from ._optional import require
 from ._prefix_index import CLEARED, DROP, NODE, REMOVED, ROOT, STORED
 from .errors import InvalidArgument
@@ -104,19 +107,38 @@ def block_hashes(token_ids, block_size: int, cache_salt=None, prefix_hash: str =
     """
     if prefix_hash not in PREFIX_HASHES:
         raise InvalidArgument("prefix_hash", prefix_hash, f"one of {PREFIX_HASHES}")
-    tokens = [int(t) for t in token_ids]
-    out = []
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise InvalidArgument("block_size", block_size, "an int >= 1")
     if prefix_hash == "pagedkv":
-        salt, h = salt_hash(cache_salt), 0
+        salt = salt_hash(cache_salt)
+        core = _core_module()
+        if core is not None:
+            # NOTE: the C++ core's chain (the same function; tests compare them), 100x faster
+            array = np.asarray(token_ids, dtype=np.int64)
+            if array.ndim == 1 and (array.size == 0 or (array.min() >= 0 and array.max() <= MAX_TOKEN_ID)):
+                return core.chain_hashes(np.ascontiguousarray(array), block_size, salt).tolist()
+        tokens = [int(t) for t in token_ids]
+        out, h = [], 0
         for i in range(len(tokens) // block_size):
             h = page_hash(h, tokens[i * block_size:(i + 1) * block_size], salt)
             out.append(h)
         return out
+    tokens = [int(t) for t in token_ids]
+    out = []
     parent = none_hash()
     for i in range(len(tokens) // block_size):
         parent = _sha256_block(parent, tokens[i * block_size:(i + 1) * block_size], cache_salt if i == 0 else None)
         out.append(external_hash(parent))
     return out
+
+
+def _core_module():
+    """``pagedkv._core`` when the C++ core is built, else None."""
+    try:
+        from . import _core
+    except ImportError:
+        return None
+    return _core
 
 
 # ------------------------------------------------------------------------- the builder

@@ -129,6 +129,21 @@ def test_sha256_cbor_hashes_are_vllms(backend):
     assert block_hashes(range(1, 5), 4, "tenant-a", "sha256_cbor") == [14973694308966003349]
 
 
+def test_block_hashes_fast_path_equals_the_python_chain(monkeypatch):
+    import pagedkv.events as events
+
+    rng = random.Random(4)
+    tokens = [rng.randrange(2**31) for _ in range(203)]
+    fast = [block_hashes(tokens, size, salt) for size in (1, 3, 16) for salt in (None, "t")]
+    monkeypatch.setattr(events, "_core_module", lambda: None)  # the pure-Python chain
+    assert fast == [block_hashes(tokens, size, salt) for size in (1, 3, 16) for salt in (None, "t")]
+    mgr = BlockManager(64, 3, enable_prefix_caching=True, enable_kv_events=True)
+    mgr.allocate(0, token_ids=tokens[:40], cache_salt="t")
+    assert mgr.take_events()[0].block_hashes == block_hashes(tokens[:40], 3, "t")
+    with pytest.raises(InvalidArgument, match="block_size"):
+        block_hashes(tokens, 0)
+
+
 def test_none_hash_follows_pythonhashseed(monkeypatch):
     from pagedkv.events import none_hash
 
