@@ -168,15 +168,15 @@ bool BlockManager::index_page(Sequence& seq, size_t i, const int64_t* block) {
 
 void BlockManager::reattach(const Sequence& seq) {
   if (!seq.cache) return;
-  // The nodes of pages 0, 1, ... are the chain from the root to the sequence's node.
-  int64_t depth = 0;
+  // The nodes of pages 0, 1, ... are the chain from the root to the sequence's node. They are
+  // attached root first, as the reference does, so that KV events name a parent before its child.
+  std::vector<int32_t> chain;
   for (int32_t node = seq.cache->node; node != PrefixIndex::kRoot; node = prefix_.parent_of(node))
-    ++depth;
-  int32_t node = seq.cache->node;
-  for (int64_t i = depth - 1; i >= 0; --i, node = prefix_.parent_of(node)) {
-    if (static_cast<size_t>(i) >= seq.pages.size()) continue;
-    const int32_t page = seq.pages[static_cast<size_t>(i)];
-    if (page >= 0 && !prefix_.is_cached(page)) prefix_.attach(page, node);
+    chain.push_back(node);
+  const size_t depth = std::min(chain.size(), seq.pages.size());
+  for (size_t i = 0; i < depth; ++i) {
+    const int32_t page = seq.pages[i];
+    if (page >= 0 && !prefix_.is_cached(page)) prefix_.attach(page, chain[chain.size() - 1 - i]);
   }
 }
 

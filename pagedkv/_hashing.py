@@ -32,12 +32,15 @@ def page_hash(parent: int, tokens, salt: int) -> int:
 
 
 def salt_hash(salt: str | bytes | None) -> int:
-    """The 64-bit value of a ``cache_salt``: 0 for None, FNV-1a of the (UTF-8) bytes otherwise."""
+    """The 64-bit value of a ``cache_salt``: 0 for None, FNV-1a of the (UTF-8) bytes otherwise.
+
+    Callers pass salts already canonical (``_validate.cache_salt``: never empty).
+    """
     if salt is None:
         return 0
     data = salt.encode("utf-8") if isinstance(salt, str) else bytes(salt)
     h = _FNV_OFFSET
     for byte in data:
         h = ((h ^ byte) * _FNV_PRIME) & MASK64
-    # NOTE: never 0, so that an empty or explicit salt differs from no salt at all.
+    # NOTE: never 0, so that a salt always differs from no salt at all.
     return h or 1

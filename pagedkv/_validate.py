@@ -41,6 +41,28 @@ def count(name: str, value: object) -> int:
     return as_int(name, value, 1, MAX_COUNT)
 
 
+def cache_salt(value: object, name: str = "cache_salt") -> str | bytes | None:
+    """The canonical form of a tenant salt: None, a non-empty str, or bytes that are not UTF-8.
+
+    UTF-8 bytes become the str they encode, so that ``b"a"`` and ``"a"`` are one tenant under
+    every hash (the pagedkv page hash reads the UTF-8 bytes; sha256_cbor hashes the object).
+    An empty salt is rejected, as vLLM rejects it: it would be a tenant of its own under the
+    page hash but no salt at all under vLLM's block hash.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    elif not isinstance(value, str):
+        raise InvalidType(name, value, "a str, bytes or None")
+    if not value:
+        raise InvalidArgument(name, value, "a non-empty str or bytes, or None")
+    return value
+
+
 def int_array(name: str, value: object, lo: int, hi: int) -> np.ndarray:
     """A 1-D sequence of ints as a contiguous int64 array with every element in ``[lo, hi]``."""
     if isinstance(value, np.ndarray):

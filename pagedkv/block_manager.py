@@ -365,8 +365,7 @@ class BlockManager:
     # ------------------------------------------------------------- admission
     def _prompt(self, num_tokens, token_ids, cache_salt):
         """Checked (num_tokens, token_ids int64 array or None, salt hash) of an allocation."""
-        if cache_salt is not None and not isinstance(cache_salt, (str, bytes)):
-            raise InvalidType("cache_salt", cache_salt, "a str, bytes or None")
+        cache_salt = check.cache_salt(cache_salt)
         if token_ids is None:
             if num_tokens is None:
                 raise InvalidArgument("num_tokens", None, "an int >= 1 when token_ids is not given")
@@ -563,8 +562,7 @@ class BlockManager:
             Pages pinned (0 without prefix caching or when nothing of the prefix is cached).
         """
         tokens = check.int_array("token_ids", token_ids, 0, check.MAX_TOKEN_ID)
-        if cache_salt is not None and not isinstance(cache_salt, (str, bytes)):
-            raise InvalidType("cache_salt", cache_salt, "a str, bytes or None")
+        cache_salt = check.cache_salt(cache_salt)
         return self._impl.pin_prefix(tokens, salt_hash(cache_salt))
 
     def unpin_prefix(self, token_ids, cache_salt=None) -> int:
@@ -577,8 +575,7 @@ class BlockManager:
             InvalidArgument: no such pin.
         """
         tokens = check.int_array("token_ids", token_ids, 0, check.MAX_TOKEN_ID)
-        if cache_salt is not None and not isinstance(cache_salt, (str, bytes)):
-            raise InvalidType("cache_salt", cache_salt, "a str, bytes or None")
+        cache_salt = check.cache_salt(cache_salt)
         return self._impl.unpin_prefix(tokens, salt_hash(cache_salt))
 
     def end_step(self) -> None:

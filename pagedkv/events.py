@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import _validate as check
 from ._hashing import MASK64, page_hash, salt_hash
 from ._validate import MAX_TOKEN_ID
 from ._optional import require
@@ -89,7 +90,7 @@ def none_hash() -> bytes:
 def _sha256_block(parent: bytes, tokens, salt) -> bytes:
     """One block's sha256_cbor digest. NOTE: vLLM's extra keys of a block are None, or for the
     first block of a salted prompt the tuple ``(cache_salt,)`` (no LoRA or multimodal keys)."""
-    return _sha256_cbor((parent, tuple(tokens), (salt,) if salt else None))
+    return _sha256_cbor((parent, tuple(tokens), None if salt is None else (salt,)))
 
 
 def external_hash(digest: bytes) -> int:
@@ -109,6 +110,7 @@ def block_hashes(token_ids, block_size: int, cache_salt=None, prefix_hash: str =
         raise InvalidArgument("prefix_hash", prefix_hash, f"one of {PREFIX_HASHES}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise InvalidArgument("block_size", block_size, "an int >= 1")
+    cache_salt = check.cache_salt(cache_salt)
     if prefix_hash == "pagedkv":
         salt = salt_hash(cache_salt)
         core = _core_module()
@@ -159,6 +161,7 @@ class EventBuilder:
         self._none = none_hash() if prefix_hash == "sha256_cbor" else None
 
     def remember_salt(self, cache_salt) -> None:
+        """Keep a (canonical, ``_validate.cache_salt``) salt to hash it into a first block."""
         if cache_salt is not None:
             self.salts[salt_hash(cache_salt)] = cache_salt
 

@@ -129,6 +129,51 @@ def test_sha256_cbor_hashes_are_vllms(backend):
     assert block_hashes(range(1, 5), 4, "tenant-a", "sha256_cbor") == [14973694308966003349]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_swapped_in_chain_is_stored_root_first(backend):
+    # swap_in attaches the new pages to the prompt's nodes; a router must see each parent before
+    # its child, so the chain is one event from the root (the C++ core once attached leaf first)
+    mgr = BlockManager(8, 2, enable_prefix_caching=True, num_cpu_pages=8, enable_kv_events=True, backend=backend)
+    mgr.allocate(0, token_ids=[1, 2, 3, 4, 5, 6, 7])
+    hashes = block_hashes([1, 2, 3, 4, 5, 6], 2)
+    mgr.swap_out([0])
+    mgr.end_step()
+    mgr.allocate(1, num_tokens=16)  # every GPU page: the prompt's cached pages are evicted
+    assert mgr.take_events()[-1] == BlockRemoved(hashes, "GPU")
+    mgr.free(1)
+    mgr.swap_in([0])
+    assert mgr.take_events() == [BlockStored(hashes, None, [1, 2, 3, 4, 5, 6], 2, None, "GPU", None)]
+
+
+@pytest.mark.parametrize("prefix_hash", ["pagedkv", "sha256_cbor"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_salt_is_one_tenant_in_every_form(backend, prefix_hash):
+    # "a" and b"a" are one tenant under both hashes (UTF-8 bytes become the str); an empty salt
+    # is rejected (vLLM rejects it), naming cache_salt and changing nothing
+    mgr = BlockManager(16, 2, enable_prefix_caching=True, enable_kv_events=True, prefix_hash=prefix_hash,
+                       backend=backend)
+    mgr.allocate(0, token_ids=[1, 2, 3, 4, 5], cache_salt=b"tenant")
+    (stored,) = mgr.take_events()
+    assert stored.block_hashes == block_hashes([1, 2, 3, 4], 2, "tenant", prefix_hash)
+    assert stored.block_hashes == block_hashes([1, 2, 3, 4], 2, b"tenant", prefix_hash)
+    assert stored.block_hashes != block_hashes([1, 2, 3, 4], 2, None, prefix_hash)
+    hit = mgr.allocate(1, token_ids=[1, 2, 3, 4, 6], cache_salt="tenant", num_computed_tokens=0)
+    assert hit.num_cached_tokens == 4
+    before = mgr.snapshot()
+    for empty in ("", b""):
+        with pytest.raises(InvalidArgument, match="cache_salt"):
+            mgr.allocate(2, token_ids=[1, 2, 3, 4, 5], cache_salt=empty)
+        with pytest.raises(InvalidArgument, match="cache_salt"):
+            block_hashes([1, 2], 2, empty, prefix_hash)
+        with pytest.raises(InvalidArgument, match="cache_salt"):
+            mgr.pin_prefix([1, 2], cache_salt=empty)
+    assert mgr.snapshot() == before
+    # bytes that are not UTF-8 stay bytes: a tenant of their own, hashed as bytes
+    mgr.allocate(3, token_ids=[1, 2, 3, 4, 5], cache_salt=b"\xff")
+    (other,) = mgr.take_events()
+    assert other.block_hashes == block_hashes([1, 2, 3, 4], 2, b"\xff", prefix_hash) != stored.block_hashes
+
+
 def test_block_hashes_fast_path_equals_the_python_chain(monkeypatch):
     import pagedkv.events as events
 
