@@ -16,6 +16,7 @@
 
 #include "block_manager.h"
 #include "page_hash.h"
+#include "plan.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -27,6 +28,12 @@ using pagedkv::Failure;
 
 // 1-D contiguous int64 on the CPU (what pagedkv._validate.int_array produces).
 using Int64Array = nb::ndarray<const int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+// The arrays of a plan: page tables and lengths from the block manager, staging buffers.
+using Int32Array = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Int32Table = nb::ndarray<const int32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using Int32Out = nb::ndarray<int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+using Int32TableOut = nb::ndarray<int32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using Int64Out = nb::ndarray<int64_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 // An Int64Array argument declared with .none(): None arrives as an invalid array.
 pagedkv::TokenIds token_ids_of(const Int64Array& a) {
@@ -267,6 +274,62 @@ NB_MODULE(_core, m) {
       "tokens"_a.noconvert(), "page_size"_a, "salt"_a,
       "The chained page hash of every full page of tokens (int64 array), as the prefix index "
       "keys them: pagedkv.events.block_hashes' fast path.");
+
+  m.def(
+      "fill_plan",
+      [](Int32Table table, Int32Array seq_lens, Int64Array query_lens, int64_t query_len, Int64Array slots,
+         Int32Array first_page, int64_t page_size, int64_t num_pages, int64_t window, Int32TableOut out_table,
+         Int32Out out_seq_lens, Int32Out out_qo_indptr, Int64Out out_slots, Int32Out out_first_page,
+         int64_t rows) -> nb::tuple {
+        const auto refused = [] { return nb::make_tuple(false, 0, 0, 0); };
+        const int64_t n = static_cast<int64_t>(table.shape(0));
+        // NOTE: every extent is checked here, so no input can make the core read or write
+        // out of bounds; a refusal sends the caller to the checked Python path.
+        if (rows < n || static_cast<int64_t>(seq_lens.shape(0)) != n ||
+            static_cast<int64_t>(out_table.shape(0)) < rows ||
+            static_cast<int64_t>(out_seq_lens.shape(0)) < rows ||
+            static_cast<int64_t>(out_qo_indptr.shape(0)) < rows + 1 ||
+            (query_lens.is_valid() && static_cast<int64_t>(query_lens.shape(0)) != n) ||
+            (first_page.is_valid() && (static_cast<int64_t>(first_page.shape(0)) != n ||
+                                       !out_first_page.is_valid() ||
+                                       static_cast<int64_t>(out_first_page.shape(0)) < rows)))
+          return refused();
+        pagedkv::PlanInput in;
+        in.table = table.data();
+        in.num_seqs = n;
+        in.width = static_cast<int64_t>(table.shape(1));
+        in.seq_lens = seq_lens.data();
+        in.query_lens = query_lens.is_valid() ? query_lens.data() : nullptr;
+        in.query_len = query_len;
+        in.slots = slots.is_valid() ? slots.data() : nullptr;
+        in.num_slots = slots.is_valid() ? static_cast<int64_t>(slots.shape(0)) : 0;
+        in.first_page = first_page.is_valid() ? first_page.data() : nullptr;
+        in.page_size = page_size;
+        in.num_pages = num_pages;
+        in.window = window;
+        pagedkv::PlanOutput out;
+        out.table = out_table.data();
+        out.max_pages = static_cast<int64_t>(out_table.shape(1));
+        out.seq_lens = out_seq_lens.data();
+        out.qo_indptr = out_qo_indptr.data();
+        out.slots = out_slots.data();
+        out.max_tokens = static_cast<int64_t>(out_slots.shape(0));
+        out.first_page = first_page.is_valid() ? out_first_page.data() : nullptr;
+        out.rows = rows;
+        if (page_size < 1 || num_pages < 0 || window < 0 || num_pages > (INT64_MAX / page_size))
+          return refused();
+        thread_local std::vector<int64_t> scratch;
+        const pagedkv::PlanResult r = pagedkv::fill_plan(in, out, scratch);
+        if (!r.ok) return refused();
+        return nb::make_tuple(true, r.tokens, r.max_seq_len, r.max_q_len);
+      },
+      "table"_a.noconvert(), "seq_lens"_a.noconvert(), "query_lens"_a.noconvert().none(), "query_len"_a,
+      "slots"_a.noconvert().none(), "first_page"_a.noconvert().none(), "page_size"_a, "num_pages"_a,
+      "window"_a, "out_table"_a.noconvert(), "out_seq_lens"_a.noconvert(), "out_qo_indptr"_a.noconvert(),
+      "out_slots"_a.noconvert(), "out_first_page"_a.noconvert().none(), "rows"_a,
+      "Check one batch and write it, padded to `rows`, into plan staging arrays: "
+      "(ok, tokens, max_seq_len, max_q_len); ok is False for any batch the checked Python path "
+      "(pagedkv._planning.host_plan) would refuse, or arrays that do not fit.");
 
   nb::class_<Failure>(m, "Failure", "An expected failure: a status code and its fields.")
       .def_prop_ro("status", [](const Failure& f) { return int(f.status); })

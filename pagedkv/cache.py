@@ -21,6 +21,7 @@ and sees page tables as arrays, never the block manager object.
 
 from __future__ import annotations
 
+import importlib
 import numbers
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from ._optional import require
 
 torch = require("torch", __name__)
 
+from . import _planning  # noqa: E402
 from . import _validate as check  # noqa: E402
 from .block_manager import CSR, PageTables, WindowTables  # noqa: E402
 from .errors import InvalidArgument, InvalidType  # noqa: E402
@@ -41,6 +43,17 @@ _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }
 _BACKENDS = ("triton", "torch")
+
+
+def _core_module():
+    """``pagedkv._core`` when the C++ core is built, else None."""
+    try:
+        from . import _core
+    except ImportError:
+        return None
+    return _core
+
+_Tensor = torch.Tensor
 _NATIVE = (None, "auto", "native")
 
 
@@ -61,6 +74,9 @@ class BatchPlan:
         first_page: int32 ``[num_seqs]`` when the page table holds live pages only
             (``BlockManager.window_tables``): position ``pos`` of sequence ``i`` is in column
             ``pos // page_size - first_page[i]``; ``None``: column ``pos // page_size``.
+        buffers: the ``PlanBuffers`` the tensors are views of, or ``None`` (tensors of their
+            own). A plan in buffers is valid until the next ``plan`` into them, and its
+            ``max_seq_len`` is the buffers' capacity (split counts follow the batch size only).
     """
 
     page_table: torch.Tensor
@@ -73,6 +89,7 @@ class BatchPlan:
     max_q_len: int
     sliding_window: int | None = None
     first_page: torch.Tensor | None = None
+    buffers: object = None
 
     @property
     def is_decode(self) -> bool:
@@ -192,6 +209,18 @@ class PagedKVCache:
             self._cpu_kv = torch.zeros(cpu_shape, dtype=self.kv_dtype, pin_memory=pin)
             if self._scales is not None:
                 self._cpu_scales = torch.zeros(cpu_shape[:-1], dtype=quant.SCALE_DTYPE, pin_memory=pin)
+        # NOTE: what every per-layer call needs, made once: the layer's K and V pools (views),
+        # its scale arguments, and (Triton) the launchers and checked quantization arguments.
+        self._k_pools = tuple(self._kv[layer, 0] for layer in range(self.num_layers))
+        self._v_pools = tuple(self._kv[layer, 1] for layer in range(self.num_layers))
+        self._scale_kwargs = tuple(self._scale_args(layer) for layer in range(self.num_layers))
+        self._launch = None  # (write, decode, prefill) inner launchers, resolved on first use
+        self._quant_args = None
+        self._options: dict = {}  # (sm_scale, sliding_window, logits_soft_cap) -> checked options
+        self._workspaces: dict = {}  # (rows, num_heads, num_splits) -> split-KV partials
+        self._splits: dict = {}  # (rows, max_seq_len, window, num_heads) -> default split-KV count
+        self._fast_plans = True  # NOTE: the C++ plan of buffered batches (tests turn it off to compare)
+        self._core = _core_module()
 
     def _kv_format(self, kv_dtype: object) -> quant.KVFormat | None:
         if isinstance(kv_dtype, (str, type(None))) and kv_dtype in _NATIVE:
@@ -315,6 +344,8 @@ class PagedKVCache:
         max_pages: int | None = None,
         sliding_window: int | None = None,
         first_page: object = None,
+        buffers: _planning.PlanBuffers | None = None,
+        pad_to: int | None = None,
     ) -> BatchPlan:
         """Validate one batch's page tables on the host and upload them once for every layer.
 
@@ -342,165 +373,119 @@ class PagedKVCache:
             first_page: int ``[num_seqs]`` with a plain array whose rows start at these page
                 indices (as a ``WindowTables`` does); every page attention reads must be at or
                 after it.
+            buffers: ``plan_buffers(...)``: fill these persistent device tensors in place
+                (fixed addresses, for CUDA graphs) instead of uploading new ones; the table is
+                then ``buffers.max_pages`` wide.
+            pad_to: with ``buffers``, pad the batch to this many sequences (a captured graph's
+                batch size): padding rows have ``seq_len`` 0 and slot -1 (a decode plan gives
+                them one query row each), write nothing and attend to nothing (zeros).
 
         Returns:
             A ``BatchPlan`` on this cache's device.
 
         Raises:
             InvalidArgument / InvalidType: inconsistent arrays, page ids outside
-                ``[0, num_pages)`` for a used entry, too-long sequences, bad slots.
+                ``[0, num_pages)`` for a used entry, too-long sequences, bad or repeated slots,
+                a device tensor among the host arrays (reading it would synchronise).
         """
-        table, lens, first = self._host_tables(page_tables, seq_lens, first_page)
-        num_seqs = lens.shape[0]
-        if max_pages is not None:
-            max_pages = check.as_int("max_pages", max_pages, table.shape[1], check.MAX_COUNT)
-            table = np.pad(table, ((0, 0), (0, max_pages - table.shape[1])), constant_values=-1)
-        used_pages = -(-lens // self.page_size)
-        start = np.zeros_like(lens) if first is None else first  # page index of each row's first entry
-        if num_seqs and np.any(used_pages - start > table.shape[1]):
-            row = int(np.argmax(used_pages - start > table.shape[1]))
-            bound = "max_pages * page_size" if first is None else "(first_page + max_pages) * page_size"
-            raise InvalidArgument("seq_lens", int(lens[row]),
-                                  f"at most {bound} = {(int(start[row]) + table.shape[1]) * self.page_size}")
-        if np.any(table < -1) or np.any(table >= self.num_pages):
-            bad = int(table[(table < -1) | (table >= self.num_pages)][0])
-            raise InvalidArgument("page_table", bad, f"page ids in [0, {self.num_pages}) or -1 (NULL_PAGE)")
+        if buffers is not None:
+            if not isinstance(buffers, _planning.PlanBuffers) or buffers.device != self.device:
+                raise InvalidArgument("buffers", buffers, f"PlanBuffers on {self.device} (from this cache's plan_buffers)")
+            core = self._core if self._fast_plans else None
+            if core is not None:
+                # NOTE: the usual batch in one C++ pass straight into the staging; anything it
+                # does not take (or refuses) goes the checked way below, which raises the error.
+                fast = _planning.fast_fill(core, buffers, page_tables, seq_lens, query_lens, slot_mapping, max_pages,
+                                           sliding_window, first_page, pad_to, self.num_pages, self.page_size)
+                if fast is not None:
+                    return self._buffered_plan(buffers, *fast)
+        host = _planning.host_plan(page_tables, seq_lens, query_lens, slot_mapping, max_pages, sliding_window,
+                                   first_page, num_pages=self.num_pages, page_size=self.page_size)
+        num_seqs, num_tokens = host.lens.shape[0], host.slots.shape[0]
+        if buffers is None:
+            if pad_to is not None:
+                raise InvalidArgument("pad_to", pad_to, "None unless buffers= is given (padding fills plan buffers)")
+            width = host.table.shape[1] if max_pages is None else max_pages
+            table = host.table
+            if width > table.shape[1]:
+                table = np.pad(table, ((0, 0), (0, width - table.shape[1])), constant_values=-1)
+            device = self.device
+            return BatchPlan(
+                page_table=_planning.upload(table, torch.int32, device),
+                seq_lens=_planning.upload(host.lens, torch.int32, device),
+                qo_indptr=_planning.upload(host.qo_indptr, torch.int32, device),
+                slot_mapping=_planning.upload(host.slots, torch.int64, device),
+                num_seqs=num_seqs, num_tokens=num_tokens, max_seq_len=host.max_seq_len, max_q_len=host.max_q_len,
+                sliding_window=host.sliding_window,
+                first_page=None if host.first is None else _planning.upload(host.first, torch.int32, device),
+            )
+        if num_seqs > buffers.max_num_seqs:
+            raise InvalidArgument("page_tables", f"{num_seqs} sequences", f"at most max_num_seqs = {buffers.max_num_seqs}")
+        rows = num_seqs if pad_to is None else check.as_int("pad_to", pad_to, num_seqs, buffers.max_num_seqs)
+        if host.table.shape[1] > buffers.max_pages or (max_pages is not None and max_pages > buffers.max_pages):
+            raise InvalidArgument("max_pages", max(host.table.shape[1], max_pages or 0),
+                                  f"at most the buffers' max_pages = {buffers.max_pages}")
+        decode = num_tokens == num_seqs and host.max_q_len <= 1
+        tokens = num_tokens + (rows - num_seqs if decode else 0)
+        if tokens > buffers.max_num_tokens:
+            raise InvalidArgument("query_lens", num_tokens, f"a total of at most max_num_tokens = {buffers.max_num_tokens}")
+        views = buffers.fill(host, rows, tokens)
+        return self._buffered_plan(buffers, views, tokens, host.max_seq_len, host.max_q_len, host.sliding_window)
 
-        if query_lens is None:
-            q_lens = np.ones(num_seqs, dtype=np.int64)
-        elif isinstance(query_lens, (int, np.integer)) and not isinstance(query_lens, (bool, np.bool_)):
-            q_lens = np.full(num_seqs, check.as_int("query_lens", query_lens, 0, check.MAX_COUNT), dtype=np.int64)
-        else:
-            q_lens = check.int_array("query_lens", query_lens, 0, check.MAX_COUNT)
-            if q_lens.shape[0] != num_seqs:
-                raise InvalidArgument("query_lens", f"{q_lens.shape[0]} lengths", f"one per sequence ({num_seqs})")
-        if np.any(q_lens > lens):
-            row = int(np.argmax(q_lens > lens))
-            raise InvalidArgument("query_lens", int(q_lens[row]), f"at most seq_lens[{row}] = {int(lens[row])}")
-        # Every page an attention call may read must be a real page: from the page holding the
-        # first key the sequence's first new token sees (position 0 without a window).
-        if sliding_window is not None:
-            sliding_window = check.count("sliding_window", sliding_window)
-            first_key = np.maximum(lens - q_lens - sliding_window + 1, 0)
-        else:
-            first_key = np.zeros_like(lens)
-        if np.any(first_key // self.page_size < start):
-            row = int(np.argmax(first_key // self.page_size < start))
-            raise InvalidArgument("first_page", int(start[row]),
-                                  f"at most the first page attention reads for row {row} "
-                                  f"({int(first_key[row] // self.page_size)}; pass the sliding_window)")
-        cols = np.arange(table.shape[1])[None, :] + start[:, None]
-        needed = (cols >= (first_key // self.page_size)[:, None]) & (cols < used_pages[:, None])
-        if np.any(needed & (table < 0)):
-            row = int(np.argmax(np.any(needed & (table < 0), axis=1)))
-            raise InvalidArgument(f"page_table[{row}]", table[row].tolist(),
-                                  f"a page id for every page attention reads (the first {int(used_pages[row])} "
-                                  "entries, or those inside sliding_window)")
-        qo_indptr = np.zeros(num_seqs + 1, dtype=np.int64)
-        np.cumsum(q_lens, out=qo_indptr[1:])
-        num_tokens = int(qo_indptr[-1])
-        if num_tokens > check.MAX_COUNT:
-            raise InvalidArgument("query_lens", num_tokens, f"a total of at most {check.MAX_COUNT} tokens")
-
-        if slot_mapping is None:
-            # Every new token goes to its own position: the last q_len of its sequence.
-            owner = np.repeat(np.arange(num_seqs), q_lens)
-            positions = np.arange(num_tokens) - qo_indptr[owner] + (lens - q_lens)[owner]
-            columns = positions // self.page_size - start[owner]
-            slots = table[owner, columns] * self.page_size + positions % self.page_size
-        else:
-            if isinstance(slot_mapping, torch.Tensor):
-                slot_mapping = slot_mapping.cpu().numpy()
-            slots = check.int_array("slot_mapping", slot_mapping, -1, self.num_pages * self.page_size - 1)
-            if slots.shape[0] != num_tokens:
-                raise InvalidArgument("slot_mapping", f"{slots.shape[0]} slots", f"one per new token ({num_tokens})")
-
-        # NOTE: one small host-to-device copy per array per batch; every layer reuses them.
-        def upload(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array)).to(device=self.device, dtype=dtype)
-
+    def _buffered_plan(self, buffers, views: tuple, tokens: int, max_seq_len: int, max_q_len: int,
+                       sliding_window: int | None) -> BatchPlan:
+        table, lens, qo_indptr, slots, first = views
+        rows = table.shape[0]
+        decode = tokens == rows and max_q_len <= 1
         return BatchPlan(
-            page_table=upload(table, torch.int32),
-            seq_lens=upload(lens, torch.int32),
-            qo_indptr=upload(qo_indptr, torch.int32),
-            slot_mapping=upload(slots, torch.int64),
-            num_seqs=num_seqs,
-            num_tokens=num_tokens,
-            max_seq_len=int(lens.max()) if num_seqs else 0,
-            max_q_len=int(q_lens.max()) if num_seqs else 0,
-            sliding_window=sliding_window,
-            first_page=None if first is None else upload(first, torch.int32),
+            page_table=table, seq_lens=lens, qo_indptr=qo_indptr, slot_mapping=slots, num_seqs=rows,
+            num_tokens=tokens,
+            # NOTE: the buffers' capacity, not this batch's longest sequence: split counts (and
+            # so kernel variants and graph shapes) then depend on the padded batch size only.
+            max_seq_len=buffers.max_pages * self.page_size, max_q_len=max(max_q_len, 1 if decode and rows else 0),
+            sliding_window=sliding_window, first_page=first, buffers=buffers,
         )
 
-    def _host_tables(self, page_tables: object, seq_lens: object, first_page: object = None):
-        """``(table int64 [num_seqs, width], seq_lens int64 [num_seqs], first page int64
-        [num_seqs] or None)`` from any accepted form."""
-        if isinstance(page_tables, (PageTables, WindowTables, CSR)):
-            kind = type(page_tables).__name__
-            if seq_lens is not None:
-                raise InvalidArgument("seq_lens", "an array", f"None when page_tables is a {kind}")
-            if first_page is not None:
-                raise InvalidArgument("first_page", "an array", f"None when page_tables is a {kind}")
-        if isinstance(page_tables, WindowTables):
-            table, lens, _ = self._host_tables(page_tables.page_table, page_tables.seq_lens)
-            return table, lens, self._first_pages(page_tables.first_page, lens.shape[0])
-        if isinstance(page_tables, PageTables):
-            page_tables, seq_lens = page_tables.page_table, page_tables.seq_lens
-        elif isinstance(page_tables, CSR):
-            indptr = check.int_array("indptr", page_tables.indptr, 0, check.MAX_COUNT)
-            indices = check.int_array("indices", page_tables.indices, -1, check.MAX_COUNT)
-            last = check.int_array("last_page_len", page_tables.last_page_len, 0, self.page_size)
-            counts = np.diff(indptr)
-            if indptr.shape[0] != last.shape[0] + 1 or np.any(counts < 0) or indptr[-1] != indices.shape[0]:
-                raise InvalidArgument("page_tables", "an inconsistent CSR", "indptr [B + 1] non-decreasing, "
-                                      "ending at len(indices), and last_page_len [B]")
-            width = int(counts.max()) if counts.size else 0
-            table = np.full((counts.shape[0], width), -1, dtype=np.int64)
-            cols = np.arange(width)[None, :]
-            table[cols < counts[:, None]] = indices
-            lens = np.where(counts > 0, (counts - 1) * self.page_size + last, 0)
-            return table, lens, None
-        elif seq_lens is None:
-            raise InvalidArgument("seq_lens", None, "an int array [num_seqs] when page_tables is a plain array")
-        if isinstance(page_tables, torch.Tensor):
-            page_tables = page_tables.cpu().numpy()
-        table = np.asarray(page_tables)
-        if table.ndim != 2 or (table.size and table.dtype.kind not in "iu"):
-            raise InvalidArgument("page_tables", f"array of shape {table.shape} and dtype {table.dtype}",
-                                  "an int array [num_seqs, max_pages]")
-        table = table.astype(np.int64, copy=False)
-        if isinstance(seq_lens, torch.Tensor):
-            seq_lens = seq_lens.cpu().numpy()
-        lens = check.int_array("seq_lens", seq_lens, 0, check.MAX_COUNT)
-        if lens.shape[0] != table.shape[0]:
-            raise InvalidArgument("seq_lens", f"{lens.shape[0]} lengths", f"one per page-table row ({table.shape[0]})")
-        return table, lens, None if first_page is None else self._first_pages(first_page, lens.shape[0])
+    def plan_buffers(self, max_num_seqs: int, max_num_tokens: int, max_pages: int) -> _planning.PlanBuffers:
+        """Persistent device buffers for ``plan(..., buffers=...)`` (see ``PlanBuffers``).
 
-    @staticmethod
-    def _first_pages(first_page: object, num_seqs: int) -> np.ndarray:
-        if isinstance(first_page, torch.Tensor):
-            first_page = first_page.cpu().numpy()
-        first = check.int_array("first_page", first_page, 0, check.MAX_COUNT)
-        if first.shape[0] != num_seqs:
-            raise InvalidArgument("first_page", f"{first.shape[0]} page indices", f"one per sequence ({num_seqs})")
-        return first
+        Args:
+            max_num_seqs: the largest batch (padded size included).
+            max_num_tokens: the most new tokens per step (prefill chunks included).
+            max_pages: page-table width: ``cdiv(max_model_len, page_size)``, or fewer with
+                ``window_tables``.
+        """
+        return _planning.PlanBuffers(self.device, max_num_seqs, max_num_tokens, max_pages)
 
     # ---------------------------------------------------------------------- run
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: BatchPlan) -> None:
         """Store the batch's new K/V of layer ``layer`` at ``plan.slot_mapping``.
 
         Quantized pages receive the tokens quantized (and their scales, per (token, head)).
+        Only ``layer`` and the shapes, dtype and device of ``k`` / ``v`` are checked here; the
+        plan was checked by ``plan`` and the pools at construction.
 
         Args:
-            k, v: ``[num_tokens, num_kv_heads, head_dim]`` in the cache's dtype, on its device.
+            k, v: ``[num_tokens, num_kv_heads, head_dim]`` in the cache's dtype, on its device
+                (token and head strides free, the last dimension contiguous).
         """
-        layer = self._layer(layer)
-        names = "[num_tokens, num_kv_heads, head_dim]"
+        if layer.__class__ is not int or not 0 <= layer < self.num_layers:
+            layer = self._layer(layer)
         shape = (plan.num_tokens, self.num_kv_heads, self.head_dim)
-        common.check_tensor("k", k, names, shape, like=("the cache", self._act), device=self.device)
-        common.check_tensor("v", v, names, shape, like=("the cache", self._act), device=self.device)
-        self._ops().write_kv(k, v, self._kv[layer, 0], self._kv[layer, 1], plan.slot_mapping,
-                             **self._scale_args(layer))
+        if not (k.__class__ is _Tensor and v.__class__ is _Tensor and k.shape == shape and v.shape == shape
+                and k.dtype == self.dtype and v.dtype == self.dtype and k.device == self.device
+                and v.device == self.device and k.stride(-1) == 1 and v.stride(-1) == 1):
+            names = "[num_tokens, num_kv_heads, head_dim]"
+            common.check_tensor("k", k, names, shape, like=("the cache", self._act), device=self.device)
+            common.check_tensor("v", v, names, shape, like=("the cache", self._act), device=self.device)
+        if self.backend == "torch":
+            from .kernels import reference
+
+            reference.write_kv(k, v, self._k_pools[layer], self._v_pools[layer], plan.slot_mapping,
+                               **self._scale_kwargs[layer])
+            return
+        launch = self._launch or self._launchers()
+        launch[0](k, v, self._k_pools[layer], self._v_pools[layer], plan.slot_mapping, self._quant_args[layer])
 
     def decode(
         self,
@@ -520,27 +505,42 @@ class PagedKVCache:
             q: ``[num_seqs, num_heads, head_dim]``; ``num_heads`` a multiple of ``num_kv_heads``.
             plan: a decode plan (``query_lens`` 1 per sequence).
             sm_scale, sliding_window, logits_soft_cap: see ``kernels.paged_decode``.
-            out: optional output ``[num_seqs, num_heads, head_dim]``.
-            num_splits: split-KV count (Triton backend); fix it when capturing a CUDA graph,
-                otherwise it is chosen from the batch shape.
+            out: optional output ``[num_seqs, num_heads, head_dim]``; with it, and a plan in
+                ``PlanBuffers``, the call allocates nothing (after its first call for that
+                batch size and head count, or ``warmup``).
+            num_splits: split-KV count (Triton backend); default: chosen from the batch shape
+                (with ``PlanBuffers``, from the padded batch size only: fixed per size).
 
         Returns:
             ``[num_seqs, num_heads, head_dim]`` in the cache's dtype.
         """
-        layer = self._layer(layer)
-        if not plan.is_decode:
+        if layer.__class__ is not int or not 0 <= layer < self.num_layers:
+            layer = self._layer(layer)
+        if plan.num_tokens != plan.num_seqs or plan.max_q_len > 1:
             raise InvalidArgument("plan", f"a plan with {plan.num_tokens} tokens for {plan.num_seqs} sequences",
                                   "a decode plan (one new token per sequence); use prefill for chunks")
-        self._check_query(q, "[num_seqs, num_heads, head_dim]", plan.num_seqs, out, sm_scale, sliding_window,
-                          logits_soft_cap, plan)
-        options = dict(sm_scale=sm_scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, out=out,
-                       **self._scale_args(layer))
-        if self.backend == "triton":
-            options.update(max_seq_len=plan.max_seq_len, num_splits=num_splits)
-        if plan.first_page is not None:
-            options["first_page"] = plan.first_page
-        return self._ops().paged_decode(q, self._kv[layer, 0], self._kv[layer, 1], plan.page_table, plan.seq_lens,
-                                        **options)
+        sm_scale, window, cap = self._query_options(q, plan.num_seqs, out, sm_scale, sliding_window,
+                                                    logits_soft_cap, plan, "[num_seqs, num_heads, head_dim]")
+        if out is None:
+            out = torch.empty_like(q)
+        if self.backend == "torch":
+            from .kernels import reference
+
+            return reference.paged_decode(q, self._k_pools[layer], self._v_pools[layer], plan.page_table,
+                                          plan.seq_lens, sm_scale=sm_scale, sliding_window=window or None,
+                                          logits_soft_cap=cap or None, out=out, first_page=plan.first_page,
+                                          **self._scale_kwargs[layer])
+        launch = self._launch or self._launchers()
+        num_heads = q.shape[1]
+        if num_splits is None:
+            num_splits = self._default_splits(plan.num_seqs, plan.max_seq_len, window, num_heads)
+        else:
+            common.check_int("num_splits", num_splits, 1, common.MAX_SPLITS)
+        workspace = None
+        if num_splits > 1 and plan.buffers is not None:
+            workspace = self._workspace(plan.num_seqs, num_heads, num_splits)
+        return launch[1](q, self._k_pools[layer], self._v_pools[layer], plan.page_table, plan.seq_lens,
+                         plan.first_page, out, sm_scale, window, cap, self._quant_args[layer], num_splits, workspace)
 
     def prefill(
         self,
@@ -563,17 +563,23 @@ class PagedKVCache:
         Returns:
             ``[num_tokens, num_heads, head_dim]`` in the cache's dtype.
         """
-        layer = self._layer(layer)
-        self._check_query(q, "[num_tokens, num_heads, head_dim]", plan.num_tokens, out, sm_scale, sliding_window,
-                          logits_soft_cap, plan)
-        options = dict(sm_scale=sm_scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, out=out,
-                       **self._scale_args(layer))
-        if self.backend == "triton":
-            options.update(max_q_len=plan.max_q_len)
-        if plan.first_page is not None:
-            options["first_page"] = plan.first_page
-        return self._ops().paged_prefill(q, self._kv[layer, 0], self._kv[layer, 1], plan.page_table, plan.seq_lens,
-                                         plan.qo_indptr, **options)
+        if layer.__class__ is not int or not 0 <= layer < self.num_layers:
+            layer = self._layer(layer)
+        sm_scale, window, cap = self._query_options(q, plan.num_tokens, out, sm_scale, sliding_window,
+                                                    logits_soft_cap, plan, "[num_tokens, num_heads, head_dim]")
+        if out is None:
+            out = torch.empty_like(q)
+        if self.backend == "torch":
+            from .kernels import reference
+
+            return reference.paged_prefill(q, self._k_pools[layer], self._v_pools[layer], plan.page_table,
+                                           plan.seq_lens, plan.qo_indptr, sm_scale=sm_scale,
+                                           sliding_window=window or None, logits_soft_cap=cap or None, out=out,
+                                           first_page=plan.first_page, **self._scale_kwargs[layer])
+        launch = self._launch or self._launchers()
+        return launch[2](q, self._k_pools[layer], self._v_pools[layer], plan.page_table, plan.seq_lens,
+                         plan.qo_indptr, plan.first_page, out, sm_scale, window, cap, self._quant_args[layer],
+                         plan.max_q_len)
 
     # ------------------------------------------------------------------- copies
     def copy(self, copies: object) -> None:
@@ -693,17 +699,64 @@ class PagedKVCache:
 
         return kernels
 
-    def _check_query(self, q, names: str, rows: int, out, sm_scale, sliding_window, logits_soft_cap,
-                     plan: BatchPlan) -> None:
+    def _launchers(self) -> tuple:
+        """The Triton launchers' unchecked entry points, and each layer's checked quantization
+        arguments (resolved once: importing triton is not free)."""
+        from .kernels import decode as decode_module
+        from .kernels import prefill as prefill_module
+
+        # NOTE: the module (``pagedkv.kernels.write_kv`` as an attribute is the function)
+        write_module = importlib.import_module("pagedkv.kernels.write_kv")
+        common.check_device("k_cache", self._kv)
+        self._quant_args = tuple(common.check_quant(self._k_pools[layer], **self._scale_kwargs[layer])
+                                 for layer in range(self.num_layers))
+        self._launch = (write_module.launch_write_kv, decode_module.launch_decode, prefill_module.launch_prefill)
+        self._decode_splits = decode_module.default_num_splits
+        return self._launch
+
+    def _query_options(self, q, rows: int, out, sm_scale, sliding_window, logits_soft_cap, plan: BatchPlan,
+                       names: str) -> tuple[float, int, float]:
+        """Check a query (and ``out``) cheaply, and the options once per distinct value."""
+        if not (q.__class__ is _Tensor and q.dim() == 3 and q.shape[0] == rows and q.shape[2] == self.head_dim
+                and q.dtype == self.dtype and q.device == self.device and q.stride(-1) == 1
+                and q.shape[1] % self.num_kv_heads == 0):
+            common.check_tensor("q", q, names, (rows, None, self.head_dim), like=("the cache", self._act),
+                                device=self.device)
+            common.check_group(q.shape[1], self.num_kv_heads)
+        if out is not None and not (out.__class__ is _Tensor and out.shape == q.shape and out.dtype == q.dtype
+                                    and out.device == q.device and out.stride(-1) == 1):
+            common.check_tensor("out", out, names, tuple(q.shape), like=("q", q), device=self.device)
         if plan.sliding_window is not None and (sliding_window is None or sliding_window > plan.sliding_window):
             raise InvalidArgument("sliding_window", sliding_window,
                                   f"at most {plan.sliding_window}, the window the plan was built for")
-        common.check_tensor("q", q, names, (rows, None, self.head_dim), like=("the cache", self._act),
-                            device=self.device)
-        common.check_group(q.shape[1], self.num_kv_heads)
-        common.check_options(sm_scale, sliding_window, logits_soft_cap, self.head_dim)
-        if out is not None:
-            common.check_tensor("out", out, names, tuple(q.shape), like=("q", q), device=self.device)
+        key = (sm_scale, sliding_window, logits_soft_cap)
+        try:
+            return self._options[key]
+        except (KeyError, TypeError):  # NOTE: TypeError: an unhashable (bad) value, checked below
+            options = common.check_options(sm_scale, sliding_window, logits_soft_cap, self.head_dim)
+            if len(self._options) < 64:
+                self._options[key] = options
+            return options
+
+    def _default_splits(self, rows: int, max_seq_len: int, window: int, num_heads: int) -> int:
+        key = (rows, max_seq_len, window, num_heads)
+        splits = self._splits.get(key)
+        if splits is None:
+            splits = self._decode_splits(rows, self.num_kv_heads, max_seq_len, window, self.head_dim,
+                                         num_heads // self.num_kv_heads, self.dtype, self.device)
+            if len(self._splits) < 4096:  # NOTE: bounded: unbuffered plans vary max_seq_len every step
+                self._splits[key] = splits
+        return splits
+
+    def _workspace(self, rows: int, num_heads: int, num_splits: int) -> tuple:
+        """Split-KV partials of a decode of ``rows`` sequences, kept for the next call of that shape."""
+        key = (rows, num_heads, num_splits)
+        space = self._workspaces.get(key)
+        if space is None:
+            space = (torch.empty((rows, num_heads, num_splits, self.head_dim), dtype=torch.float32, device=self.device),
+                     torch.empty((rows, num_heads, num_splits), dtype=torch.float32, device=self.device))
+            self._workspaces[key] = space
+        return space
 
     def __repr__(self) -> str:
         return (

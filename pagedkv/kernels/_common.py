@@ -263,6 +263,7 @@ class PrefillConfig(NamedTuple):
     num_stages: int
 
 
+@functools.lru_cache(maxsize=None)
 def decode_config(head_dim: int, group_size: int, dtype: torch.dtype) -> DecodeConfig:
     d_pad = next_power_of_2(head_dim)
     group_pad = max(16, next_power_of_2(group_size))
@@ -276,6 +277,7 @@ def decode_config(head_dim: int, group_size: int, dtype: torch.dtype) -> DecodeC
     return DecodeConfig(block_n, group_pad, d_pad, num_warps=4, num_stages=2)
 
 
+@functools.lru_cache(maxsize=None)
 def prefill_config(head_dim: int, group_size: int, dtype: torch.dtype) -> PrefillConfig:
     d_pad = next_power_of_2(head_dim)
     if dtype == torch.float32:

@@ -11,6 +11,8 @@ Imports torch and triton; ``pagedkv/__init__.py`` never imports this module.
 
 from __future__ import annotations
 
+import functools
+
 from .._optional import require
 
 torch = require("torch", __name__)
@@ -232,48 +234,84 @@ def paged_decode(
     if max_seq_len is None:
         max_seq_len = capacity
     common.check_int("max_seq_len", max_seq_len, 0, 2**31 - 1)
-    config = common.decode_config(head_dim, group, q.dtype)
     if num_splits is None:
-        span = min(max_seq_len, window + config.block_n) if window else max_seq_len
-        num_splits = common.choose_num_splits(num_seqs, num_kv_heads, span, common.num_sms(device))
+        num_splits = default_num_splits(num_seqs, num_kv_heads, max_seq_len, window, head_dim, group, q.dtype, device)
     common.check_int("num_splits", num_splits, 1, common.MAX_SPLITS)
+    return launch_decode(q, k_cache, v_cache, page_table, seq_lens, first_page, out, sm_scale, window, cap, qa,
+                         num_splits)
+
+
+@functools.lru_cache(maxsize=1024)
+def _constants(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype, fmt, per_token: bool,
+               has_soft_cap: bool, num_splits: int, has_first_page: bool, interpreting: bool) -> tuple[dict, dict]:
+    """The compile-time arguments of the decode and merge kernels for one launch shape."""
+    group = num_heads // num_kv_heads
+    config = common.decode_config(head_dim, group, dtype)
+    upcast = interpreting and dtype == torch.bfloat16
+    meta = dict(
+        GROUP=group, GROUP_PAD=config.group_pad, HEAD_DIM=head_dim, D_PAD=config.d_pad,
+        PAGE_SIZE=page_size, BLOCK_N=config.block_n,
+        HAS_SOFT_CAP=has_soft_cap, IS_SPLIT=num_splits > 1,
+        UPCAST=upcast,
+        DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
+        CONVERT_KV=upcast or fmt is not None, PER_TOKEN_SCALES=per_token,
+        HAS_FIRST_PAGE=has_first_page,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    merge_meta = dict(HEAD_DIM=head_dim, D_PAD=config.d_pad, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+                      num_warps=4)
+    return meta, merge_meta
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, window: int, head_dim: int,
+                       group: int, dtype: torch.dtype, device: torch.device) -> int:
+    """The split-KV count ``paged_decode`` picks when none is given (host facts only)."""
+    block_n = common.decode_config(head_dim, group, dtype).block_n
+    span = min(max_seq_len, window + block_n) if window else max_seq_len
+    return common.choose_num_splits(num_seqs, num_kv_heads, span, common.num_sms(device))
+
+
+def launch_decode(q, k_cache, v_cache, page_table, seq_lens, first_page, out, sm_scale: float, window: int,
+                  cap: float, qa: common.QuantArgs, num_splits: int, workspace=None) -> torch.Tensor:
+    """``paged_decode`` after its checks (``PagedKVCache`` calls it with tensors it validated
+    once). ``workspace``: optional contiguous fp32 ``(part_out [num_seqs, num_heads, num_splits,
+    head_dim], part_lse [num_seqs, num_heads, num_splits])`` for the split-KV partials, so that
+    a split launch allocates nothing; default: allocated here."""
+    num_seqs, num_heads, head_dim = q.shape
     if num_seqs == 0:
         return out
-
+    num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
     is_split = num_splits > 1
-    if is_split:
-        part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=device)
-        part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=device)
-    else:
+    meta, merge_meta = _constants(num_heads, num_kv_heads, head_dim, page_size, q.dtype, qa.fmt, qa.per_token,
+                                  cap > 0, num_splits, first_page is not None, common.is_interpreting())
+    if not is_split:
         part_out = part_lse = out  # unused by the kernel when IS_SPLIT is false
-    upcast = common.is_interpreting() and q.dtype == torch.bfloat16
+    elif workspace is None:
+        part_out = torch.empty((num_seqs, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((num_seqs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out, part_lse = workspace
     # unused pointers without scale caches: any tensor will do
     k_scales = qa.k_scale_cache if qa.per_token else seq_lens
     v_scales = qa.v_scale_cache if qa.per_token else seq_lens
+    q_strides, cache_strides, out_strides = q.stride(), k_cache.stride(), out.stride()
+    scale_strides = k_scales.stride() if qa.per_token else (0, 0)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, seq_lens if first_page is None else first_page,
         out, part_out, part_lse, k_scales, v_scales,
         sm_scale * qa.k_scale, cap, qa.v_scale, window, num_heads, num_splits,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        k_scales.stride(0) if qa.per_token else 0, k_scales.stride(1) if qa.per_token else 0,
+        q_strides[0], q_strides[1],
+        cache_strides[0], cache_strides[1], cache_strides[2],
+        scale_strides[0], scale_strides[1],
         page_table.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=config.group_pad, HEAD_DIM=head_dim, D_PAD=config.d_pad,
-        PAGE_SIZE=page_size, BLOCK_N=config.block_n,
-        HAS_SOFT_CAP=cap > 0, IS_SPLIT=is_split,
-        UPCAST=upcast,
-        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
-        CONVERT_KV=upcast or qa.fmt is not None, PER_TOKEN_SCALES=qa.per_token,
-        HAS_FIRST_PAGE=first_page is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        out_strides[0], out_strides[1],
+        **meta,
     )
     if is_split:
         _merge_splits_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out,
             num_heads, num_splits,
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, D_PAD=config.d_pad, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-            num_warps=4,
+            out_strides[0], out_strides[1],
+            **merge_meta,
         )
     return out

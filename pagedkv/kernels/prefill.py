@@ -188,11 +188,22 @@ def paged_prefill(
     sm_scale, window, cap = common.check_options(sm_scale, sliding_window, logits_soft_cap, head_dim)
     qa = common.check_quant(k_cache, k_scale, v_scale, k_scale_cache, v_scale_cache)
     max_q_len = num_tokens if max_q_len is None else common.check_int("max_q_len", max_q_len, 0, 2**31 - 1)
+    return launch_prefill(q, k_cache, v_cache, page_table, seq_lens, qo_indptr, first_page, out, sm_scale, window,
+                          cap, qa, max_q_len)
+
+
+def launch_prefill(q, k_cache, v_cache, page_table, seq_lens, qo_indptr, first_page, out, sm_scale: float,
+                   window: int, cap: float, qa: common.QuantArgs, max_q_len: int) -> torch.Tensor:
+    """``paged_prefill`` after its checks (``PagedKVCache`` calls it with tensors it validated once)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = page_table.shape[0]
     if num_seqs == 0 or num_tokens == 0 or max_q_len == 0:
         return out
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
     config = common.prefill_config(head_dim, group, q.dtype)
     tokens_per_block = config.block_m // group
-    grid = (triton.cdiv(max_q_len, tokens_per_block), num_kv_heads, num_seqs)
+    grid = (-(-max_q_len // tokens_per_block), num_kv_heads, num_seqs)
     upcast = common.is_interpreting() and q.dtype == torch.bfloat16
     # unused pointers without scale caches: any tensor will do
     k_scales = qa.k_scale_cache if qa.per_token else seq_lens
@@ -201,11 +212,11 @@ def paged_prefill(
         q, k_cache, v_cache, page_table, seq_lens, qo_indptr, seq_lens if first_page is None else first_page, out,
         k_scales, v_scales,
         sm_scale * qa.k_scale, cap, qa.v_scale, window,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        k_scales.stride(0) if qa.per_token else 0, k_scales.stride(1) if qa.per_token else 0,
+        *q.stride()[:2],
+        *k_cache.stride()[:3],
+        *(k_scales.stride()[:2] if qa.per_token else (0, 0)),
         page_table.stride(0),
-        out.stride(0), out.stride(1),
+        *out.stride()[:2],
         GROUP=group, HEAD_DIM=head_dim, D_PAD=config.d_pad, PAGE_SIZE=page_size,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, TOKENS_PER_BLOCK=tokens_per_block,
         HAS_SOFT_CAP=cap > 0,

@@ -8,6 +8,8 @@ Imports torch and triton; ``pagedkv/__init__.py`` never imports this module.
 
 from __future__ import annotations
 
+import functools
+
 from .._optional import require
 
 torch = require("torch", __name__)
@@ -148,21 +150,37 @@ def write_kv(
     common.check_tensor("slot_mapping", slot_mapping, "[num_tokens]", (num_tokens,), dtypes=common.INDEX_DTYPES,
                         device=k_cache.device, contiguous=True)
     qa = common.check_quant(k_cache, k_scale, v_scale, k_scale_cache, v_scale_cache)
+    launch_write_kv(k, v, k_cache, v_cache, slot_mapping, qa)
+
+
+def launch_write_kv(k, v, k_cache, v_cache, slot_mapping, qa: common.QuantArgs) -> None:
+    """``write_kv`` after its checks: arguments as ``write_kv`` checks them, ``qa`` from
+    ``common.check_quant``. ``PagedKVCache`` calls it with tensors it validated once."""
+    num_tokens = k.shape[0]
     if num_tokens == 0:
         return
-    d_pad = triton.next_power_of_2(head_dim)
-    heads_per_program = min(triton.next_power_of_2(num_kv_heads), max(1, 4096 // d_pad))
-    grid = (num_tokens, triton.cdiv(num_kv_heads, heads_per_program))
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    heads_per_program, meta = _constants(num_kv_heads, head_dim, qa.fmt, qa.per_token)
+    grid = (num_tokens, -(-num_kv_heads // heads_per_program))
     # unused pointers when there are no scale caches: any tensor will do
     k_scales = qa.k_scale_cache if qa.per_token else slot_mapping
     v_scales = qa.v_scale_cache if qa.per_token else slot_mapping
+    k_strides, v_strides, cache_strides = k.stride(), v.stride(), k_cache.stride()
     _write_kv_kernel[grid](
         k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales,
         num_kv_heads, qa.k_scale, qa.v_scale,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(1), k_cache.stride(2), num_kv_heads,
-        HEAD_DIM=head_dim, D_PAD=d_pad, HEADS_PER_PROGRAM=heads_per_program,
-        QUANTIZED=qa.fmt is not None, PER_TOKEN=qa.per_token, IS_FP8=qa.fmt == quant.FP8_E4M3,
-        QMAX=qa.fmt.max_value if qa.fmt is not None else 1.0,
-        num_warps=4,
+        k_strides[0], k_strides[1], v_strides[0], v_strides[1],
+        cache_strides[1], cache_strides[2], num_kv_heads,
+        **meta,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _constants(num_kv_heads: int, head_dim: int, fmt, per_token: bool) -> tuple[int, dict]:
+    """KV heads per program, and the kernel's compile-time arguments, for one page format."""
+    d_pad = triton.next_power_of_2(head_dim)
+    heads_per_program = min(triton.next_power_of_2(num_kv_heads), max(1, 4096 // d_pad))
+    meta = dict(HEAD_DIM=head_dim, D_PAD=d_pad, HEADS_PER_PROGRAM=heads_per_program,
+                QUANTIZED=fmt is not None, PER_TOKEN=per_token, IS_FP8=fmt == quant.FP8_E4M3,
+                QMAX=fmt.max_value if fmt is not None else 1.0, num_warps=4)
+    return heads_per_program, meta
