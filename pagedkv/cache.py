@@ -105,7 +105,7 @@ class PagedKVCache:
         num_pages: pages per layer; page ids match the block manager's.
         page_size: tokens per page (the block manager's ``page_size``).
         num_kv_heads: KV heads per layer.
-        head_dim: dimension of each head (a multiple of 16 up to 256 for attention).
+        head_dim: dimension of each head (a multiple of 8 up to 256).
         dtype: ``torch.float16`` / ``torch.bfloat16`` / ``torch.float32`` or their names: the
             dtype of queries, new K/V and outputs (and of the pages unless ``kv_dtype`` says).
         kv_dtype: how pages store K/V: ``None`` (``"auto"``; as ``dtype``), ``"int8"`` or
@@ -219,6 +219,7 @@ class PagedKVCache:
         self._options: dict = {}  # (sm_scale, sliding_window, logits_soft_cap) -> checked options
         self._workspaces: dict = {}  # (rows, num_heads, num_splits) -> split-KV partials
         self._splits: dict = {}  # (rows, max_seq_len, window, num_heads) -> default split-KV count
+        self._landing: list = []  # swap-outs in flight: (event, CPU pool, page index, host bytes)
         self._fast_plans = True  # NOTE: the C++ plan of buffered batches (tests turn it off to compare)
         self._core = _core_module()
 
@@ -271,7 +272,9 @@ class PagedKVCache:
 
     @property
     def cpu_kv(self) -> torch.Tensor | None:
-        """The CPU offload pool ``[num_layers, 2, num_cpu_pages, ...]``, or ``None``."""
+        """The CPU offload pool ``[num_layers, 2, num_cpu_pages, ...]``, or ``None`` (once every
+        swap-out in flight has landed in it)."""
+        self.finish_swaps()
         return self._cpu_kv
 
     @property
@@ -288,6 +291,7 @@ class PagedKVCache:
     @property
     def cpu_scales(self) -> torch.Tensor | None:
         """The CPU offload pool's scales ``[num_layers, 2, num_cpu_pages, page_size, num_kv_heads]``, or ``None``."""
+        self.finish_swaps()
         return self._cpu_scales
 
     @property
@@ -581,6 +585,48 @@ class PagedKVCache:
                          plan.qo_indptr, plan.first_page, out, sm_scale, window, cap, self._quant_args[layer],
                          plan.max_q_len)
 
+    def warmup(
+        self,
+        buffers: _planning.PlanBuffers,
+        num_heads: int,
+        batch_sizes,
+        *,
+        sm_scale: float | None = None,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
+        live_pages: bool = False,
+    ) -> None:
+        """Compile every kernel variant serving through ``buffers`` can launch, before serving.
+
+        For each batch size (the sizes an engine pads decode batches to, e.g. its CUDA-graph
+        capture sizes), one ``write``, ``decode`` and ``prefill`` run on a batch of padding rows:
+        they touch no page and return zeros. With ``buffers`` the page-table stride and the
+        split-KV count of each size are fixed, so no other variant compiles later (a chunked
+        prefill's variant does not depend on its length). Also makes the split-KV workspaces.
+
+        Args:
+            buffers: the ``plan_buffers`` serving will plan into.
+            num_heads: query heads of the model.
+            batch_sizes: the padded batch sizes (each at most ``buffers.max_num_seqs`` and
+                ``buffers.max_num_tokens``).
+            sm_scale, sliding_window, logits_soft_cap: as serving will pass them (a soft cap
+                or a window is a variant of its own).
+            live_pages: serving plans ``window_tables`` (rows that start at ``first_page``).
+        """
+        num_heads = check.count("num_heads", num_heads)
+        common.check_group(num_heads, self.num_kv_heads)
+        width = buffers.max_pages if isinstance(buffers, _planning.PlanBuffers) else 0
+        empty = np.zeros((0, width), dtype=np.int32), np.zeros(0, dtype=np.int32)
+        tables = WindowTables(*empty, np.zeros(0, dtype=np.int32)) if live_pages else PageTables(*empty)
+        for size in batch_sizes:
+            plan = self.plan(tables, buffers=buffers, pad_to=size, sliding_window=sliding_window)
+            kv = torch.zeros((plan.num_tokens, self.num_kv_heads, self.head_dim), dtype=self.dtype, device=self.device)
+            q = torch.zeros((plan.num_tokens, num_heads, self.head_dim), dtype=self.dtype, device=self.device)
+            options = dict(sm_scale=sm_scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+            self.write(0, kv, kv, plan)
+            self.decode(0, q, plan, out=torch.empty_like(q), **options)
+            self.prefill(0, q, plan, out=torch.empty_like(q), **options)
+
     # ------------------------------------------------------------------- copies
     def copy(self, copies: object) -> None:
         """Execute a copy-on-write plan on every layer, K and V (one launch on the Triton backend;
@@ -637,31 +683,68 @@ class PagedKVCache:
         """Copy device pages (and their scales) to the CPU pool, rows ``(device_page, cpu_page)``, every layer."""
         self._require_cpu_pool()
         self._swap(copies, [(self._kv, self._cpu_kv), (self._scales, self._cpu_scales)], self.num_pages,
-                   self.num_cpu_pages)
+                   self.num_cpu_pages, out=True)
 
     def swap_in(self, copies: object) -> None:
         """Copy CPU-pool pages (and their scales) to the device, rows ``(cpu_page, device_page)``, every layer."""
         self._require_cpu_pool()
         self._swap(copies, [(self._cpu_kv, self._kv), (self._cpu_scales, self._scales)], self.num_cpu_pages,
-                   self.num_pages)
+                   self.num_pages, out=False)
 
-    def _swap(self, copies, pools: list, num_src: int, num_dst: int) -> None:
+    def _swap(self, copies, pools: list, num_src: int, num_dst: int, *, out: bool) -> None:
         pairs = _host_copies(copies, num_src, num_dst, same_pool=False)
         if pairs.shape[0] == 0:
             return
+        # NOTE: the CPU pool is read (swap-in) or written (swap-out) only once every earlier
+        # swap-out's bytes have arrived: a swap-in could otherwise restore stale K/V.
+        self.finish_swaps()
+        src_index, dst_index = torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1])
         for src_pool, dst_pool in pools:
             if src_pool is None:  # no per-(token, head) scales
                 continue
             src_pool, dst_pool = quant.byte_view(src_pool), quant.byte_view(dst_pool)
-            src = torch.from_numpy(pairs[:, 0]).to(src_pool.device)
-            dst = torch.from_numpy(pairs[:, 1]).to(dst_pool.device)
-            # NOTE: one gather, one transfer, one scatter over every layer. To the device it is
-            # non-blocking (the caller orders it against later kernels by stream semantics); to
-            # the CPU pool it is blocking, because the scatter runs on the host at once and must
-            # not read bytes still in flight.
-            to_device = dst_pool.device.type != "cpu"
-            moved = src_pool.index_select(2, src).to(dst_pool.device, non_blocking=to_device)
-            dst_pool.index_copy_(2, dst, moved)
+            src = src_index.to(src_pool.device, non_blocking=True) if src_pool.device.type != "cpu" else src_index
+            dst = dst_index.to(dst_pool.device, non_blocking=True) if dst_pool.device.type != "cpu" else dst_index
+            if out:
+                # Out: one gather on the device, one copy into pinned host memory, and the
+                # scatter into the CPU pool once that copy has completed (finish_swaps).
+                moved, done = self._to_host(src_pool.index_select(2, src))
+                if done is None:  # already complete (a CPU device)
+                    dst_pool.index_copy_(2, dst, moved)
+                else:
+                    self._landing.append((done, dst_pool, dst, moved))
+            else:
+                # In: one gather from the CPU pool into pinned memory, one asynchronous copy,
+                # one scatter on the device, ordered before later kernels by the stream.
+                staged = torch.empty((*src_pool.shape[:2], pairs.shape[0], *src_pool.shape[3:]), dtype=src_pool.dtype,
+                                     pin_memory=dst_pool.device.type == "cuda")
+                torch.index_select(src_pool, 2, src, out=staged)
+                dst_pool.index_copy_(2, dst, staged.to(dst_pool.device, non_blocking=True))
+
+    def _to_host(self, gathered: torch.Tensor) -> tuple:
+        """Start copying ``gathered`` to (pinned) host memory: ``(host tensor, completion event
+        or None when already complete)``."""
+        if gathered.device.type == "cpu":
+            return gathered, None
+        host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+        host.copy_(gathered, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def finish_swaps(self) -> None:
+        """Wait for the swap-outs in flight and land them in the CPU pool.
+
+        ``swap_out`` returns at once on CUDA: its device-to-host copies run asynchronously, and
+        their bytes reach the CPU pool here. Every later swap, ``offload`` and the ``cpu_kv`` /
+        ``cpu_scales`` properties call it first, so the pool is never read or written early;
+        an engine may call it at a convenient point to keep that wait off the next swap.
+        """
+        landing, self._landing = self._landing, []
+        for done, pool, index, moved in landing:
+            if done is not None:
+                done.synchronize()
+            pool.index_copy_(2, index, moved)
 
     def _require_cpu_pool(self) -> torch.Tensor:
         if self._cpu_kv is None:

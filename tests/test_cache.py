@@ -40,7 +40,7 @@ def test_storage_layout_and_views():
 @pytest.mark.parametrize("overrides, error, match", [
     (dict(dtype="float8"), InvalidArgument, r"dtype must be one of"),
     (dict(dtype=torch.int32), InvalidArgument, r"dtype must be torch.float16, torch.bfloat16 or torch.float32"),
-    (dict(head_dim=72), InvalidArgument, r"head_dim must be a multiple of 16 in \[16, 256\], got 72"),
+    (dict(head_dim=76), InvalidArgument, r"head_dim must be a multiple of 8 in \[8, 256\], got 76"),
     (dict(num_pages=0), InvalidArgument, r"num_pages must be an int in \[1, "),
     (dict(page_size=2.0), InvalidType, r"page_size must be an int"),
     (dict(backend="cuda"), InvalidArgument, r"backend must be 'triton', 'torch' or None"),

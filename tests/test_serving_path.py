@@ -320,3 +320,95 @@ def test_the_core_plans_buffered_batches_as_the_oracle_does(monkeypatch):
         counts[fast[0]] += 1
     assert counts["returned"] > 50 and counts["raised"] > 50, counts
     assert sum(plan is not None for plan in taken) > 150, "the C++ path was rarely taken"
+
+
+# ------------------------------------------------------------------------ async swaps
+class DelayedCopy:
+    """A device-to-host copy still in flight: its bytes are zeros until ``synchronize``."""
+
+    def __init__(self, source: torch.Tensor, log: list):
+        self.source, self.host, self.log = source.clone(), torch.zeros_like(source), log
+
+    def synchronize(self):
+        self.log.append("waited")
+        self.host.copy_(self.source)
+
+
+def test_a_swap_out_lands_before_the_cpu_pool_is_read(monkeypatch):
+    # The device-to-host copy of swap_out is made slow (its bytes arrive only when waited for);
+    # the pool must not take them before that, and a swap_in of the same pages must wait.
+    cache = PagedKVCache(2, 8, 4, 2, 16, dtype=torch.float32, device="cpu", num_cpu_pages=4)
+    cache.kv.copy_(torch.randn(cache.kv.shape))
+    log: list = []
+
+    def delayed(gathered):
+        copy = DelayedCopy(gathered, log)
+        return copy.host, copy
+
+    monkeypatch.setattr(cache, "_to_host", delayed)
+    before = cache.kv[:, :, [2, 5]].clone()
+    cache.swap_out([(2, 0), (5, 3)])
+    assert not log and cache._cpu_kv[:, :, [0, 3]].eq(0).all(), "the pool took bytes still in flight"
+    cache.kv[:, :, [2, 5]] = 0  # the step that follows reuses the device pages
+    cache.swap_in([(3, 6), (0, 7)])
+    assert log == ["waited"]
+    assert torch.equal(cache.kv[:, :, 6], before[:, :, 1]) and torch.equal(cache.kv[:, :, 7], before[:, :, 0])
+    # a second swap-out in flight lands through the cpu_kv property too
+    cache.swap_out([(6, 1)])
+    assert torch.equal(cache.cpu_kv[:, :, 1], before[:, :, 1]) and log == ["waited", "waited"]
+
+
+# ------------------------------------------------------------------------------ warmup
+def _variant(args, kwargs) -> tuple:
+    """What Triton compiles a launch for: the constexprs, each tensor's dtype and 16-byte
+    alignment, each int's specialization (1, a multiple of 16, or neither) and width."""
+    def key(value):
+        if isinstance(value, torch.Tensor):
+            return (str(value.dtype), value.data_ptr() % 16 == 0)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return type(value).__name__
+        return ("1" if value == 1 else "16" if value % 16 == 0 else "i", abs(value) < 2**31)
+    return tuple(key(a) for a in args) + tuple(sorted(kwargs.items()))
+
+
+def test_warmup_compiles_every_variant_serving_launches(stubbed_kernels):
+    # A serving run through plan buffers, with batch sizes padded to the warmed-up sizes and
+    # contexts growing across split and stride boundaries, launches only warmed-up variants.
+    mgr, cache = BlockManager(200, 4), PagedKVCache(2, 200, 4, 2, 16, dtype=torch.float16, device="cpu",
+                                                    backend="triton")
+    buffers = cache.plan_buffers(8, 64, 256)  # 1024 tokens: split-KV at every batch size
+    sizes = (1, 2, 4, 8)
+
+    def variants():
+        return {(name, _variant(a, k)) for name, rec in stubbed_kernels.items() for _, a, k in rec.launches}
+
+    cache.warmup(buffers, 4, sizes)
+    warmed = variants()
+    assert {name for name, _ in warmed} == set(stubbed_kernels), "a kernel was not warmed up"
+    for recorder in stubbed_kernels.values():
+        recorder.launches.clear()
+    q, kv = torch.zeros(8, 4, 16, dtype=torch.float16), torch.zeros(8, 2, 16, dtype=torch.float16)
+    live = []
+    for step in range(60):
+        if len(live) < 7 and step % 5 == 0:
+            mgr.allocate(step, 3 + step % 7)
+            live.append(step)
+            plan = cache.plan(mgr.page_tables([step]), query_lens=3 + step % 7, buffers=buffers)
+            cache.prefill(0, torch.zeros(plan.num_tokens, 4, 16, dtype=torch.float16), plan)
+        out = mgr.append_batch(live, 1)
+        mgr.end_step()
+        rows = next(size for size in sizes if size >= len(live))
+        plan = cache.plan(mgr.page_tables(live), slot_mapping=out.slot_mapping, buffers=buffers, pad_to=rows)
+        cache.write(1, kv[:rows], kv[:rows], plan)
+        cache.decode(1, q[:rows], plan, out=torch.empty_like(q[:rows]))
+    served = variants()
+    assert served <= warmed, served - warmed
+    # without buffers the table width (a specialised stride) follows the batch: new variants
+    for recorder in stubbed_kernels.values():
+        recorder.launches.clear()
+    for width in (3, 16, 17):
+        table = np.full((1, width), -1, dtype=np.int32)
+        table[0, 0] = 0
+        plan = cache.plan(table, [1])
+        cache.decode(0, q[:1], plan)
+    assert not variants() <= warmed

@@ -196,10 +196,16 @@ def check_device(name: str, tensor: torch.Tensor) -> None:
 
 
 def check_head_dim(head_dim: int) -> None:
-    # NOTE: tl.dot needs the reduction dimension >= 16 for 16-bit inputs; padded head dims are
-    # masked, so any multiple of 16 up to 256 works (64, 80, 96, 128, 256 are the tested ones).
-    if head_dim % 16 or not 16 <= head_dim <= 256:
-        raise InvalidArgument("head_dim", head_dim, "a multiple of 16 in [16, 256]")
+    # NOTE: tiles pad the head dim to a power of two of at least 16 (tl.dot's smallest reduction
+    # for 16-bit inputs) and mask the padding, so any multiple of 8 up to 256 works; 8 keeps
+    # rows 16-byte aligned in fp16 (8, 24, 40, 64, 72, 80, 96, 128, 256 are the tested ones).
+    if head_dim % 8 or not 8 <= head_dim <= 256:
+        raise InvalidArgument("head_dim", head_dim, "a multiple of 8 in [8, 256]")
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim of an attention tile: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, next_power_of_2(head_dim))
 
 
 def check_group(num_heads: int, num_kv_heads: int) -> int:
@@ -265,7 +271,7 @@ class PrefillConfig(NamedTuple):
 
 @functools.lru_cache(maxsize=None)
 def decode_config(head_dim: int, group_size: int, dtype: torch.dtype) -> DecodeConfig:
-    d_pad = next_power_of_2(head_dim)
+    d_pad = padded_head_dim(head_dim)
     group_pad = max(16, next_power_of_2(group_size))
     # NOTE: keep each K and V tile (block_n x d_pad) near 16 KB so both stay in registers
     # with 4 warps and the loads of the next tile can be in flight (num_stages=2); decode is
@@ -279,7 +285,7 @@ def decode_config(head_dim: int, group_size: int, dtype: torch.dtype) -> DecodeC
 
 @functools.lru_cache(maxsize=None)
 def prefill_config(head_dim: int, group_size: int, dtype: torch.dtype) -> PrefillConfig:
-    d_pad = next_power_of_2(head_dim)
+    d_pad = padded_head_dim(head_dim)
     if dtype == torch.float32:
         # NOTE: fp32 tiles are twice the bytes and fp32 dots need more registers: halve both
         # tile dimensions, or shared memory exceeds sm_80's 163 KB at head_dim 256.

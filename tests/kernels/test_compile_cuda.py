@@ -41,6 +41,14 @@ def _cases() -> list[dict]:
             if kernel == "decode":
                 case["num_splits"] = (1, 4)[(i // 2) % 2]
             cases.append(case)
+    # head dims that are multiples of 8 but not of 16 (padded to a power of two >= 16)
+    for i, (kernel, head_dim, dtype) in enumerate([("decode", 8, "fp16"), ("decode", 72, "bf16"),
+                                                   ("prefill", 24, "fp16"), ("prefill", 72, "bf16")]):
+        case = dict(kernel=kernel, arch=(80, 90)[i % 2], dtype=dtype, head_dim=head_dim, group=4, page_size=16,
+                    soft_cap=None, window=None)
+        if kernel == "decode":
+            case["num_splits"] = 4
+        cases.append(case)
     return cases
 
 

@@ -142,9 +142,9 @@ def test_validation_names_the_tensor(paged_batch, device):
         paged_decode(q, *args, sliding_window=0)
     with pytest.raises(InvalidArgument, match=r"num_splits must be an int in \[1, 64\], got 0"):
         paged_decode(q, *args, num_splits=0)
-    cache = torch.zeros(4, 3, 2, 72, dtype=torch.float16, device=device)
-    with pytest.raises(InvalidArgument, match=r"head_dim must be a multiple of 16"):
-        paged_decode(torch.zeros(2, 4, 72, dtype=torch.float16, device=device), cache, cache.clone(),
+    cache = torch.zeros(4, 3, 2, 76, dtype=torch.float16, device=device)
+    with pytest.raises(InvalidArgument, match=r"head_dim must be a multiple of 8 in \[8, 256\], got 76"):
+        paged_decode(torch.zeros(2, 4, 76, dtype=torch.float16, device=device), cache, cache.clone(),
                      batch.page_table, batch.seq_lens)
 
 
@@ -171,3 +171,14 @@ def test_live_page_tables_with_a_first_page_offset(paged_batch, device, assert_c
     assert_close(oracle, want)
     with pytest.raises(InvalidArgument, match="first_page"):
         paged_decode(q, batch.k_cache, batch.v_cache, live, batch.seq_lens, first_page=first_page[:2])
+
+
+@pytest.mark.parametrize("head_dim, dtype, num_splits", [
+    (8, torch.float16, 1), (24, torch.float32, 2), (40, torch.bfloat16, 1), (72, torch.float16, 3),
+])
+def test_head_dims_that_are_multiples_of_8(paged_batch, device, assert_close, head_dim, dtype, num_splits):
+    # padded to a power of two of at least 16 inside the tiles, and masked
+    batch = paged_batch([5, 33], page_size=4, num_kv_heads=2, head_dim=head_dim, dtype=dtype)
+    q = torch.randn(2, 4, head_dim, generator=batch.gen).to(dtype).to(device)
+    got, want = _run(batch, q, num_splits=num_splits)
+    assert_close(got, want)

@@ -133,3 +133,12 @@ def test_live_page_tables_with_a_first_page_offset(paged_batch, device, assert_c
     with pytest.raises(InvalidArgument, match="first_page"):
         paged_prefill(q, batch.k_cache, batch.v_cache, live, batch.seq_lens, qo_indptr,
                       first_page=first_page.to(torch.int64))
+
+
+@pytest.mark.parametrize("head_dim, dtype", [(8, torch.float16), (24, torch.bfloat16), (72, torch.float32)])
+def test_head_dims_that_are_multiples_of_8(paged_batch, device, assert_close, head_dim, dtype):
+    seq_lens, query_lens = [9, 20], [9, 6]
+    batch = paged_batch(seq_lens, page_size=4, num_kv_heads=2, head_dim=head_dim, dtype=dtype)
+    q = torch.randn(sum(query_lens), 4, head_dim, generator=batch.gen).to(dtype).to(device)
+    got, want = _run(batch, q, _qo_indptr(query_lens, device))
+    assert_close(got, want)
