@@ -13,9 +13,10 @@ num_kv_heads]`` (so copies and swaps move them with their pages), or, for fp8 pe
 host-side float per layer for K and for V. ``write`` quantizes, ``decode`` / ``prefill``
 dequantize; queries, new K/V and outputs stay in ``dtype``. See ``pagedkv.kernels.quant``.
 
-On CUDA the Triton kernels of ``pagedkv.kernels`` run; elsewhere the torch implementations of
-``pagedkv.kernels.reference`` (the ones the kernel tests compare against), so the same code
-works on a laptop. This module imports torch (``pagedkv/__init__.py`` must import it lazily)
+On CUDA the Triton kernels of ``pagedkv.kernels`` run; elsewhere the vectorised torch path of
+``pagedkv.kernels.batched`` (one gather and one attention per batch, tested against
+``pagedkv.kernels.reference``, the per-sequence specification), so the same code works on a
+laptop. This module imports torch (``pagedkv/__init__.py`` must import it lazily)
 and sees page tables as arrays, never the block manager object.
 """
 
@@ -35,6 +36,7 @@ from . import _validate as check  # noqa: E402
 from .block_manager import CSR, PageTables, WindowTables  # noqa: E402
 from .errors import InvalidArgument, InvalidType  # noqa: E402
 from .kernels import _common as common  # noqa: E402
+from .kernels import batched  # noqa: E402
 from .kernels import quant  # noqa: E402
 
 _DTYPES = {
@@ -444,9 +446,7 @@ class PagedKVCache:
         return BatchPlan(
             page_table=table, seq_lens=lens, qo_indptr=qo_indptr, slot_mapping=slots, num_seqs=rows,
             num_tokens=tokens,
-            # NOTE: the buffers' capacity, not this batch's longest sequence: split counts (and
-            # so kernel variants and graph shapes) then depend on the padded batch size only.
-            max_seq_len=buffers.max_pages * self.page_size, max_q_len=max(max_q_len, 1 if decode and rows else 0),
+            max_seq_len=max_seq_len, max_q_len=max(max_q_len, 1 if decode and rows else 0),
             sliding_window=sliding_window, first_page=first, buffers=buffers,
         )
 
@@ -483,9 +483,7 @@ class PagedKVCache:
             common.check_tensor("k", k, names, shape, like=("the cache", self._act), device=self.device)
             common.check_tensor("v", v, names, shape, like=("the cache", self._act), device=self.device)
         if self.backend == "torch":
-            from .kernels import reference
-
-            reference.write_kv(k, v, self._k_pools[layer], self._v_pools[layer], plan.slot_mapping,
+            batched.write_kv(k, v, self._k_pools[layer], self._v_pools[layer], plan.slot_mapping,
                                **self._scale_kwargs[layer])
             return
         launch = self._launch or self._launchers()
@@ -528,16 +526,18 @@ class PagedKVCache:
         if out is None:
             out = torch.empty_like(q)
         if self.backend == "torch":
-            from .kernels import reference
-
-            return reference.paged_decode(q, self._k_pools[layer], self._v_pools[layer], plan.page_table,
-                                          plan.seq_lens, sm_scale=sm_scale, sliding_window=window or None,
-                                          logits_soft_cap=cap or None, out=out, first_page=plan.first_page,
-                                          **self._scale_kwargs[layer])
+            return batched.paged_attention(q, self._k_pools[layer], self._v_pools[layer], plan.page_table,
+                                           plan.seq_lens, None, max_q_len=1, max_seq_len=plan.max_seq_len,
+                                           sm_scale=sm_scale, sliding_window=window or None,
+                                           logits_soft_cap=cap or None, out=out, first_page=plan.first_page,
+                                           **self._scale_kwargs[layer])
         launch = self._launch or self._launchers()
         num_heads = q.shape[1]
         if num_splits is None:
-            num_splits = self._default_splits(plan.num_seqs, plan.max_seq_len, window, num_heads)
+            # NOTE: with plan buffers, from their capacity, not this batch's longest sequence:
+            # split counts (and so kernel variants and graph shapes) follow the padded size only.
+            span = plan.max_seq_len if plan.buffers is None else plan.buffers.max_pages * self.page_size
+            num_splits = self._default_splits(plan.num_seqs, span, window, num_heads)
         else:
             common.check_int("num_splits", num_splits, 1, common.MAX_SPLITS)
         workspace = None
@@ -574,10 +574,9 @@ class PagedKVCache:
         if out is None:
             out = torch.empty_like(q)
         if self.backend == "torch":
-            from .kernels import reference
-
-            return reference.paged_prefill(q, self._k_pools[layer], self._v_pools[layer], plan.page_table,
-                                           plan.seq_lens, plan.qo_indptr, sm_scale=sm_scale,
+            return batched.paged_attention(q, self._k_pools[layer], self._v_pools[layer], plan.page_table,
+                                           plan.seq_lens, plan.qo_indptr, max_q_len=plan.max_q_len,
+                                           max_seq_len=plan.max_seq_len, sm_scale=sm_scale,
                                            sliding_window=window or None, logits_soft_cap=cap or None, out=out,
                                            first_page=plan.first_page, **self._scale_kwargs[layer])
         launch = self._launch or self._launchers()
