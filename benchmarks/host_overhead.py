@@ -14,7 +14,9 @@ batch size B and for 32 layers:
 
 and the prefill plan of a 4-prompt chunked batch (``prefill_plan_us``), and the same decode step
 through persistent plan buffers (``plan_buffers_us``, ``layer_buffers_us``, ``step_buffers_ms``:
-planned in place by the C++ core, as a CUDA-graph engine runs) when the cache has them.
+planned in place by the C++ core, as a CUDA-graph engine runs) when the cache has them; and
+with a persistent page table (``BlockManager.bind_table``): ``allocator_bound_us`` (the step's
+``append_batch`` with no ``page_tables`` call) and ``step_persistent_ms``.
 
 Targets (issue 12, on the 2-core development machine): step <= 1 ms at B=64, plan <= 150 us,
 layer <= 15 us.
@@ -77,7 +79,7 @@ def measure(batch: int, layers: int, context: int, repeats: int) -> dict:
     page_size, heads, kv_heads, head_dim = 16, 32, 8, 128  # Llama-3-8B-like heads
     context -= context % page_size
     step_repeats = max(3, repeats // 5)
-    growth = 1 + repeats + step_repeats  # tokens each sequence gains during the measurement
+    growth = 1 + 2 * repeats + 2 * step_repeats  # tokens each sequence gains during the measurement
     prefill_len = 512  # 4 prompts of 512 tokens, planned as 256-token chunks
     num_pages = context // page_size + batch * (-(-growth // page_size) + 1) + 4 * prefill_len // page_size
     mgr = BlockManager(num_pages, page_size)
@@ -137,6 +139,33 @@ def measure(batch: int, layers: int, context: int, repeats: int) -> dict:
             "layer_buffers_us": _median_us(one_layer, repeats),
             "step_buffers_ms": _median_us(buffered_step, step_repeats) / 1e3,
         })
+    if hasattr(mgr, "bind_table") and buffers is not None:
+        # and a persistent page table: the manager keeps rows 0..B-1 current, so the step has
+        # no page_tables call and plans straight from the rows
+        from pagedkv.block_manager import PageTables
+
+        rows = np.full((batch, buffers.max_pages), -1, dtype=np.int32)
+        lens = np.zeros(batch, dtype=np.int32)
+        mgr.bind_table(rows, lens)
+        for seq_id in ids:
+            mgr.set_row(int(seq_id), int(seq_id))
+        bound = PageTables(rows, lens)
+
+        def bound_allocator():
+            mgr.append_batch(ids, 1)
+            mgr.end_step()
+
+        def persistent_step():
+            bound_allocator()
+            p = cache.plan(bound, buffers=buffers)
+            for layer in range(layers):
+                cache.write(layer, k, k, p)
+                cache.decode(layer, q, p, out=out)
+
+        record.update({
+            "allocator_bound_us": _median_us(bound_allocator, repeats),
+            "step_persistent_ms": _median_us(persistent_step, step_repeats) / 1e3,
+        })
     # a chunked prefill batch: 4 prompts, their second 256-token chunks
     pre_ids = np.arange(batch, batch + 4)
     for seq_id in pre_ids:
@@ -172,6 +201,9 @@ def main(argv=None) -> int:
         if "plan_buffers_us" in record:
             buffered = (f"{record['plan_buffers_us']:>18.1f} {record['layer_buffers_us']:>9.1f} "
                         f"{record['step_buffers_ms']:>8.2f}")
+        if "allocator_bound_us" in record:
+            buffered += (f" | persistent table: allocator {record['allocator_bound_us']:.1f} us, "
+                         f"step {record['step_persistent_ms']:.2f} ms")
         print(f"{batch:>5} {record['allocator_us']:>13.1f} {record['plan_us']:>9.1f} {record['layer_us']:>9.1f} "
               f"{record['step_ms']:>8.2f} {record['prefill_plan_us']:>16.1f}" + buffered)
         records.append({**record, "env": env})

@@ -226,6 +226,11 @@ NB_MODULE(_core, m) {
   argument["pinned_prefix"] = int(Arg::pinned_prefix);
   argument["priority"] = int(Arg::priority);
   argument["cpu_prefix_cache"] = int(Arg::cpu_prefix_cache);
+  argument["row_taken"] = int(Arg::row_taken);
+  argument["row_pages"] = int(Arg::row_pages);
+  argument["row_width"] = int(Arg::row_width);
+  argument["row"] = int(Arg::row);
+  argument["seq_ids"] = int(Arg::seq_ids);
   using pagedkv::Invariant;
   invariant["pages_cover_tokens"] = int(Invariant::pages_cover_tokens);
   invariant["page_in_range"] = int(Invariant::page_in_range);
@@ -547,6 +552,29 @@ NB_MODULE(_core, m) {
           "seq_id"_a, "window"_a)
       .def("reset_prefix_cache", &BlockManager::reset_prefix_cache)
       .def("end_step", &BlockManager::end_step)
+      .def(
+          "bind_table",
+          [](BlockManager& self, Int32TableOut table, Int32Out lens) {
+            // NOTE: the caller (pagedkv._cpp) keeps both arrays alive while they are bound
+            // and checks that lens has one entry per row.
+            if (!table.is_valid()) {
+              self.bind_table(nullptr, 0, 0, nullptr);
+              return;
+            }
+            if (lens.is_valid() && lens.shape(0) != table.shape(0))
+              throw nb::value_error("lens must have one entry per table row");
+            self.bind_table(table.data(), static_cast<int64_t>(table.shape(0)), static_cast<int64_t>(table.shape(1)),
+                            lens.is_valid() ? lens.data() : nullptr);
+          },
+          "table"_a.noconvert().none(), "lens"_a.noconvert().none())
+      .def(
+          "set_row",
+          [](BlockManager& self, int64_t seq_id, int64_t row) -> nb::object {
+            Failure f = self.set_row(seq_id, row);
+            return f.ok() ? nb::none() : failure(f);
+          },
+          "seq_id"_a, "row"_a, "row in [0, rows) (checked by the caller), or -1 to unbind.")
+      .def("row_of", &BlockManager::row_of, "seq_id"_a)
       .def(
           "take_offload",
           [](BlockManager& self) {

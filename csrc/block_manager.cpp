@@ -501,8 +501,80 @@ int64_t BlockManager::acquire_slot() {
   }
   // NOTE: free_slots_ keeps room for every slot, so free() never allocates (cannot throw).
   free_slots_.reserve(seqs_.size() + 1);
+  slot_row_.reserve(seqs_.size() + 1);
   seqs_.emplace_back();
+  slot_row_.push_back(-1);
   return static_cast<int64_t>(seqs_.size()) - 1;
+}
+
+// ------------------------------------------------------------ persistent page table
+void BlockManager::bind_table(int32_t* table, int64_t rows, int64_t width, int32_t* lens) {
+  std::fill(slot_row_.begin(), slot_row_.end(), -1);
+  table_ = table;
+  table_lens_ = table ? lens : nullptr;
+  table_rows_ = table ? rows : 0;
+  table_width_ = table ? width : 0;
+  row_slot_.assign(static_cast<size_t>(table_rows_), -1);
+  if (!table) return;
+  std::fill(table_, table_ + rows * width, kNullPage);
+  if (table_lens_) std::fill(table_lens_, table_lens_ + rows, 0);
+}
+
+Failure BlockManager::set_row(int64_t seq_id, int64_t row) {
+  const int64_t slot = index_.find(seq_id);
+  if (slot < 0) return fail(Status::unknown_sequence, seq_id);
+  if (row < 0) {
+    clear_row(slot);
+    return Failure{};
+  }
+  if (row >= table_rows_) return invalid(Arg::row, row, table_rows_);
+  const int64_t owner = row_slot_[static_cast<size_t>(row)];
+  if (owner >= 0 && owner != slot) return invalid(Arg::row_taken, row, seqs_[owner].seq_id);
+  const int64_t pages = static_cast<int64_t>(seqs_[slot].pages.size());
+  if (pages > table_width_) return invalid(Arg::row_pages, seq_id, pages, table_width_);
+  clear_row(slot);
+  slot_row_[static_cast<size_t>(slot)] = static_cast<int32_t>(row);
+  row_slot_[static_cast<size_t>(row)] = slot;
+  write_row(slot);
+  return Failure{};
+}
+
+int64_t BlockManager::row_of(int64_t seq_id) const {
+  const int64_t slot = index_.find(seq_id);
+  return slot < 0 ? -1 : slot_row_[static_cast<size_t>(slot)];
+}
+
+void BlockManager::write_row(int64_t slot) {
+  const int32_t row = slot_row_[static_cast<size_t>(slot)];
+  if (row < 0) return;
+  const Sequence& seq = seqs_[static_cast<size_t>(slot)];
+  int32_t* out = table_ + static_cast<int64_t>(row) * table_width_;
+  // NOTE: a swapped-out sequence holds CPU page ids: its row says it has no device page.
+  if (seq.swapped) {
+    std::fill(out, out + table_width_, kNullPage);
+  } else {
+    std::copy(seq.pages.begin(), seq.pages.end(), out);
+    std::fill(out + seq.pages.size(), out + table_width_, kNullPage);
+  }
+  if (table_lens_) table_lens_[row] = static_cast<int32_t>(seq.num_tokens);
+}
+
+void BlockManager::write_row_from(int64_t slot, size_t from) {
+  const int32_t row = slot_row_[static_cast<size_t>(slot)];
+  if (row < 0) return;
+  const Sequence& seq = seqs_[static_cast<size_t>(slot)];
+  std::copy(seq.pages.begin() + static_cast<std::ptrdiff_t>(from), seq.pages.end(),
+            table_ + static_cast<int64_t>(row) * table_width_ + from);
+  if (table_lens_) table_lens_[row] = static_cast<int32_t>(seq.num_tokens);
+}
+
+void BlockManager::clear_row(int64_t slot) {
+  const int32_t row = slot_row_[static_cast<size_t>(slot)];
+  if (row < 0) return;
+  std::fill(table_ + static_cast<int64_t>(row) * table_width_, table_ + (row + 1) * table_width_, kNullPage);
+  if (table_lens_) table_lens_[row] = 0;
+  slot_row_[static_cast<size_t>(slot)] = -1;
+  row_slot_[static_cast<size_t>(row)] = -1;
 }
 
 Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds token_ids,
@@ -636,10 +708,11 @@ Failure BlockManager::append(int64_t seq_id, int64_t num_tokens, TokenIds token_
     if (!f.ok()) return f;
   }
   Sequence& seq = seqs_[slot];
+  const int64_t new_len = page_math_.pages_for(seq.num_tokens + num_tokens);
+  if (!row_fits(slot, new_len)) return invalid(Arg::row_width, num_tokens, seq_id, table_width_);
   const int64_t need = pages_to_append(seq, num_tokens, false);
   const int64_t free_pages = num_free_pages();
   if (need > free_pages) return fail(Status::out_of_pages, need, free_pages, num_pages_);
-  const int64_t new_len = page_math_.pages_for(seq.num_tokens + num_tokens);
   copies.clear();
   copies.reserve(2);
   reserve_pages(seq.pages, new_len);
@@ -650,13 +723,21 @@ Failure BlockManager::append(int64_t seq_id, int64_t num_tokens, TokenIds token_
   }
   reserve_moves(need);
   reserve_events(filled, 2 * need + filled);
+  const size_t old_pages = seq.pages.size();
   grow(seq, num_tokens, new_len, copies, token_ids.data);
+  // NOTE: from the old last page on (copy-on-write may have replaced it)
+  write_row_from(slot, old_pages ? old_pages - 1 : 0);
   return Failure{};
 }
 
 Failure BlockManager::append_batch(const int64_t* seq_ids, size_t num_seq_ids,
                                    const int64_t* num_tokens, size_t num_counts,
                                    TokenIds token_ids, StepPlan& out) {
+  // NOTE: ids are range-checked here, as the facade's check would (the smallest one named),
+  // so that the facade can pass an int64 array straight through.
+  int64_t lowest = 0;
+  for (size_t i = 0; i < num_seq_ids; ++i) lowest = std::min(lowest, seq_ids[i]);
+  if (lowest < 0) return invalid(Arg::seq_ids, lowest);
   if (num_counts != num_seq_ids)
     return invalid(Arg::num_tokens_size, static_cast<int64_t>(num_counts),
                    static_cast<int64_t>(num_seq_ids));
@@ -693,9 +774,10 @@ Failure BlockManager::append_batch(const int64_t* seq_ids, size_t num_seq_ids,
     if (seq.mark == epoch_) return fail(Status::duplicate_sequence, seq_id);
     seq.mark = epoch_;
     if (seq.swapped) return fail(Status::sequence_swapped, seq_id, 1);
+    const int64_t new_len = page_math_.pages_for(seq.num_tokens + n);
+    if (!row_fits(slot, new_len)) return invalid(Arg::row_width, n, seq_id, table_width_);
     bool copy_on_write = false;
     const int64_t pages = pages_to_append(seq, n, true, &copy_on_write);
-    const int64_t new_len = page_math_.pages_for(seq.num_tokens + n);
     // Room in the page table now, so that no allocation follows the first change. Only when
     // this sequence alone fits the free queues: a bigger need fails with OutOfPages below, and
     // bounding the reservation by num_pages keeps a huge request from throwing bad_alloc.
@@ -732,8 +814,10 @@ Failure BlockManager::append_batch(const int64_t* seq_ids, size_t num_seq_ids,
   for (size_t i = 0; i < num_seq_ids; ++i) {
     Sequence& seq = seqs_[batch_slots_[i]];
     const int64_t start = seq.num_tokens;
+    const size_t old_pages = seq.pages.size();
     grow(seq, num_tokens[i], batch_lens_[i], out.copies, tokens);
     write_slots(seq.pages, page_math_, start, seq.num_tokens, slot_out);
+    if (table_) write_row_from(batch_slots_[i], old_pages ? old_pages - 1 : 0);
     slot_out += num_tokens[i];
     if (tokens) tokens += num_tokens[i];
   }
@@ -788,6 +872,7 @@ Failure BlockManager::free(int64_t seq_id) {
     if (seq.swapped) release_cpu(page); else release(page);
   }
   std::vector<int32_t>().swap(seq.pages);
+  clear_row(slot);
   if (seq.cache) prefix_.release(seq.cache->node);
   seq.cache.reset();
   seq.seq_id = -1;

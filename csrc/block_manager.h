@@ -68,6 +68,11 @@ enum class Arg : int32_t {
   pinned_prefix = 25,   // values: len(token_ids) (unpin_prefix: no such pin)
   priority = 26,        // values: value (out of [0, 100])
   cpu_prefix_cache = 27,  // values: 1 (True without prefix caching or CPU pages)
+  row_taken = 28,       // values: row, seq_id holding it            (set_row)
+  row_pages = 29,       // values: seq_id, its pages, table width    (set_row: too wide)
+  row_width = 30,       // values: num_tokens, seq_id, table width   (append: past the row)
+  row = 31,             // values: row, rows                          (set_row: out of range)
+  seq_ids = 32,         // values: the smallest id, when negative     (append_batch)
 };
 
 // Which invariant check_invariants found broken: the detail keys of
@@ -509,6 +514,18 @@ class BlockManager {
                       PageTables& out, bool live_only = false);
   Failure csr(const int64_t* seq_ids, size_t n, CSR& out);
 
+  // ------------------------------------------------------ persistent page table
+  // A caller-owned int32 [rows, width] table, and int32 [rows] token counts (or null), that
+  // the manager keeps current for every sequence bound to a row: its page ids padded with -1
+  // (all -1 while swapped out) and its token count, written by the call that changes them.
+  // Binding a table clears both arrays and every row binding; a null table unbinds it. The
+  // caller keeps the arrays alive while bound (the binding holds a reference).
+  void bind_table(int32_t* table, int64_t rows, int64_t width, int32_t* lens);
+  // Binds seq_id (live or swapped) to `row` in [0, rows) and writes it; row -1 unbinds (the
+  // row is cleared). Freeing a sequence clears and unbinds its row.
+  Failure set_row(int64_t seq_id, int64_t row);
+  int64_t row_of(int64_t seq_id) const;  // -1: none (or unknown)
+
   // --------------------------------------------------------------- invariants
   Failure check_invariants() const;
   Snapshot snapshot() const;
@@ -741,6 +758,23 @@ class BlockManager {
   SeqMap index_;                   // seq_id -> slot in seqs_
   std::vector<int64_t> batch_slots_;  // scratch for batch calls: slot of each seq_id
   std::vector<int64_t> batch_lens_;   // scratch for append_batch: page-table length after it
+
+  // The persistent page table (bind_table): rows of slot_row_[slot] >= 0 are kept current.
+  // NOTE: the row lives beside seqs_ rather than in Sequence, which stays 64 bytes.
+  int32_t* table_ = nullptr;
+  int32_t* table_lens_ = nullptr;
+  int64_t table_rows_ = 0;
+  int64_t table_width_ = 0;
+  std::vector<int32_t> slot_row_;   // per slot of seqs_: its row, or -1
+  std::vector<int64_t> row_slot_;   // per row: the slot bound to it, or -1
+  void write_row(int64_t slot);     // the row of a bound slot, from its sequence
+  // After an append: entries from `from` on (the row past the old pages already holds -1).
+  void write_row_from(int64_t slot, size_t from);
+  void clear_row(int64_t slot);     // unbinds the slot, clearing its row
+  // Whether a bound sequence's row holds new_len pages (append: checked before any change).
+  bool row_fits(int64_t slot, int64_t new_len) const {
+    return slot_row_[static_cast<size_t>(slot)] < 0 || new_len <= table_width_;
+  }
 };
 
 }  // namespace pagedkv

@@ -96,6 +96,7 @@ Failure BlockManager::swap_out(const int64_t* seq_ids, size_t n, std::vector<int
       ++cpu_ref_count_[seq.pages[j]];
     }
     seq.swapped = true;
+    write_row(batch_slots_[i]);
   }
   return Failure{};
 }
@@ -141,6 +142,7 @@ Failure BlockManager::swap_in(const int64_t* seq_ids, size_t n, std::vector<int3
       ++ref_count_[seq.pages[j]];
     }
     seq.swapped = false;
+    write_row(batch_slots_[i]);
     hold_priority(seq.pages, seq.priority);
     // NOTE: the pages brought back hold committed content again: they join their nodes.
     if (enable_prefix_caching_) reattach(seq);
@@ -165,6 +167,11 @@ Failure BlockManager::release_window(int64_t seq_id, int64_t window, int64_t& re
     release(seq.pages[i]);
     seq.pages[i] = kNullPage;
     ++released;
+  }
+  const int32_t row = slot_row_[static_cast<size_t>(slot)];
+  if (row >= 0 && end > seq.window_start) {
+    int32_t* out = table_ + static_cast<int64_t>(row) * table_width_;
+    std::fill(out + seq.window_start, out + end, kNullPage);
   }
   if (end > seq.window_start) seq.window_start = static_cast<int32_t>(end);  // end <= kMaxCount
   return Failure{};

@@ -58,6 +58,12 @@ def _invalid_argument(argument: str, values: tuple[int, ...]) -> Exception:
         return invalid_argument("token_ids", f"{v} token ids", "pinned_prefix")
     if argument == "cpu_prefix_cache":
         return InvalidArgument("cpu_prefix_cache", True, "False unless enable_prefix_caching=True and num_cpu_pages >= 1")
+    if argument == "row":
+        return invalid_argument("row", v, "row", values[1])
+    if argument == "row_taken":
+        return invalid_argument("row", v, "row_taken", values[1])
+    if argument == "row_width":
+        return invalid_argument("num_tokens", v, "row_width", values[1], values[2])
     if argument == "num_computed_tokens_stop":
         return invalid_argument("num_computed_tokens", v, "num_computed_tokens", values[1], values[2])
     # Range errors: let the facade's own check build the error, so the text is the facade's.
@@ -70,6 +76,7 @@ def _invalid_argument(argument: str, values: tuple[int, ...]) -> Exception:
         "num_cpu_pages": lambda: check.as_int("num_cpu_pages", v, 0, check.MAX_COUNT),
         "hash_bits": lambda: check.as_int("_hash_bits", v, 1, 64),
         "seq_id": lambda: check.seq_id(v),
+        "seq_ids": lambda: check.seq_ids(np.array([v], dtype=np.int64)),
         "child_id": lambda: check.seq_id(v, "child_id"),
         "page_id": lambda: check.as_int("page_id", v, 0, values[1] - 1),
         "start_range": lambda: check.as_int("start", v, 0, check.MAX_SEQ_ID),
@@ -127,7 +134,7 @@ def _error(failure) -> Exception:
 class CppBlockManager:
     """C++ implementation; see ``pagedkv.BlockManager`` for the public documentation."""
 
-    __slots__ = ("_core", "_page_size")
+    __slots__ = ("_core", "_page_size", "_bound")
 
     def __init__(
         self,
@@ -150,6 +157,7 @@ class CppBlockManager:
             bool(cpu_prefix_cache), bool(enable_kv_events), bool(kv_event_nodes)
         )
         self._page_size = page_size
+        self._bound = (None, None)
 
     # ----------------------------------------------------------------- queries
     @property
@@ -292,6 +300,20 @@ class CppBlockManager:
         out = self._core.free(seq_id)
         if out is not None:
             raise _error(out)
+
+    def bind_table(self, table: np.ndarray | None, lens: np.ndarray | None) -> None:
+        self._core.bind_table(table, lens)
+        self._bound = (table, lens)  # NOTE: the core writes into them: keep them alive
+
+    def set_row(self, seq_id: int, row: int) -> None:
+        out = self._core.set_row(seq_id, row)
+        if out is not None:
+            if _ARGUMENT.get(out.argument) == "row_pages":  # NOTE: the core does not echo the row
+                raise invalid_argument("row", row, "row_pages", *out.values[:3])
+            raise _error(out)
+
+    def row_of(self, seq_id: int) -> int:
+        return self._core.row_of(seq_id)
 
     def release_window(self, seq_id: int, window: int) -> int:
         out = self._core.release_window(seq_id, window)

@@ -177,6 +177,12 @@ class ReferenceBlockManager:
         self._tables: dict[int, array] = {}
         self._num_tokens: dict[int, int] = {}
         self._swapped: set[int] = set()
+        # The persistent page table (bind_table): a caller-owned int32 [rows, width] array (and
+        # int32 [rows] token counts) kept current for the sequences bound to a row.
+        self._row_table: np.ndarray | None = None
+        self._row_lens: np.ndarray | None = None
+        self._row_of: dict[int, int] = {}  # seq_id -> row
+        self._row_seq: dict[int, int] = {}  # row -> seq_id
         # per sequence allocated with token ids (prefix caching on): its salt; the node of the
         # last page offered to the index (ROOT before the first; the sequence holds it with
         # PrefixIndex.acquire); the token ids from the first page not yet offered to the end of
@@ -330,11 +336,13 @@ class ReferenceBlockManager:
     def append(self, seq_id: int, num_tokens: int, token_ids: np.ndarray | None = None) -> list[tuple[int, int]]:
         self._resident_table(seq_id)
         token_ids = _token_list(token_ids)
+        self._check_row_fits(seq_id, num_tokens)
         need = self._pages_to_append(seq_id, num_tokens, {})
         if need > self.num_free_pages:
             raise OutOfPages(need, self.num_free_pages, self.num_pages)
         copies: list[tuple[int, int]] = []
         self._grow(seq_id, num_tokens, copies, token_ids)
+        self._write_row(seq_id)
         return copies
 
     def append_batch(self, seq_ids: np.ndarray, num_tokens: np.ndarray, token_ids: np.ndarray | None = None):
@@ -347,6 +355,7 @@ class ReferenceBlockManager:
                 raise DuplicateSequence("seq_ids", seq_id)
             seen.add(seq_id)
             self._resident_table(seq_id)
+            self._check_row_fits(seq_id, n)
             need += self._pages_to_append(seq_id, n, cow_drops)
         # NOTE: a new step: the copies returned since the last one have run, so their pinned
         # pages are released first (and count as free for this call).
@@ -365,6 +374,7 @@ class ReferenceBlockManager:
             for pos in range(start, start + n):
                 slots[out] = table[pos // ps] * ps + pos % ps
                 out += 1
+            self._write_row(seq_id)
         return slots, np.array(copies, dtype=np.int32).reshape(-1, 2)
 
     def commit(self, seq_id: int, num_computed_tokens: int) -> int:
@@ -439,6 +449,7 @@ class ReferenceBlockManager:
                 released += 1
         if end > start:
             self._window_start[seq_id] = end
+            self._write_row(seq_id)
         return released
 
     def reset_prefix_cache(self) -> None:
@@ -517,6 +528,7 @@ class ReferenceBlockManager:
             for page in reversed(self._old_pages(table, mapping)):
                 self._release(page)
             self._swapped.add(seq_id)
+            self._write_row(seq_id)
         return np.array(copies, dtype=np.int32).reshape(-1, 2)
 
     def swap_in(self, seq_ids: np.ndarray) -> np.ndarray:
@@ -555,9 +567,71 @@ class ReferenceBlockManager:
             for cpu in reversed(old):
                 self._release_cpu(cpu)
             self._swapped.discard(seq_id)
+            self._write_row(seq_id)
             self._hold_priority(table, self._seq_priority[seq_id])
             self._reattach(seq_id, table)
         return np.array(copies, dtype=np.int32).reshape(-1, 2)
+
+    # --------------------------------------------------- persistent page table
+    def bind_table(self, table: np.ndarray | None, lens: np.ndarray | None) -> None:
+        """Keep ``table`` (int32 ``[rows, width]``) and ``lens`` (int32 ``[rows]`` or None)
+        current for the sequences bound to a row; clears both and every binding."""
+        self._row_of.clear()
+        self._row_seq.clear()
+        self._row_table, self._row_lens = table, (lens if table is not None else None)
+        if table is not None:
+            table.fill(NULL_PAGE)
+            if lens is not None:
+                lens.fill(0)
+
+    def set_row(self, seq_id: int, row: int) -> None:
+        """Bind ``seq_id`` to ``row`` and write it (-1: unbind, clearing its row)."""
+        table = self._table(seq_id)
+        if row < 0:
+            self._clear_row(seq_id)
+            return
+        rows, width = (0, 0) if self._row_table is None else self._row_table.shape
+        if row >= rows:
+            raise invalid_argument("row", row, "row", rows)
+        owner = self._row_seq.get(row)
+        if owner is not None and owner != seq_id:
+            raise invalid_argument("row", row, "row_taken", owner)
+        if len(table) > width:
+            raise invalid_argument("row", row, "row_pages", seq_id, len(table), width)
+        self._clear_row(seq_id)
+        self._row_of[seq_id] = row
+        self._row_seq[row] = seq_id
+        self._write_row(seq_id)
+
+    def row_of(self, seq_id: int) -> int:
+        return self._row_of.get(seq_id, -1)
+
+    def _check_row_fits(self, seq_id: int, num_tokens: int) -> None:
+        if seq_id in self._row_of:
+            width = self._row_table.shape[1]
+            if _cdiv(self._num_tokens[seq_id] + num_tokens, self.page_size) > width:
+                raise invalid_argument("num_tokens", num_tokens, "row_width", seq_id, width)
+
+    def _write_row(self, seq_id: int) -> None:
+        row = self._row_of.get(seq_id)
+        if row is None:
+            return
+        out = self._row_table[row]
+        out.fill(NULL_PAGE)
+        if seq_id not in self._swapped:  # NOTE: a swapped-out sequence has no device page
+            table = self._tables[seq_id]
+            out[:len(table)] = table
+        if self._row_lens is not None:
+            self._row_lens[row] = self._num_tokens[seq_id]
+
+    def _clear_row(self, seq_id: int) -> None:
+        row = self._row_of.pop(seq_id, None)
+        if row is None:
+            return
+        del self._row_seq[row]
+        self._row_table[row].fill(NULL_PAGE)
+        if self._row_lens is not None:
+            self._row_lens[row] = 0
 
     # ------------------------------------------------------------ batch views
     def slots(self, seq_id: int, start: int, stop: int) -> np.ndarray:
@@ -730,6 +804,7 @@ class ReferenceBlockManager:
         return table
 
     def _forget(self, seq_id: int) -> None:
+        self._clear_row(seq_id)
         del self._tables[seq_id]
         del self._num_tokens[seq_id]
         node = self._seq_node.pop(seq_id, None)

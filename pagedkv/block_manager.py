@@ -51,6 +51,17 @@ def _copy_plan(pairs) -> np.ndarray:
     return np.array(pairs, dtype=np.int32).reshape(-1, 2)
 
 
+def _check_out_array(name: str, value: object, ndim: int) -> None:
+    """An int32 C-contiguous writable numpy array of ``ndim`` dimensions, that the manager writes."""
+    if not isinstance(value, np.ndarray):
+        raise InvalidType(name, value, f"a numpy int32 array of {ndim} dimensions")
+    if value.dtype != np.int32 or value.ndim != ndim or not value.flags.c_contiguous or not value.flags.writeable:
+        raise InvalidArgument(name, f"array of shape {value.shape} and dtype {value.dtype}",
+                              f"a writable C-contiguous int32 array of {ndim} dimensions")
+    if ndim == 2 and value.shape[0] * value.shape[1] > MAX_TABLE_ENTRIES:
+        raise InvalidArgument(name, f"array of shape {value.shape}", f"at most {MAX_TABLE_ENTRIES:,} entries")
+
+
 def _table_args(seq_ids, max_pages):
     """Checked ``(seq_ids, max_pages)`` of ``page_tables`` / ``window_tables``."""
     ids = check.seq_ids(seq_ids)
@@ -264,6 +275,9 @@ class BlockManager:
         )
         self._fast_events = (enable_kv_events and prefix_hash == "pagedkv" and self._backend == "cpp"
                              and record is None)
+        # NOTE: the C++ core, unrecorded, takes int64 id arrays unchecked (it checks them itself)
+        self._lean = self._backend == "cpp" and record is None
+        self._counts: dict[int, np.ndarray] = {}  # count -> a read-only array of it (append_batch)
         if record is not None:
             from ._recorder import Recorder
 
@@ -511,8 +525,15 @@ class BlockManager:
         Raises:
             DuplicateSequence, UnknownSequence, SequenceSwapped, OutOfPages (nothing changed).
         """
-        ids = check.seq_ids(seq_ids)
-        counts = check.counts("num_tokens", num_tokens, ids.shape[0])
+        if self._lean and seq_ids.__class__ is np.ndarray and seq_ids.dtype == np.int64 and seq_ids.ndim == 1 \
+                and seq_ids.flags.c_contiguous:
+            ids = seq_ids  # NOTE: the C++ core range-checks them itself, with the same error
+        else:
+            ids = check.seq_ids(seq_ids)
+        if num_tokens.__class__ is int and 1 <= num_tokens <= check.MAX_COUNT:
+            counts = self._same_counts(ids.shape[0], num_tokens)
+        else:
+            counts = check.counts("num_tokens", num_tokens, ids.shape[0])
         tokens = None
         if token_ids is not None:
             tokens = check.int_array("token_ids", token_ids, 0, check.MAX_TOKEN_ID)
@@ -520,6 +541,17 @@ class BlockManager:
                 raise invalid_argument("token_ids", f"{tokens.shape[0]} token ids", "token_ids_sum", int(counts.sum()))
         slots, copies = self._impl.append_batch(ids, counts, tokens)
         return StepPlan(slots, copies)
+
+    def _same_counts(self, size: int, count: int) -> np.ndarray:
+        """A read-only int64 array of ``size`` times ``count`` (a view of a kept one: a decode
+        step's counts cost no new array)."""
+        full = self._counts.get(count)
+        if full is None or full.shape[0] < size:
+            full = np.full(max(size, 2 * (0 if full is None else full.shape[0]), 64), count, dtype=np.int64)
+            full.flags.writeable = False
+            if len(self._counts) < 8:
+                self._counts[count] = full
+        return full[:size]
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """Make ``child_id`` share every page of ``parent_id`` (each page's ref_count += 1).
@@ -594,6 +626,55 @@ class BlockManager:
         step need not call this; one that does not must, once per step.
         """
         self._impl.end_step()
+
+    # ----------------------------------------------------- persistent page table
+    def bind_table(self, page_table: np.ndarray | None, seq_lens: np.ndarray | None = None) -> None:
+        """Keep a caller-owned page table current, as vLLM's persistent block table is.
+
+        Rows are the engine's: ``set_row(seq_id, row)`` binds a sequence to one, and from then
+        on every call that changes the sequence (``append``, ``append_batch``, ``swap_out``,
+        ``swap_in``, ``release_window``, ``free``) writes its page ids into the row, padded with
+        ``NULL_PAGE`` (all ``NULL_PAGE`` while swapped out), and its token count into
+        ``seq_lens[row]``. An engine that keeps its running batch in rows ``0..B-1`` plans
+        ``PageTables(page_table[:B], seq_lens[:B])`` without rebuilding a table.
+
+        Binding clears both arrays and every row binding; ``None`` unbinds. Neither call is
+        recorded by ``record=``.
+
+        Args:
+            page_table: int32 ``[rows, width]``, C-contiguous, writable; ``width`` bounds the
+                pages of a bound sequence (an ``append`` past it raises ``InvalidArgument``
+                naming ``num_tokens``, and changes nothing).
+            seq_lens: int32 ``[rows]``, C-contiguous, writable, or ``None``.
+        """
+        if page_table is None:
+            if seq_lens is not None:
+                raise InvalidArgument("seq_lens", "an array", "None when page_table is None")
+            self._impl.bind_table(None, None)
+            return
+        _check_out_array("page_table", page_table, 2)
+        if seq_lens is not None:
+            _check_out_array("seq_lens", seq_lens, 1)
+            if seq_lens.shape[0] != page_table.shape[0]:
+                raise InvalidArgument("seq_lens", f"{seq_lens.shape[0]} entries",
+                                      f"one per page_table row ({page_table.shape[0]})")
+        self._impl.bind_table(page_table, seq_lens)
+
+    def set_row(self, seq_id: int, row: int | None) -> None:
+        """Bind ``seq_id`` (live or swapped out) to ``row`` of the bound table and write it
+        there; ``None`` unbinds it and clears its row. A freed sequence's row is cleared.
+
+        Raises:
+            UnknownSequence; InvalidArgument: ``row`` outside the table, bound to another
+                sequence, or narrower than the sequence's page table.
+        """
+        seq_id = check.seq_id(seq_id)
+        self._impl.set_row(seq_id, -1 if row is None else check.as_int("row", row, 0, check.MAX_COUNT))
+
+    def row_of(self, seq_id: int) -> int | None:
+        """The row ``seq_id`` is bound to, or ``None``."""
+        row = self._impl.row_of(check.seq_id(seq_id))
+        return None if row < 0 else row
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached page (both tiers); cached free pages become plain free pages (LRU

@@ -228,6 +228,10 @@ EXPECTED: dict[str, str] = {
     "token_ids_sum": "sum(num_tokens) = {0}",
     "num_computed_tokens": "at most num_tokens({0}) = {1}",
     "pinned_prefix": "a prefix pinned with pin_prefix (under this cache_salt) and not unpinned since",
+    "row": "a row of the table bound with bind_table (it has {0} rows)",
+    "row_taken": "a row no other live sequence is bound to (sequence {0} is)",
+    "row_pages": "a row for sequence {0} only if its {1} pages fit the table's width ({2})",
+    "row_width": "at most what fits in sequence {0}'s table row ({1} pages wide)",
 }
 
 
