@@ -323,6 +323,30 @@ NB_MODULE(_core, m) {
         out.rows = rows;
         if (page_size < 1 || num_pages < 0 || window < 0 || num_pages > (INT64_MAX / page_size))
           return refused();
+        // NOTE: the core reads its inputs again after writing outputs: an input sharing memory
+        // with an output would be read back changed (and could send reads out of bounds).
+        const auto span = [](const void* p, size_t bytes) {
+          const auto b = reinterpret_cast<uintptr_t>(p);
+          return std::pair<uintptr_t, uintptr_t>(b, b + bytes);
+        };
+        const std::pair<uintptr_t, uintptr_t> inputs[] = {
+            span(table.data(), table.size() * 4), span(seq_lens.data(), seq_lens.size() * 4),
+            query_lens.is_valid() ? span(query_lens.data(), query_lens.size() * 8) : span(nullptr, 0),
+            slots.is_valid() ? span(slots.data(), slots.size() * 8) : span(nullptr, 0),
+            first_page.is_valid() ? span(first_page.data(), first_page.size() * 4) : span(nullptr, 0)};
+        const std::pair<uintptr_t, uintptr_t> outputs[] = {
+            span(out_table.data(), out_table.size() * 4), span(out_seq_lens.data(), out_seq_lens.size() * 4),
+            span(out_qo_indptr.data(), out_qo_indptr.size() * 4), span(out_slots.data(), out_slots.size() * 8),
+            out_first_page.is_valid() ? span(out_first_page.data(), out_first_page.size() * 4) : span(nullptr, 0)};
+        for (const auto& o : outputs)
+          for (const auto& i : inputs)
+            if (o.first < o.second && i.first < i.second && o.first < i.second && i.first < o.second)
+              return refused();
+        for (size_t a = 0; a < 5; ++a)
+          for (size_t b = a + 1; b < 5; ++b)
+            if (outputs[a].first < outputs[a].second && outputs[b].first < outputs[b].second &&
+                outputs[a].first < outputs[b].second && outputs[b].first < outputs[a].second)
+              return refused();
         thread_local std::vector<int64_t> scratch;
         const pagedkv::PlanResult r = pagedkv::fill_plan(in, out, scratch);
         if (!r.ok) return refused();

@@ -532,6 +532,9 @@ Failure BlockManager::set_row(int64_t seq_id, int64_t row) {
   if (owner >= 0 && owner != slot) return invalid(Arg::row_taken, row, seqs_[owner].seq_id);
   const int64_t pages = static_cast<int64_t>(seqs_[slot].pages.size());
   if (pages > table_width_) return invalid(Arg::row_pages, seq_id, pages, table_width_);
+  // NOTE: its token count goes to an int32 entry, as page_tables' seq_lens
+  if (seqs_[slot].num_tokens > kMaxCount)
+    return fail(Status::int32_overflow, seq_id, seqs_[slot].num_tokens);
   clear_row(slot);
   slot_row_[static_cast<size_t>(slot)] = static_cast<int32_t>(row);
   row_slot_[static_cast<size_t>(row)] = slot;
@@ -710,6 +713,8 @@ Failure BlockManager::append(int64_t seq_id, int64_t num_tokens, TokenIds token_
   Sequence& seq = seqs_[slot];
   const int64_t new_len = page_math_.pages_for(seq.num_tokens + num_tokens);
   if (!row_fits(slot, new_len)) return invalid(Arg::row_width, num_tokens, seq_id, table_width_);
+  if (slot_row_[static_cast<size_t>(slot)] >= 0 && seq.num_tokens + num_tokens > kMaxCount)
+    return fail(Status::int32_overflow, seq_id, seq.num_tokens + num_tokens);
   const int64_t need = pages_to_append(seq, num_tokens, false);
   const int64_t free_pages = num_free_pages();
   if (need > free_pages) return fail(Status::out_of_pages, need, free_pages, num_pages_);
@@ -776,6 +781,8 @@ Failure BlockManager::append_batch(const int64_t* seq_ids, size_t num_seq_ids,
     if (seq.swapped) return fail(Status::sequence_swapped, seq_id, 1);
     const int64_t new_len = page_math_.pages_for(seq.num_tokens + n);
     if (!row_fits(slot, new_len)) return invalid(Arg::row_width, n, seq_id, table_width_);
+    if (slot_row_[static_cast<size_t>(slot)] >= 0 && seq.num_tokens + n > kMaxCount)
+      return fail(Status::int32_overflow, seq_id, seq.num_tokens + n);
     bool copy_on_write = false;
     const int64_t pages = pages_to_append(seq, n, true, &copy_on_write);
     // Room in the page table now, so that no allocation follows the first change. Only when

@@ -7,7 +7,8 @@ namespace pagedkv {
 
 namespace {
 
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// NOTE: without a + b - 1, which overflows for a page size near INT64_MAX (a, b >= 0, b >= 1)
+int64_t cdiv(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 
 }  // namespace
 

@@ -598,6 +598,8 @@ class ReferenceBlockManager:
             raise invalid_argument("row", row, "row_taken", owner)
         if len(table) > width:
             raise invalid_argument("row", row, "row_pages", seq_id, len(table), width)
+        if self._num_tokens[seq_id] > INT32_MAX:
+            raise SequenceTooLong(seq_id, self._num_tokens[seq_id])
         self._clear_row(seq_id)
         self._row_of[seq_id] = row
         self._row_seq[row] = seq_id
@@ -609,8 +611,11 @@ class ReferenceBlockManager:
     def _check_row_fits(self, seq_id: int, num_tokens: int) -> None:
         if seq_id in self._row_of:
             width = self._row_table.shape[1]
-            if _cdiv(self._num_tokens[seq_id] + num_tokens, self.page_size) > width:
+            total = self._num_tokens[seq_id] + num_tokens
+            if _cdiv(total, self.page_size) > width:
                 raise invalid_argument("num_tokens", num_tokens, "row_width", seq_id, width)
+            if total > INT32_MAX:  # NOTE: its row's token count is an int32 entry
+                raise SequenceTooLong(seq_id, total)
 
     def _write_row(self, seq_id: int) -> None:
         row = self._row_of.get(seq_id)

@@ -525,15 +525,16 @@ class BlockManager:
         Raises:
             DuplicateSequence, UnknownSequence, SequenceSwapped, OutOfPages (nothing changed).
         """
-        if self._lean and seq_ids.__class__ is np.ndarray and seq_ids.dtype == np.int64 and seq_ids.ndim == 1 \
-                and seq_ids.flags.c_contiguous:
-            ids = seq_ids  # NOTE: the C++ core range-checks them itself, with the same error
+        same = num_tokens.__class__ is int and 1 <= num_tokens <= check.MAX_COUNT
+        if self._lean and same and token_ids is None and seq_ids.__class__ is np.ndarray \
+                and seq_ids.dtype == np.int64 and seq_ids.ndim == 1 and seq_ids.flags.c_contiguous:
+            # NOTE: a decode step's usual call: nothing else here can fail, and the C++ core
+            # range-checks the ids first itself, with this check's error
+            ids = seq_ids
         else:
             ids = check.seq_ids(seq_ids)
-        if num_tokens.__class__ is int and 1 <= num_tokens <= check.MAX_COUNT:
-            counts = self._same_counts(ids.shape[0], num_tokens)
-        else:
-            counts = check.counts("num_tokens", num_tokens, ids.shape[0])
+        counts = self._same_counts(ids.shape[0], num_tokens) if same else \
+            check.counts("num_tokens", num_tokens, ids.shape[0])
         tokens = None
         if token_ids is not None:
             tokens = check.int_array("token_ids", token_ids, 0, check.MAX_TOKEN_ID)

@@ -76,6 +76,7 @@ class BatchPlan:
         first_page: int32 ``[num_seqs]`` when the page table holds live pages only
             (``BlockManager.window_tables``): position ``pos`` of sequence ``i`` is in column
             ``pos // page_size - first_page[i]``; ``None``: column ``pos // page_size``.
+        owner: the cache that planned it (per-layer calls take only their own cache's plans).
         buffers: the ``PlanBuffers`` the tensors are views of, or ``None`` (tensors of their
             own). A plan in buffers is valid until the next ``plan`` into them, and its
             ``max_seq_len`` is the buffers' capacity (split counts follow the batch size only).
@@ -92,6 +93,7 @@ class BatchPlan:
     sliding_window: int | None = None
     first_page: torch.Tensor | None = None
     buffers: object = None
+    owner: object = None
 
     @property
     def is_decode(self) -> bool:
@@ -424,6 +426,7 @@ class PagedKVCache:
                 num_seqs=num_seqs, num_tokens=num_tokens, max_seq_len=host.max_seq_len, max_q_len=host.max_q_len,
                 sliding_window=host.sliding_window,
                 first_page=None if host.first is None else _planning.upload(host.first, torch.int32, device),
+                owner=self,
             )
         if num_seqs > buffers.max_num_seqs:
             raise InvalidArgument("page_tables", f"{num_seqs} sequences", f"at most max_num_seqs = {buffers.max_num_seqs}")
@@ -447,7 +450,7 @@ class PagedKVCache:
             page_table=table, seq_lens=lens, qo_indptr=qo_indptr, slot_mapping=slots, num_seqs=rows,
             num_tokens=tokens,
             max_seq_len=max_seq_len, max_q_len=max(max_q_len, 1 if decode and rows else 0),
-            sliding_window=sliding_window, first_page=first, buffers=buffers,
+            sliding_window=sliding_window, first_page=first, buffers=buffers, owner=self,
         )
 
     def plan_buffers(self, max_num_seqs: int, max_num_tokens: int, max_pages: int) -> _planning.PlanBuffers:
@@ -475,6 +478,8 @@ class PagedKVCache:
         """
         if layer.__class__ is not int or not 0 <= layer < self.num_layers:
             layer = self._layer(layer)
+        if plan.__class__ is not BatchPlan or plan.owner is not self:
+            self._check_plan(plan)
         shape = (plan.num_tokens, self.num_kv_heads, self.head_dim)
         if not (k.__class__ is _Tensor and v.__class__ is _Tensor and k.shape == shape and v.shape == shape
                 and k.dtype == self.dtype and v.dtype == self.dtype and k.device == self.device
@@ -518,6 +523,8 @@ class PagedKVCache:
         """
         if layer.__class__ is not int or not 0 <= layer < self.num_layers:
             layer = self._layer(layer)
+        if plan.__class__ is not BatchPlan or plan.owner is not self:
+            self._check_plan(plan)
         if plan.num_tokens != plan.num_seqs or plan.max_q_len > 1:
             raise InvalidArgument("plan", f"a plan with {plan.num_tokens} tokens for {plan.num_seqs} sequences",
                                   "a decode plan (one new token per sequence); use prefill for chunks")
@@ -569,6 +576,8 @@ class PagedKVCache:
         """
         if layer.__class__ is not int or not 0 <= layer < self.num_layers:
             layer = self._layer(layer)
+        if plan.__class__ is not BatchPlan or plan.owner is not self:
+            self._check_plan(plan)
         sm_scale, window, cap = self._query_options(q, plan.num_tokens, out, sm_scale, sliding_window,
                                                     logits_soft_cap, plan, "[num_tokens, num_heads, head_dim]")
         if out is None:
@@ -801,24 +810,34 @@ class PagedKVCache:
         """Check a query (and ``out``) cheaply, and the options once per distinct value."""
         if not (q.__class__ is _Tensor and q.dim() == 3 and q.shape[0] == rows and q.shape[2] == self.head_dim
                 and q.dtype == self.dtype and q.device == self.device and q.stride(-1) == 1
-                and q.shape[1] % self.num_kv_heads == 0):
+                and q.shape[1] >= self.num_kv_heads and q.shape[1] % self.num_kv_heads == 0):
             common.check_tensor("q", q, names, (rows, None, self.head_dim), like=("the cache", self._act),
                                 device=self.device)
             common.check_group(q.shape[1], self.num_kv_heads)
         if out is not None and not (out.__class__ is _Tensor and out.shape == q.shape and out.dtype == q.dtype
                                     and out.device == q.device and out.stride(-1) == 1):
             common.check_tensor("out", out, names, tuple(q.shape), like=("q", q), device=self.device)
-        if plan.sliding_window is not None and (sliding_window is None or sliding_window > plan.sliding_window):
-            raise InvalidArgument("sliding_window", sliding_window,
-                                  f"at most {plan.sliding_window}, the window the plan was built for")
-        key = (sm_scale, sliding_window, logits_soft_cap)
+        # NOTE: keyed by type too: True == 1 == 1.0 hash alike, and only some of them are valid
+        key = (sm_scale.__class__, sm_scale, sliding_window.__class__, sliding_window, logits_soft_cap.__class__,
+               logits_soft_cap)
         try:
-            return self._options[key]
+            options = self._options[key]
         except (KeyError, TypeError):  # NOTE: TypeError: an unhashable (bad) value, checked below
             options = common.check_options(sm_scale, sliding_window, logits_soft_cap, self.head_dim)
             if len(self._options) < 64:
                 self._options[key] = options
-            return options
+        if plan.sliding_window is not None and (not options[1] or options[1] > plan.sliding_window):
+            raise InvalidArgument("sliding_window", sliding_window,
+                                  f"at most {plan.sliding_window}, the window the plan was built for")
+        return options
+
+    def _check_plan(self, plan) -> None:
+        """A plan this cache made: another cache's slots and pages may lie outside this one's
+        pools, and the per-layer launches do not check them again."""
+        if not isinstance(plan, BatchPlan):
+            raise InvalidType("plan", plan, "a BatchPlan from this cache's plan()")
+        if plan.owner is not self:
+            raise InvalidArgument("plan", "a plan made by another cache (or by hand)", "a plan from this cache's plan()")
 
     def _default_splits(self, rows: int, max_seq_len: int, window: int, num_heads: int) -> int:
         key = (rows, max_seq_len, window, num_heads)

@@ -48,3 +48,26 @@ def test_hostile_extents_never_crash(seed):
         if ok:
             assert 0 <= tokens <= outs[3].shape[0] and rows <= outs[0].shape[0]
             assert outs[2][0] == 0 and np.all(np.diff(outs[2][:rows + 1]) >= 0)
+
+
+def test_inputs_sharing_memory_with_outputs_are_refused():
+    # found in review: the core reads its inputs again after writing its outputs
+    k, w = 64, 16
+    buf = np.full(k + 1, w, np.int32)
+    ok = core.fill_plan(np.zeros((k, w), np.int32), buf[:k], np.full(k, w, np.int64), 1, None, None, 1, 1, 0,
+                        np.zeros((k, w), np.int32), np.zeros(k, np.int32), buf, np.zeros(k * w, np.int64), None, k)[0]
+    assert not ok
+    table = np.zeros((2, 3), np.int32)
+    assert not core.fill_plan(table, np.array([1, 1], np.int32), None, 1, None, None, 4, 4, 0, table,
+                              *_outs(2, 3, 4, False)[1:], 2)[0]
+
+
+def test_a_huge_page_size_is_not_an_overflow():
+    # found in review: cdiv(len, page_size) overflowed to 0 pages near INT64_MAX
+    out = _outs(2, 1, 4, False)
+    ok, *_ = core.fill_plan(np.array([[-1], [-1]], np.int32), np.array([5, 7], np.int32), None, 1, None, None,
+                            2**63 - 1, 1, 0, *out, 2)
+    assert not ok  # page -1 holds tokens the batch reads
+    ok, tokens, _, _ = core.fill_plan(np.array([[0], [0]], np.int32), np.array([5, 7], np.int32), None, 0, None,
+                                      None, 2**62, 1, 0, *_outs(2, 1, 4, False), 2)
+    assert ok and tokens == 0

@@ -140,3 +140,41 @@ def test_bad_tables_and_rows_are_typed_errors(backend):
     mgr.bind_table(None)
     with pytest.raises(InvalidArgument, match="row"):
         mgr.set_row(0, 0)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "python"])
+def test_a_bound_sequence_stays_within_an_int32_token_count(backend):
+    # found in review: the row's token count is int32, as page_tables' seq_lens
+    from pagedkv import SequenceTooLong
+
+    mgr = BlockManager(8, 2**30, backend=backend)
+    table, lens = np.full((2, 4), -1, np.int32), np.zeros(2, np.int32)
+    mgr.bind_table(table, lens)
+    mgr.allocate(0, 2**31 - 1)
+    mgr.set_row(0, 0)
+    before = (mgr.snapshot(), table.tolist(), lens.tolist())
+    for call in (lambda: mgr.append(0, 10), lambda: mgr.append_batch([0], 10)):
+        with pytest.raises(SequenceTooLong):
+            call()
+    assert (mgr.snapshot(), table.tolist(), lens.tolist()) == before
+    mgr.set_row(0, None)
+    mgr.append(0, 10)
+    with pytest.raises(SequenceTooLong):
+        mgr.set_row(0, 1)
+    assert mgr.row_of(0) is None and table.tolist() == [[-1] * 4] * 2
+
+
+def test_append_batch_errors_do_not_depend_on_the_backend_or_the_recorder(tmp_path):
+    # found in review: the C++ path once checked num_tokens before the ids
+    errors = []
+    for backend, record in (("cpp", None), ("cpp", tmp_path / "t.jsonl"), ("python", None)):
+        mgr = BlockManager(8, 4, backend=backend, record=record)
+        mgr.allocate(0, 3)
+        got = []
+        for ids, n in ((np.array([-1, 0]), 0), (np.array([-1, 0]), 1), (np.array([0, -3, -7]), [1, 1])):
+            with pytest.raises(InvalidArgument) as info:
+                mgr.append_batch(ids, n)
+            got.append(str(info.value))
+        errors.append(got)
+    assert errors[0] == errors[1] == errors[2]
+    assert "seq_ids" in errors[0][0] and "got -7" in errors[0][2]

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 from pagedkv import BlockManager  # noqa: E402
 from pagedkv.cache import PagedKVCache  # noqa: E402
-from pagedkv.errors import InvalidArgument  # noqa: E402
+from pagedkv.errors import InvalidArgument, InvalidType  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
@@ -412,3 +412,27 @@ def test_warmup_compiles_every_variant_serving_launches(stubbed_kernels):
         plan = cache.plan(table, [1])
         cache.decode(0, q[:1], plan)
     assert not variants() <= warmed
+
+
+def test_per_layer_argument_checks_found_in_review():
+    mgr, cache = _setup()
+    plan = cache.plan(mgr.page_tables([0, 1]))
+    q = torch.zeros(2, 4, 16)
+    cache.decode(0, q, plan, sliding_window=1)
+    for bad in (True, 1.0):  # equal to 1 as dict keys, and not ints
+        with pytest.raises(InvalidType, match="sliding_window"):
+            cache.decode(0, q, plan, sliding_window=bad)
+    with pytest.raises(InvalidType, match="sm_scale"):
+        cache.decode(0, q, plan, sm_scale=True)
+    windowed = cache.plan(mgr.page_tables([0, 1]), sliding_window=2)
+    with pytest.raises(InvalidType, match="sliding_window"):
+        cache.decode(0, q, windowed, sliding_window="a")
+    other = PagedKVCache(2, 64, 4, 2, 16, dtype=torch.float32, device="cpu")
+    for call in (lambda: other.write(0, torch.zeros(2, 2, 16), torch.zeros(2, 2, 16), plan),
+                 lambda: other.decode(0, q, plan), lambda: other.prefill(0, q, plan)):
+        with pytest.raises(InvalidArgument, match="plan"):
+            call()
+    with pytest.raises(InvalidType, match="plan"):
+        cache.decode(0, q, None)
+    with pytest.raises(InvalidArgument, match="num_heads"):
+        cache.decode(0, torch.zeros(2, 0, 16), plan)

@@ -210,7 +210,7 @@ def padded_head_dim(head_dim: int) -> int:
 
 def check_group(num_heads: int, num_kv_heads: int) -> int:
     """Query heads per KV head (GQA/MQA ratio)."""
-    if num_heads % num_kv_heads:
+    if num_heads < 1 or num_heads % num_kv_heads:
         raise InvalidArgument("num_heads", num_heads, f"a multiple of num_kv_heads ({num_kv_heads})")
     return num_heads // num_kv_heads
 
