@@ -26,6 +26,10 @@ from . import _validate as check
 from .errors import InvalidArgument, InvalidTrace, InvalidType
 
 
+#: Prompt tokens one Mooncake hash id names.
+HASH_BLOCK_SIZE = 512
+
+
 @dataclass(frozen=True, slots=True)
 class LogNormalLengths:
     """Token lengths ``ceil(X)``, ``X`` log-normal with shape ``sigma`` and ``X <= cap`` (redrawn above).
@@ -109,6 +113,10 @@ class Workload:
         output_lens: int64 ``[N]``, each >= 1 (tokens to generate).
         arrivals: float64 ``[N]``, seconds from the start, non-decreasing, >= 0.
         num_skipped: bad trace rows skipped while loading (0 for synthetic workloads).
+        hash_ids: per request, the ids of its prompt's content blocks (int64 arrays), or None:
+            equal ids are equal content, so requests sharing leading ids share that prefix
+            (Mooncake traces).
+        hash_block_size: prompt tokens one hash id names (Mooncake: 512).
     """
 
     name: str
@@ -116,6 +124,8 @@ class Workload:
     output_lens: np.ndarray
     arrivals: np.ndarray = field(default=None)
     num_skipped: int = 0
+    hash_ids: tuple | None = None
+    hash_block_size: int = HASH_BLOCK_SIZE
 
     def __post_init__(self):
         p = _lengths("prompt_lens", self.prompt_lens)
@@ -127,6 +137,11 @@ class Workload:
             raise InvalidArgument("arrivals", f"{a.shape[0]} times", f"one per request ({p.shape[0]})")
         if a.size and (not np.all(np.isfinite(a)) or a.min() < 0 or np.any(np.diff(a) < 0)):
             raise InvalidArgument("arrivals", "unsorted, negative or non-finite times", "non-decreasing seconds >= 0")
+        if self.hash_ids is not None:
+            if len(self.hash_ids) != p.shape[0]:
+                raise InvalidArgument("hash_ids", f"{len(self.hash_ids)} lists", f"one per request ({p.shape[0]})")
+            object.__setattr__(self, "hash_ids", tuple(np.asarray(h, dtype=np.int64) for h in self.hash_ids))
+        check.count("hash_block_size", self.hash_block_size)
         object.__setattr__(self, "prompt_lens", p)
         object.__setattr__(self, "output_lens", o)
         object.__setattr__(self, "arrivals", a)
@@ -141,12 +156,14 @@ class Workload:
 
     def with_arrivals(self, arrivals) -> Workload:
         """The same requests arriving at ``arrivals`` (float64 seconds ``[N]``)."""
-        return Workload(self.name, self.prompt_lens, self.output_lens, arrivals, self.num_skipped)
+        return Workload(self.name, self.prompt_lens, self.output_lens, arrivals, self.num_skipped, self.hash_ids,
+                        self.hash_block_size)
 
     def head(self, num_requests: int) -> Workload:
         """The first ``num_requests`` requests (all of them when fewer)."""
         n = check.as_int("num_requests", num_requests, 1, check.MAX_COUNT)
-        return Workload(self.name, self.prompt_lens[:n], self.output_lens[:n], self.arrivals[:n], self.num_skipped)
+        return Workload(self.name, self.prompt_lens[:n], self.output_lens[:n], self.arrivals[:n], self.num_skipped,
+                        None if self.hash_ids is None else self.hash_ids[:n], self.hash_block_size)
 
     def describe(self) -> dict:
         """Summary statistics (count, means, medians, maxima, span of arrivals) as plain numbers."""
@@ -217,11 +234,13 @@ def fixed(num_requests: int, prompt_len: int, output_len: int, *, rate: float | 
     return Workload(f"fixed-{prompt_len}+{output_len}", p, o, None if rate is None else poisson_arrivals(n, rate, seed))
 
 
-#: Column names recognised without being told (case-insensitive), in order of preference.
+#: Column names recognised without being told (case-insensitive), in order of preference:
+#: generic names, Azure's (``ContextTokens``), BurstGPT's (``Request tokens``) and Mooncake's
+#: (``input_length``).
 PROMPT_COLUMNS = ("prompt_len", "prompt_tokens", "input_len", "input_tokens", "num_prompt_tokens",
-                  "ContextTokens", "context_tokens")
+                  "ContextTokens", "context_tokens", "Request tokens", "input_length", "prompt_length")
 OUTPUT_COLUMNS = ("output_len", "output_tokens", "num_output_tokens", "completion_tokens",
-                  "GeneratedTokens", "generated_tokens")
+                  "GeneratedTokens", "generated_tokens", "Response tokens", "output_length")
 ARRIVAL_COLUMNS = ("arrival", "arrival_time", "timestamp", "time")
 
 _FRACTION = re.compile(r"(\.\d{6})\d+")
@@ -265,6 +284,139 @@ def load_csv(path: str | PathLike, *, prompt_column: str | None = None, output_c
     t = t[order] - t.min()
     return Workload(path.name, np.asarray(prompts, dtype=np.int64)[order],
                     np.asarray(outputs, dtype=np.int64)[order], t, skipped)
+
+
+def load_trace(path: str | PathLike, *, prompt_column: str | None = None, output_column: str | None = None,
+               arrival_column: str | None = None, skip_bad_rows: bool = False) -> Workload:
+    """Load a trace, its format detected from its content.
+
+    - **CSV** with a header row (``load_csv``): the Azure LLM inference traces, BurstGPT
+      (``Timestamp``, ``Request tokens``, ``Response tokens``) and any generic one.
+    - **JSON Lines** (``load_jsonl``), one object per request: Mooncake's traces
+      (``timestamp`` in ms, ``input_length``, ``output_length``, ``hash_ids``) and generic ones
+      with length keys from ``PROMPT_COLUMNS`` / ``OUTPUT_COLUMNS`` and optional arrival seconds.
+
+    The column options name CSV columns or JSON keys. Raises as ``load_csv`` / ``load_jsonl``.
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        start = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if start.startswith(b"{"):
+        return load_jsonl(path, prompt_key=prompt_column, output_key=output_column, arrival_key=arrival_column,
+                          skip_bad_rows=skip_bad_rows)
+    return load_csv(path, prompt_column=prompt_column, output_column=output_column, arrival_column=arrival_column,
+                    skip_bad_rows=skip_bad_rows)
+
+
+def load_jsonl(path: str | PathLike, *, prompt_key: str | None = None, output_key: str | None = None,
+               arrival_key: str | None = None, skip_bad_rows: bool = False) -> Workload:
+    """Load a JSON Lines trace: one object per line, one request per object.
+
+    A Mooncake trace is recognised by its ``hash_ids`` key: ``timestamp`` is then in
+    milliseconds, and each request keeps its hash ids (``Workload.hash_ids``, 512 tokens each).
+    Otherwise the lengths are read from the first keys found in ``PROMPT_COLUMNS`` /
+    ``OUTPUT_COLUMNS`` (or the ones named), and arrivals, in seconds, from ``ARRIVAL_COLUMNS``.
+
+    Raises:
+        InvalidTrace: a line that is not a JSON object (truncated), or an object without the
+            length keys (the message lists the keys found).
+        InvalidArgument: a bad value (names the line and key), not UTF-8, or no usable request.
+    """
+    import json
+
+    path = Path(path)
+    prompts, outputs, times, hashes = [], [], [], []
+    skipped = 0
+    keys = None
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    if skip_bad_rows:
+                        skipped += 1
+                        continue
+                    raise InvalidTrace(str(path), number, f"not a JSON object ({exc.msg}; a truncated line?)") from None
+                if not isinstance(record, dict):
+                    raise InvalidTrace(str(path), number, f"a JSON {type(record).__name__}, not an object")
+                if keys is None:
+                    keys = _jsonl_keys(path, number, record, prompt_key, output_key, arrival_key)
+                ip, io, ia, mooncake = keys
+                try:
+                    p = _count_value(record, ip, path, number)
+                    o = _count_value(record, io, path, number)
+                    t = _time_value(record, ia, path, number) if ia is not None else 0.0
+                    h = _hash_ids(record, path, number) if mooncake else None
+                except InvalidArgument:
+                    if not skip_bad_rows:
+                        raise
+                    skipped += 1
+                    continue
+                prompts.append(p)
+                outputs.append(o)
+                times.append(t / 1000.0 if mooncake else t)
+                hashes.append(h)
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument("path", str(path), f"a UTF-8 text file (byte {exc.start} is not UTF-8)") from None
+    if not prompts:
+        raise InvalidArgument("path", str(path), f"a JSON Lines trace with at least one usable request ({skipped} skipped)")
+    t = np.asarray(times, dtype=np.float64)
+    order = np.argsort(t, kind="stable")
+    t = t[order] - t.min()
+    mooncake = keys[3]
+    return Workload(path.name, np.asarray(prompts, dtype=np.int64)[order], np.asarray(outputs, dtype=np.int64)[order],
+                    t, skipped, tuple(hashes[i] for i in order) if mooncake else None)
+
+
+def _jsonl_keys(path: Path, line: int, record: dict, prompt_key, output_key, arrival_key):
+    """(prompt key, output key, arrival key or None, is Mooncake) from a trace's first object."""
+    header = list(record)
+    mooncake = "hash_ids" in record
+    lower = {k.lower(): k for k in header}
+
+    def pick(name, known, arg, required):
+        if name is not None:
+            if not isinstance(name, str):
+                raise InvalidType(arg, name, "a key name")
+            if name.lower() in lower:
+                return lower[name.lower()]
+            raise InvalidArgument(arg, name, f"one of the trace's keys {_columns(header)}")
+        for candidate in known:
+            if candidate.lower() in lower:
+                return lower[candidate.lower()]
+        if required:
+            what = arg.removesuffix("_key")
+            raise InvalidTrace(str(path), line, f"no {what} length key among its keys {_columns(header)} (known "
+                               f"names: {', '.join(known)}); name it with --{what}-column")
+        return None
+
+    return (pick(prompt_key, PROMPT_COLUMNS, "prompt_key", True), pick(output_key, OUTPUT_COLUMNS, "output_key", True),
+            pick(arrival_key, ARRIVAL_COLUMNS, "arrival_key", False), mooncake)
+
+
+def _count_value(record: dict, key: str, path: Path, line: int) -> int:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < 1:
+        raise InvalidArgument(f"{path.name} line {line} key {key!r}", value, "a whole number of tokens >= 1")
+    return int(value)
+
+
+def _time_value(record: dict, key: str, path: Path, line: int) -> float:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidArgument(f"{path.name} line {line} key {key!r}", value, "a time (a number)")
+    return float(value)
+
+
+def _hash_ids(record: dict, path: Path, line: int) -> np.ndarray:
+    ids = record.get("hash_ids")
+    if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise InvalidArgument(f"{path.name} line {line} key 'hash_ids'", str(ids)[:40], "a list of ints")
+    return np.asarray(ids, dtype=np.int64)
 
 
 def _read_csv(path: Path, prompt_column, output_column, arrival_column, skip_bad_rows: bool):
@@ -359,4 +511,4 @@ def _time_cell(row: list[str], index: int, header: list[str], path: Path, line: 
 
 
 __all__ = ["Workload", "LogNormalLengths", "SyntheticSpec", "SHAREGPT", "ALPACA", "BUILTIN",
-           "synthetic", "fixed", "poisson_arrivals", "load_csv"]
+           "synthetic", "fixed", "poisson_arrivals", "load_csv", "load_jsonl", "load_trace", "HASH_BLOCK_SIZE"]

@@ -24,7 +24,8 @@ from .. import _validate as check
 from ..errors import InvalidArgument
 
 #: Internal argument names that errors may carry -> the flag (``pagedkv.cli`` renames them).
-ARGUMENT_FLAGS = {"path": "--trace", "num_slots": "--slots"}
+ARGUMENT_FLAGS = {"path": "--trace", "num_slots": "--slots", "prompt_key": "--prompt-column",
+                  "output_key": "--output-column", "arrival_key": "--arrival-column"}
 
 DEFAULT_PAGE_SIZES = (1, 8, 16, 32, 64, 128, 256)
 DEFAULT_POLICIES = ("max", "pow2", "oracle")
@@ -57,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wl.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload (default 0)")
     wl.add_argument("--rate", type=float, default=None,
                     help="Poisson arrivals at this many requests/s (default: all at once, or a trace's own times)")
-    wl.add_argument("--trace", metavar="CSV", help="a CSV trace with prompt/output length columns")
+    wl.add_argument("--trace", metavar="FILE", help="a trace, CSV or JSON Lines, its format detected from its content: "
+                    "Azure LLM inference, BurstGPT, Mooncake, or generic prompt/output length columns or keys")
     wl.add_argument("--prompt-column", help="prompt length column of --trace (default: auto, e.g. ContextTokens)")
     wl.add_argument("--output-column", help="output length column of --trace (default: auto, e.g. GeneratedTokens)")
     wl.add_argument("--arrival-column", help="arrival time column of --trace (default: auto, e.g. TIMESTAMP)")
@@ -124,8 +126,8 @@ def load_workload(args: argparse.Namespace):
     from .. import workload as wl
 
     if args.trace:
-        work = wl.load_csv(args.trace, prompt_column=args.prompt_column, output_column=args.output_column,
-                           arrival_column=args.arrival_column, skip_bad_rows=args.skip_bad_rows)
+        work = wl.load_trace(args.trace, prompt_column=args.prompt_column, output_column=args.output_column,
+                             arrival_column=args.arrival_column, skip_bad_rows=args.skip_bad_rows)
         if args.num_requests is not None:
             work = work.head(args.num_requests)
         if args.rate is not None:
