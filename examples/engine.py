@@ -14,8 +14,9 @@ reads through page tables. Each ``Engine.step``:
    finds part of it in the prefix cache;
 4. commits every prefill chunk of the step (``commit``): with prefix caching, the full pages
    those chunks complete become matchable by prompts admitted in later steps;
-5. executes the copy-on-write copies, plans the batch once (``cache.plan``) and runs the
-   model: per layer, ``cache.write`` then ``cache.decode`` (all decode) or ``cache.prefill``
+5. executes the copy-on-write copies, plans the batch once (``cache.plan``, from the rows of
+   a persistent page table that the block manager keeps current, into fixed plan buffers) and
+   runs the model: per layer, ``cache.write`` then ``cache.decode`` (all decode) or ``cache.prefill``
    (any chunk in the batch);
 6. samples, forks the ``n`` children of a parallel-sampling request when its prompt is done
    (they share the prompt's pages; copy-on-write splits the last one), and frees finished
@@ -178,6 +179,7 @@ class Sequence:
     generator: torch.Generator | None
     num_computed: int = 0  # tokens whose K/V are in the cache
     prefill_end: int = 0  # tokens allocated at admission; computed in chunks up to here
+    row: int = -1  # its row of the persistent page table while running
 
     @property
     def priority(self) -> tuple[int, int]:
@@ -292,6 +294,13 @@ class Engine:
         self.cache = PagedKVCache(self.runner.num_layers, config.num_pages, config.page_size, self.runner.num_kv_heads,
                                   self.runner.head_dim, dtype=param.dtype, device=self.device,
                                   backend=config.backend, num_cpu_pages=config.num_cpu_pages)
+        # NOTE: the serving path of a GPU engine: each running sequence has a row of a persistent
+        # page table that the block manager keeps current (no page_tables call per step), and
+        # every plan is written into fixed buffers (the same device addresses every step).
+        self.table = np.full((config.max_num_seqs, config.num_pages), -1, dtype=np.int32)
+        self.mgr.bind_table(self.table)
+        self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
+        self.buffers = self.cache.plan_buffers(config.max_num_seqs, config.max_num_batched_tokens, config.num_pages)
         self.stats = EngineStats()
         self.waiting: deque[Sequence] = deque()  # new and recompute-preempted, in priority order
         self.running: list[Sequence] = []
@@ -423,10 +432,11 @@ class Engine:
         self.stats.num_preemptions += 1
         if self.config.preemption == "swap" and self.mgr.can_swap_out([seq.seq_id]):
             self.cache.swap(self.mgr.swap_out([seq.seq_id]))  # before any page is reused
+            self._unbind(seq)
             self.swapped.append(seq)
             self.stats.num_swap_outs += 1
             return
-        self.mgr.free(seq.seq_id)
+        self._free(seq)
         seq.num_computed = seq.prefill_end = 0  # prompt + output so far are prefilled again
         self.waiting.appendleft(seq)  # victims go lowest priority first, so this keeps the order
         self.stats.num_recomputes += 1
@@ -440,6 +450,7 @@ class Engine:
             plan = self.mgr.swap_in([seq.seq_id])
             self._offload()
             self.cache.swap(plan)
+            self._bind(seq)
             self.running.append(self.swapped.pop(0))  # decodes from the next step
 
     def _prefix_in_flight(self, seq: Sequence) -> bool:
@@ -474,6 +485,7 @@ class Engine:
             # NOTE: nothing of the prompt is computed yet: with prefix caching, only the pages
             # found cached count as committed; ``step`` commits the chunks as they are scheduled.
             allocation = self.mgr.allocate(seq.seq_id, **prompt, num_computed_tokens=0)
+            self._bind(seq)
             self._offload()
             self.waiting.popleft()
             seq.num_computed, seq.prefill_end = allocation.num_cached_tokens, len(seq.tokens)
@@ -496,10 +508,11 @@ class Engine:
         """Plan the batch once, run the model; returns logits and the rows' sequences."""
         batch = [(s, 1) for s in decoders] + chunks
         slots = [decode_slots] + [self.mgr.slots(s.seq_id, s.num_computed, s.num_computed + n) for s, n in chunks]
-        tables = self.mgr.page_tables([s.seq_id for s, _ in batch])
+        table = self.table[[s.row for s, _ in batch]]  # the rows the block manager keeps current
         query_lens = np.array([n for _, n in batch])
         seq_lens = np.array([s.num_computed + n for s, n in batch])  # K/V present after this step
-        plan = self.cache.plan(tables.page_table, seq_lens, query_lens=query_lens, slot_mapping=np.concatenate(slots))
+        plan = self.cache.plan(table, seq_lens, query_lens=query_lens, slot_mapping=np.concatenate(slots),
+                               buffers=self.buffers)
 
         token_ids = [s.tokens[-1] for s in decoders]
         positions = [s.num_computed for s in decoders]
@@ -535,6 +548,7 @@ class Engine:
                 for child in range(1, request.params.n):
                     sibling = self._new_sequence(request, child, seq.tokens)
                     self.mgr.fork(seq.seq_id, sibling.seq_id)
+                    self._bind(sibling)
                     sibling.num_computed, sibling.prefill_end = seq.num_computed, seq.prefill_end
                     self.running.append(sibling)
                     targets.append(sibling)
@@ -543,11 +557,26 @@ class Engine:
                 target.tokens.append(token)
                 if len(target.output_ids) >= request.params.max_new_tokens or token in request.params.stop_token_ids:
                     self.running.remove(target)
-                    self.mgr.free(target.seq_id)
+                    self._free(target)
                     request.num_finished += 1
                     if request.num_finished == request.params.n:
                         finished.append(self._output(request))
         return finished
+
+    def _bind(self, seq: Sequence) -> None:
+        """Give a sequence that starts running a row of the persistent page table."""
+        seq.row = self.free_rows.pop()
+        self.mgr.set_row(seq.seq_id, seq.row)
+
+    def _unbind(self, seq: Sequence) -> None:
+        self.mgr.set_row(seq.seq_id, None)
+        self.free_rows.append(seq.row)
+        seq.row = -1
+
+    def _free(self, seq: Sequence) -> None:
+        self.mgr.free(seq.seq_id)  # NOTE: clears and unbinds its row
+        self.free_rows.append(seq.row)
+        seq.row = -1
 
     def _sample(self, logits: torch.Tensor, seq: Sequence) -> int:
         """One token from ``logits`` ``[vocab_size]`` with the sequence's own generator."""
