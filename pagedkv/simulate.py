@@ -79,6 +79,10 @@ class SimResult:
         preemptions: requests preempted; preempted_tokens: tokens dropped by them (recomputed).
         generated_tokens: output tokens appended; throughput: generated tokens per step.
         sharing_saving: ``metrics.sharing_saving`` over counted steps (paged, n > 1), else ``None``.
+        prefix_hit_rate: with ``prefix_caching``, prompt tokens found cached at each request's
+            first admission / its prompt tokens, token-weighted; else ``None``.
+        prefill_tokens_saved: with ``prefix_caching``, tokens found cached over every admission
+            (recomputes after a preemption included); else ``None``.
         timeline: per-step record when asked for, else ``None``.
     """
 
@@ -106,6 +110,8 @@ class SimResult:
     generated_tokens: int
     throughput: float
     sharing_saving: float | None
+    prefix_hit_rate: float | None = None
+    prefill_tokens_saved: int | None = None
     timeline: Timeline | None = None
 
     def to_dict(self) -> dict:
@@ -119,7 +125,7 @@ class SimResult:
 def simulate(workload: Workload, allocator, *, max_len: int | None = None, num_slots: int | None = None,
              parallel_samples: int = 1, share_prompt: bool = True, step_time: float = DEFAULT_STEP_TIME,
              max_running: int | None = None, record_timeline: bool = False,
-             progress: Callable[[int], None] | None = None) -> SimResult:
+             progress: Callable[[int], None] | None = None, prefix_caching: bool = False) -> SimResult:
     """Run ``workload`` through ``allocator`` until every request completed or was rejected.
 
     Args:
@@ -137,6 +143,11 @@ def simulate(workload: Workload, allocator, *, max_len: int | None = None, num_s
         max_running: cap on running requests (vLLM's ``max_num_seqs``); ``None``: no cap.
         record_timeline: keep the per-step ``Timeline``.
         progress: called now and then with the number of requests finished since the last call.
+        prefix_caching: allocate prompts with their token ids (``Workload.prompt_token_ids``:
+            equal hash ids are equal content) on a ``BlockManager`` built with
+            ``enable_prefix_caching``, so its prefix cache runs with its real eviction; a hit's
+            pages are shared, and the breakdown counts a shared page's tokens once. Cached pages
+            no sequence holds count as free. Needs ``parallel_samples=1``.
 
     Returns:
         ``SimResult``.
@@ -160,6 +171,14 @@ def simulate(workload: Workload, allocator, *, max_len: int | None = None, num_s
     capacity = allocator.num_slots if static else allocator.num_pages * ps
     C = capacity if num_slots is None else check.as_int("num_slots", num_slots, capacity, check.MAX_COUNT)
     sharing = not static and n > 1 and share_prompt
+    if not isinstance(prefix_caching, bool):
+        raise InvalidType("prefix_caching", prefix_caching, "a bool")
+    if prefix_caching and (static or not getattr(allocator, "enable_prefix_caching", False)):
+        raise InvalidArgument("prefix_caching", True, "False unless the allocator is a BlockManager built with "
+                              "enable_prefix_caching=True")
+    if prefix_caching and n > 1:
+        raise InvalidArgument("parallel_samples", n, "1 with prefix_caching")
+    prefix_hits = prefix_queried = prefix_saved = 0
 
     prompts = workload.prompt_lens.tolist()
     finals = workload.final_lens.tolist()
@@ -210,7 +229,8 @@ def simulate(workload: Workload, allocator, *, max_len: int | None = None, num_s
         return None if need <= allocator.num_pages - allocator.watermark_pages else "exceeds_pool"
 
     def admit(r: int, t: int) -> bool:
-        nonlocal sum_L, sum_internal, sum_shared, sum_saved
+        nonlocal sum_L, sum_internal, sum_shared, sum_saved, prefix_hits, prefix_queried, prefix_saved
+        hit = 0
         p, F = prompts[r], finals[r]
         L0 = resume[r] or p
         ids = seq_ids(r)
@@ -231,6 +251,14 @@ def simulate(workload: Workload, allocator, *, max_len: int | None = None, num_s
                 if L0 > p:
                     for s in ids:
                         allocator.append(s, L0 - p)
+            elif prefix_caching:
+                tokens = workload.prompt_token_ids(r)
+                if not allocator.can_allocate(token_ids=tokens):
+                    return False
+                hit = allocator.allocate(ids[0], token_ids=tokens).num_cached_tokens
+                made.append(ids[0])
+                if L0 > p:
+                    allocator.append(ids[0], L0 - p)
             else:
                 if not allocator.can_allocate(L0):
                     return False
@@ -241,6 +269,11 @@ def simulate(workload: Workload, allocator, *, max_len: int | None = None, num_s
             for s in made:
                 allocator.free(s)
             return False
+        if prefix_caching:
+            prefix_saved += hit
+            if not resume[r]:  # its first admission
+                prefix_hits += hit
+                prefix_queried += p
         epoch[r] += 1
         admitted_at[r], start_len[r] = t, L0
         sum_L += n * L0
@@ -384,6 +417,11 @@ def simulate(workload: Workload, allocator, *, max_len: int | None = None, num_s
                 used = allocated = (allocator.num_pages - allocator.num_free_pages) * ps
                 hole_index = 0.0
             tokens = sum_L - sum_shared
+            if prefix_caching:
+                # NOTE: a prefix hit shares full pages only: each page-table entry beyond the
+                # distinct pages in use is a page of ps tokens counted twice in sum_L.
+                entries = sum(-(-(start_len[r] + t - admitted_at[r]) // ps) for r in running)
+                tokens -= (entries - allocated // ps) * ps
             row = (1, tokens, allocated, sum_internal, used, hole_index, len(running))
             for acc in (acc_sat, acc_busy) if waiting else (acc_busy,):
                 for k in range(7):
@@ -421,6 +459,8 @@ def simulate(workload: Workload, allocator, *, max_len: int | None = None, num_s
         preempted_tokens=preempted_tokens, generated_tokens=generated,
         throughput=generated / steps if steps else 0.0,
         sharing_saving=metrics.sharing_saving(saved, acc[4] if counted else 0) if sharing else None,
+        prefix_hit_rate=(prefix_hits / prefix_queried if prefix_queried else 0.0) if prefix_caching else None,
+        prefill_tokens_saved=prefix_saved if prefix_caching else None,
         timeline=None if timeline is None else Timeline(*(np.asarray(c, dtype=np.int64) for c in timeline)),
     )
 

@@ -165,6 +165,21 @@ class Workload:
         return Workload(self.name, self.prompt_lens[:n], self.output_lens[:n], self.arrivals[:n], self.num_skipped,
                         None if self.hash_ids is None else self.hash_ids[:n], self.hash_block_size)
 
+    def prompt_token_ids(self, i: int) -> np.ndarray:
+        """Token ids for request ``i``'s prompt, for simulating a prefix cache: hash id ``h``
+        names the ``hash_block_size`` ids ``h * hash_block_size + j`` (mod 2**30), so equal ids
+        are equal content; the rest of the prompt (all of it without hash ids) is random ids
+        from ``[2**30, 2**31)`` seeded by ``i``, unique to the request in practice."""
+        i = check.as_int("i", i, 0, len(self) - 1)
+        n = int(self.prompt_lens[i])
+        block = self.hash_block_size
+        blocks = np.zeros(0, dtype=np.int64) if self.hash_ids is None else self.hash_ids[i]
+        ids = ((blocks[:, None] * block + np.arange(block)[None, :]) % 2**30).reshape(-1)[:n]
+        if ids.shape[0] < n:
+            tail = np.random.default_rng([i, 0x7A11]).integers(2**30, 2**31, n - ids.shape[0], dtype=np.int64)
+            ids = np.concatenate([ids, tail])
+        return ids
+
     def describe(self) -> dict:
         """Summary statistics (count, means, medians, maxima, span of arrivals) as plain numbers."""
         p, o = self.prompt_lens, self.output_lens

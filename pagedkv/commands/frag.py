@@ -93,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--parallel-samples", type=int, default=1,
                        help="sequences per request sharing the prompt's pages (default 1)")
     sweep.add_argument("--step-time", type=float, default=None, help="seconds per decode step (default 0.04)")
+    sweep.add_argument("--prefix-caching", action="store_true",
+                       help="paged points run the block manager's prefix cache on the prompts' token ids (equal "
+                       "hash ids of a Mooncake trace are equal content) and report the prefix hit rate")
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="results/frag",
@@ -202,6 +205,9 @@ def sweep(args: argparse.Namespace) -> dict:
     if args.num_requests is not None:
         check.as_int("--num-requests", args.num_requests, 1, MAX_REQUESTS)
     step_time = DEFAULT_STEP_TIME if args.step_time is None else args.step_time
+    prefix = bool(getattr(args, "prefix_caching", False))
+    if prefix and n > 1:
+        raise InvalidArgument("--parallel-samples", n, "1 with --prefix-caching")
     work = load_workload(args)
     budget = resolve_budget(args)
     C = budget["num_slots"]
@@ -222,14 +228,15 @@ def sweep(args: argparse.Namespace) -> dict:
                 alloc = StaticAllocator(C, policy=value, max_len=max_len, placement=args.placement)
                 label = POLICY_LABELS[value]
             else:
-                alloc = BlockManager(budget["pages"](value), value, watermark=args.watermark)
+                alloc = BlockManager(budget["pages"](value), value, watermark=args.watermark,
+                                     enable_prefix_caching=prefix)
                 label = f"page {value}"
             if bar is not None:
                 bar.set_postfix_str(label)
             start = time.perf_counter()
             result = simulate(work, alloc, max_len=max_len, num_slots=C, parallel_samples=n,
                               step_time=step_time, max_running=args.max_running,
-                              progress=None if bar is None else bar.update)
+                              progress=None if bar is None else bar.update, prefix_caching=prefix and kind == "paged")
             point = {"label": label, "policy": value if kind == "static" else None,
                      "placement": args.placement if kind == "static" else None,
                      "elapsed_s": time.perf_counter() - start, **result.to_dict()}
@@ -246,7 +253,8 @@ def sweep(args: argparse.Namespace) -> dict:
         "budget": {k: v for k, v in budget.items() if k != "pages"},
         "config": {"max_len": max_len, "parallel_samples": n, "step_time": step_time, "watermark": args.watermark,
                    "placement": args.placement, "max_running": args.max_running, "seed": args.seed,
-                   "rate": args.rate, "page_sizes": page_sizes, "policies": policies, "backend": backend},
+                   "rate": args.rate, "page_sizes": page_sizes, "policies": policies, "backend": backend,
+                   "prefix_caching": prefix},
         "points": points,
     }
 
@@ -272,9 +280,11 @@ def render(report: dict) -> str:
         "",
     ]
     sharing = any(p["sharing_saving"] is not None for p in report["points"])
+    prefix = any(p.get("prefix_hit_rate") is not None for p in report["points"])
     head = (f"{'allocator':<10} {'tokens%':>7} {'reserv%':>7} {'intern%':>7} {'extern%':>7} {'util%':>6} "
             f"{'usage%':>6} {'tail':>6} {'hole':>5} {'run':>6} {'peak':>5} {'preempt':>7} {'tok/step':>8} "
-            f"{'rejected':>8} {'basis':>9}" + (f" {'saved%':>6}" if sharing else ""))
+            f"{'rejected':>8} {'basis':>9}" + (f" {'saved%':>6}" if sharing else "")
+            + (f" {'hit%':>6}" if prefix else ""))
     lines += [head, "-" * len(head)]
     for p in report["points"]:
         bd = p["breakdown"]
@@ -286,6 +296,9 @@ def render(report: dict) -> str:
                f"{sum(p['rejected'].values()):8d} {p['basis']:>9}")
         if sharing:
             row += " " + ("-" if p["sharing_saving"] is None else f"{100 * p['sharing_saving']:6.1f}").rjust(6)
+        if prefix:
+            hit = p.get("prefix_hit_rate")
+            row += " " + ("-" if hit is None else f"{100 * hit:6.1f}").rjust(6)
         lines.append(row)
     for p in report["points"]:
         if p["rejected"]:
@@ -295,5 +308,7 @@ def render(report: dict) -> str:
     lines += ["", "tokens/reserv/intern/extern: the Figure-2 breakdown of the pool (sums to 100%), averaged over "
               "steps with a non-empty queue (basis); util = tokens / allocated; usage = vLLM's KV-cache usage; "
               "tail = mean slots left unfilled at completion; hole = 1 - largest hole / free (static); "
-              "run/peak = running requests; tok/step = generated tokens per step."]
+              "run/peak = running requests; tok/step = generated tokens per step."
+              + (" hit = prompt tokens found in the prefix cache at first admission / prompt tokens (cached "
+                 "pages no sequence holds count as free)." if prefix else "")]
     return "\n".join(lines)
