@@ -97,4 +97,31 @@ def plot_frag(report: dict, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["plot_frag"]
+def plot_prefix(report: dict, path: str | Path) -> Path:
+    """Draw the prefix hit rate against capacity (log axis), one line per page size, from a
+    ``pagedkv frag --prefix-caching --capacities ...`` report."""
+    plt = _pyplot()
+    points = report["capacity_sweep"]
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    palette = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#999999"]
+    for i, ps in enumerate(sorted({p["page_size"] for p in points})):
+        line = sorted((p["num_slots"], 100 * p["prefix_hit_rate"]) for p in points if p["page_size"] == ps)
+        ax.plot([c for c, _ in line], [h for _, h in line], "o-", color=palette[i % len(palette)],
+                label=f"page {ps}")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("KV-cache capacity (token slots, log scale)")
+    ax.set_ylabel("prefix hit rate (% of prompt tokens)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(frameon=False)
+    w = report["workload"]
+    ax.set_title(f"{w['name']}: {w['num_requests']} requests, prefix cache hit rate vs capacity", fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["plot_frag", "plot_prefix"]

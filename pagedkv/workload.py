@@ -240,6 +240,55 @@ def synthetic(name: str = "sharegpt", num_requests: int = 1000, *, seed: int = 0
     return Workload(name, prompts, outputs, arrivals)
 
 
+def multi_turn(num_conversations: int = 200, turns: int = 6, *, seed: int = 0, num_system_prompts: int = 4,
+               system_prompt_len: int = 1024, user_len: float = 120.0, answer_len: float = 240.0,
+               rate: float = 1.0, think_time: float = 30.0, max_len: int = 16384) -> Workload:
+    """Multi-turn chat with shared system prompts, as a Mooncake-style trace with hash ids.
+
+    Each conversation opens with one of ``num_system_prompts`` system prompts, then alternates
+    user messages and answers (lognormal lengths with these means); turn ``k``'s prompt is the
+    whole history so far plus its new message, so it resends every earlier turn. The history is
+    cut into ``HASH_BLOCK_SIZE``-token blocks: blocks wholly inside the system prompt are shared
+    by the conversations that use it, every other block is its conversation's own. Conversations
+    start as a Poisson process of ``rate`` per second; turns follow ``think_time`` seconds after
+    the previous answer began (a fixed think time). A conversation ends early once a prompt plus
+    its answer would pass ``max_len``.
+
+    Every length and id is a pure function of the arguments (``seed``).
+    """
+    convs = check.count("num_conversations", num_conversations)
+    turns = check.count("turns", turns)
+    systems = check.count("num_system_prompts", num_system_prompts)
+    sys_len = check.count("system_prompt_len", system_prompt_len)
+    max_len = check.count("max_len", max_len)
+    rng = np.random.default_rng([check.as_int("seed", seed, 0, 2**63 - 1), 0x3A17])
+    users = LogNormalLengths(float(user_len), 1.0, max_len).sample(rng, convs * turns).reshape(convs, turns)
+    answers = LogNormalLengths(float(answer_len), 1.0, max_len).sample(rng, convs * turns).reshape(convs, turns)
+    systems_of = rng.integers(systems, size=convs)
+    starts = poisson_arrivals(convs, rate, seed)
+    block = HASH_BLOCK_SIZE
+    shared_blocks = sys_len // block  # blocks wholly inside a system prompt
+    prompts, outputs, arrivals, hashes = [], [], [], []
+    for c in range(convs):
+        system = int(systems_of[c])
+        history = sys_len
+        for k in range(turns):
+            prompt = history + int(users[c, k])
+            out = int(answers[c, k])
+            if prompt + out > max_len:
+                break
+            ids = [system * 1_000_003 + b if b < shared_blocks else (systems + c) * 1_000_003 + b
+                   for b in range(-(-prompt // block))]
+            prompts.append(prompt)
+            outputs.append(out)
+            arrivals.append(float(starts[c]) + k * think_time)
+            hashes.append(ids)
+            history = prompt + out
+    order = np.argsort(np.asarray(arrivals), kind="stable")
+    return Workload(f"multi-turn-{convs}x{turns}", np.asarray(prompts)[order], np.asarray(outputs)[order],
+                    np.asarray(arrivals)[order], hash_ids=tuple(hashes[i] for i in order))
+
+
 def fixed(num_requests: int, prompt_len: int, output_len: int, *, rate: float | None = None,
           seed: int = 0) -> Workload:
     """``num_requests`` identical requests (for analytic checks)."""
@@ -526,4 +575,5 @@ def _time_cell(row: list[str], index: int, header: list[str], path: Path, line: 
 
 
 __all__ = ["Workload", "LogNormalLengths", "SyntheticSpec", "SHAREGPT", "ALPACA", "BUILTIN",
-           "synthetic", "fixed", "poisson_arrivals", "load_csv", "load_jsonl", "load_trace", "HASH_BLOCK_SIZE"]
+           "synthetic", "fixed", "multi_turn", "poisson_arrivals", "load_csv", "load_jsonl", "load_trace",
+           "HASH_BLOCK_SIZE"]

@@ -105,3 +105,39 @@ def test_the_frag_cli_reports_the_hit_rate(tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "frag.json").read_text())
     hits = {p["label"]: p["prefix_hit_rate"] for p in report["points"]}
     assert hits["Max"] is None and hits["page 16"] == pytest.approx(_direct_hit_rate(work)) == hits["page 64"]
+
+
+def test_the_capacity_sweep_table_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from pagedkv.cli import main
+
+    out = tmp_path / "out"
+    assert main(["frag", "--workload", "multi-turn", "--num-requests", "120", "--prefix-caching", "--page-sizes",
+                 "16,256", "--policies", "", "--capacities", "20000,400000", "--max-len", "16384", "--out",
+                 str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "prefix hit rate (%) against capacity" in text
+    assert (out / "prefix.png").stat().st_size > 10_000
+    import json
+
+    sweep = json.loads((out / "frag.json").read_text())["capacity_sweep"]
+    rates = {(p["page_size"], p["num_slots"]): p["prefix_hit_rate"] for p in sweep}
+    assert rates[(16, 20000)] < rates[(16, 400000)] and rates[(256, 400000)] <= rates[(16, 400000)]
+    assert main(["frag", "--capacities", "1000", "--no-plot", "--out", str(out)]) == 2
+    assert "--capacities" in capsys.readouterr().err
+
+
+def test_the_multi_turn_workload_resends_its_history():
+    from pagedkv.workload import multi_turn
+
+    work = multi_turn(20, 4, seed=3, think_time=1000.0)  # turns far apart: arrival order is turn order
+    assert work.hash_ids is not None and len(work) <= 80
+    # a later turn's blocks start with the earlier turn's full blocks (its history), and
+    # conversations share only their system prompt's blocks (2 here)
+    earlier = [ids.tolist() for ids in work.hash_ids[:20]]
+    later = [ids.tolist() for ids in work.hash_ids[20:40]]
+    extended = sum(any(b[:len(a) - 1] == a[:-1] for a in earlier) for b in later)
+    assert extended == len(later) > 0
+    shared = {tuple(a[:3]) for a in earlier}
+    assert len(shared) == len(earlier), "a block past the system prompt was shared between conversations"
+    assert multi_turn(20, 4, seed=3, think_time=1000.0).prompt_lens.tolist() == work.prompt_lens.tolist()

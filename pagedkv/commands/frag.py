@@ -51,8 +51,9 @@ _int_list.__name__ = "comma-separated int"  # argparse names the type in its err
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``pagedkv frag``."""
     wl = parser.add_argument_group("workload")
-    wl.add_argument("--workload", choices=("sharegpt", "alpaca"), default="sharegpt",
-                    help="built-in synthetic workload (default sharegpt)")
+    wl.add_argument("--workload", choices=("sharegpt", "alpaca", "multi-turn"), default="sharegpt",
+                    help="built-in synthetic workload (default sharegpt; multi-turn: chat conversations resending "
+                    "their history behind shared system prompts, with hash ids for --prefix-caching)")
     wl.add_argument("--num-requests", type=int, default=None,
                     help=f"requests to simulate (default {DEFAULT_NUM_REQUESTS}; a trace: all of its rows)")
     wl.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload (default 0)")
@@ -96,6 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--prefix-caching", action="store_true",
                        help="paged points run the block manager's prefix cache on the prompts' token ids (equal "
                        "hash ids of a Mooncake trace are equal content) and report the prefix hit rate")
+    sweep.add_argument("--capacities", type=_int_list, default=None,
+                       help="with --prefix-caching: also sweep the pool size, e.g. 50000,200000 token slots, for "
+                       "every page size (the hit rate against capacity; drawn in prefix.png)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="results/frag",
@@ -120,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
         from ..plot import plot_frag
 
         written.append(plot_frag(report, out / "frag.png"))
+        if report.get("capacity_sweep"):
+            from ..plot import plot_prefix
+
+            written.append(plot_prefix(report, out / "prefix.png"))
     print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
     return 0
 
@@ -139,6 +147,10 @@ def load_workload(args: argparse.Namespace):
             work = work.with_arrivals(None)
         return work
     n = DEFAULT_NUM_REQUESTS if args.num_requests is None else args.num_requests
+    if args.workload == "multi-turn":
+        turns = 6
+        work = wl.multi_turn(-(-n // turns), turns, seed=args.seed, rate=1.0 if args.rate is None else args.rate)
+        return work.head(n)
     return wl.synthetic(args.workload, n, seed=args.seed, rate=args.rate)
 
 
@@ -219,8 +231,16 @@ def sweep(args: argparse.Namespace) -> dict:
                                   f"{MAX_PAGES:,} pages (the simulator's bound on host memory); use larger pages "
                                   "or fewer --slots")
 
+    capacities = []
+    if getattr(args, "capacities", None) is not None:
+        if not prefix:
+            raise InvalidArgument("--capacities", ",".join(map(str, args.capacities)), "given only with --prefix-caching")
+        capacities = [check.count("--capacities", c) for c in args.capacities]
+        for c in capacities:
+            if c // min(page_sizes or [1]) > MAX_PAGES:
+                raise InvalidArgument("--capacities", c, f"at most {MAX_PAGES:,} pages of the smallest page size")
     configs = [("static", p) for p in policies] + [("paged", ps) for ps in page_sizes]
-    bar = _progress(len(configs) * len(work))
+    bar = _progress((len(configs) + len(capacities) * len(page_sizes)) * len(work))
     points = []
     try:
         for kind, value in configs:
@@ -241,6 +261,20 @@ def sweep(args: argparse.Namespace) -> dict:
                      "placement": args.placement if kind == "static" else None,
                      "elapsed_s": time.perf_counter() - start, **result.to_dict()}
             points.append(point)
+        capacity_sweep = []
+        for capacity in capacities:
+            for ps in page_sizes:
+                if capacity // ps < 1:
+                    continue
+                if bar is not None:
+                    bar.set_postfix_str(f"page {ps}, {capacity:,} slots")
+                alloc = BlockManager(capacity // ps, ps, watermark=args.watermark, enable_prefix_caching=True)
+                result = simulate(work, alloc, max_len=max_len, step_time=step_time, max_running=args.max_running,
+                                  progress=None if bar is None else bar.update, prefix_caching=True)
+                capacity_sweep.append({"page_size": ps, "num_slots": capacity, "prefix_hit_rate": result.prefix_hit_rate,
+                                       "prefill_tokens_saved": result.prefill_tokens_saved,
+                                       "preemptions": result.preemptions, "completed": result.completed,
+                                       "rejected": result.rejected, "mean_running": result.mean_running})
     finally:
         if bar is not None:
             bar.close()
@@ -256,6 +290,7 @@ def sweep(args: argparse.Namespace) -> dict:
                    "rate": args.rate, "page_sizes": page_sizes, "policies": policies, "backend": backend,
                    "prefix_caching": prefix},
         "points": points,
+        **({"capacity_sweep": capacity_sweep} if capacities else {}),
     }
 
 
@@ -305,6 +340,16 @@ def render(report: dict) -> str:
             reasons = ", ".join(f"{n:,} {why.replace('_', ' ')}" for why, n in sorted(p["rejected"].items()))
             lines.append(f"note: {p['label']} rejected {sum(p['rejected'].values()):,} of {w['num_requests']:,} "
                          f"requests ({reasons}); they are left out of its figures")
+    sweep_points = report.get("capacity_sweep") or []
+    if sweep_points:
+        sizes = sorted({p["page_size"] for p in sweep_points})
+        caps = sorted({p["num_slots"] for p in sweep_points})
+        table = {(p["page_size"], p["num_slots"]): p for p in sweep_points}
+        lines += ["", "prefix hit rate (%) against capacity (token slots):",
+                  f"{'page':>6} " + " ".join(f"{c:>10,}" for c in caps)]
+        for ps in sizes:
+            lines.append(f"{ps:>6} " + " ".join(
+                f"{100 * table[(ps, c)]['prefix_hit_rate']:>10.1f}" if (ps, c) in table else f"{'-':>10}" for c in caps))
     lines += ["", "tokens/reserv/intern/extern: the Figure-2 breakdown of the pool (sums to 100%), averaged over "
               "steps with a non-empty queue (basis); util = tokens / allocated; usage = vLLM's KV-cache usage; "
               "tail = mean slots left unfilled at completion; hole = 1 - largest hole / free (static); "
