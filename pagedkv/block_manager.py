@@ -267,6 +267,7 @@ class BlockManager:
             raise InvalidArgument("prefix_hash", prefix_hash, f"one of {PREFIX_HASHES}")
         # NOTE: built first: a missing cbor2 fails before anything is made.
         self._events = EventBuilder(page_size, prefix_hash) if enable_kv_events else None
+        self._prefix_hash = prefix_hash
         self._backend = _backend.resolve(backend)
         self.watermark = float(watermark)
         self._impl = _backend.implementation(self._backend)(
@@ -627,6 +628,45 @@ class BlockManager:
         step need not call this; one that does not must, once per step.
         """
         self._impl.end_step()
+
+    # ------------------------------------------------------- export / import
+    def export_sequence(self, seq_id: int, *, token_ids=None, cache_salt=None):
+        """Describe a resident sequence for another manager (prefill/decode disaggregation).
+
+        Args:
+            token_ids: the sequence's token ids, when the engine wants the importer's prefix
+                cache to find what it already holds (and the descriptor to carry block hashes).
+            cache_salt: the salt it was allocated under (with ``token_ids``).
+
+        Returns:
+            ``pagedkv.transfer.TransferDescriptor``.
+
+        Raises:
+            UnknownSequence; SequenceSwapped; InvalidArgument: pages released by a window, or
+                ``token_ids`` that are not one per token.
+        """
+        from . import transfer
+
+        return transfer.export_sequence(self, seq_id, token_ids, cache_salt, self._prefix_hash)
+
+    def import_sequence(self, seq_id: int, descriptor):
+        """Register ``seq_id`` here with the KV a descriptor describes (all or nothing).
+
+        Pages are allocated as ``allocate`` does (a descriptor with token ids first takes every
+        full page this manager's prefix cache holds). Execute ``plan.copies``, move
+        ``plan.transfers`` (``PagedKVCache.send_pages`` / ``recv_pages``), then
+        ``commit(seq_id, descriptor.num_tokens)``: only then do the moved pages become matchable.
+
+        Returns:
+            ``pagedkv.transfer.ImportPlan``.
+
+        Raises:
+            SequenceExists, OutOfPages (nothing changed); InvalidType / InvalidArgument: a bad
+                descriptor, or one of another page size.
+        """
+        from . import transfer
+
+        return transfer.import_sequence(self, seq_id, descriptor)
 
     # ----------------------------------------------------- persistent page table
     def bind_table(self, page_table: np.ndarray | None, seq_lens: np.ndarray | None = None) -> None:

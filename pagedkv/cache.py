@@ -754,6 +754,44 @@ class PagedKVCache:
                 done.synchronize()
             pool.index_copy_(2, index, moved)
 
+    # --------------------------------------------------------- between processes
+    def send_pages(self, plan, dst_rank: int, group=None) -> None:
+        """Send the pages of a transfer plan, every layer (and their scales), to ``dst_rank``.
+
+        Args:
+            plan: an ``ImportPlan`` (its ``transfers``) or an int ``[K, 2]`` array; column 0 are
+                this cache's pages. The receiver calls ``recv_pages`` with the same plan.
+            dst_rank, group: the peer in ``torch.distributed`` (point-to-point ``send``).
+        """
+        pairs = self._transfer_pairs(plan, sending=True)
+        if not pairs.shape[0]:
+            return
+        src = torch.from_numpy(pairs[:, 0]).to(self.device)
+        for pool in (self._kv, self._scales):
+            if pool is not None:
+                torch.distributed.send(quant.byte_view(pool).index_select(2, src).contiguous(), dst_rank, group=group)
+
+    def recv_pages(self, plan, src_rank: int, group=None) -> None:
+        """Receive the pages ``send_pages`` sends into column 1 of the plan's rows (blocking)."""
+        pairs = self._transfer_pairs(plan, sending=False)
+        if not pairs.shape[0]:
+            return
+        dst = torch.from_numpy(pairs[:, 1]).to(self.device)
+        for pool in (self._kv, self._scales):
+            if pool is not None:
+                view = quant.byte_view(pool)
+                incoming = torch.empty((*view.shape[:2], pairs.shape[0], *view.shape[3:]), dtype=view.dtype,
+                                       device=self.device)
+                torch.distributed.recv(incoming, src_rank, group=group)
+                view.index_copy_(2, dst, incoming)
+
+    def _transfer_pairs(self, plan, *, sending: bool) -> np.ndarray:
+        """A plan's rows, this side's column checked against this pool (the peer checks its own)."""
+        transfers = getattr(plan, "transfers", plan)
+        if sending:
+            return _host_copies(transfers, self.num_pages, check.MAX_COUNT, same_pool=False)
+        return _host_copies(transfers, check.MAX_COUNT, self.num_pages, same_pool=False)
+
     def _require_cpu_pool(self) -> torch.Tensor:
         if self._cpu_kv is None:
             raise InvalidArgument("num_cpu_pages", 0, "> 0 at construction to swap pages to the CPU")
