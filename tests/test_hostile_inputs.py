@@ -35,6 +35,7 @@ METHODS = {
     "page_table": 1, "num_tokens": 1, "ref_count": 1, "slots": 3, "page_tables": 2, "window_tables": 2, "csr": 1,
     "release_window": 2, "swap_out": 1, "swap_in": 1, "can_swap_out": 1, "can_swap_in": 1, "is_swapped": 1,
     "commit": 2, "pin_prefix": 2, "unpin_prefix": 2, "take_offload": 0,
+    "bind_table": 2, "set_row": 2, "row_of": 1, "export_sequence": 1, "import_sequence": 2,
 }
 
 
