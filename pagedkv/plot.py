@@ -21,6 +21,15 @@ def _pyplot():
     return require("matplotlib.pyplot", "drawing the plot (or pass --no-plot)")
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_frag(report: dict, path: str | Path) -> Path:
     """Draw the ``pagedkv frag`` report: breakdown bars and concurrency vs page size.
 
@@ -89,12 +98,7 @@ def plot_frag(report: dict, path: str | Path) -> Path:
     w, b, c = report["workload"], report["budget"], report["config"]
     fig.suptitle(f"{w['name']}: {w['num_requests']} requests, {b['num_slots']:,} slots, max_len {c['max_len']}"
                  + (f", {c['parallel_samples']} samples/request" if c["parallel_samples"] > 1 else ""), fontsize=12)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_prefix(report: dict, path: str | Path) -> Path:
@@ -116,12 +120,7 @@ def plot_prefix(report: dict, path: str | Path) -> Path:
     ax.legend(frameon=False)
     w = report["workload"]
     ax.set_title(f"{w['name']}: {w['num_requests']} requests, prefix cache hit rate vs capacity", fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 __all__ = ["plot_frag", "plot_prefix"]

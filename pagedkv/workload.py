@@ -438,27 +438,13 @@ def load_jsonl(path: str | PathLike, *, prompt_key: str | None = None, output_ke
 def _jsonl_keys(path: Path, line: int, record: dict, prompt_key, output_key, arrival_key):
     """(prompt key, output key, arrival key or None, is Mooncake) from a trace's first object."""
     header = list(record)
-    mooncake = "hash_ids" in record
-    lower = {k.lower(): k for k in header}
 
     def pick(name, known, arg, required):
-        if name is not None:
-            if not isinstance(name, str):
-                raise InvalidType(arg, name, "a key name")
-            if name.lower() in lower:
-                return lower[name.lower()]
-            raise InvalidArgument(arg, name, f"one of the trace's keys {_columns(header)}")
-        for candidate in known:
-            if candidate.lower() in lower:
-                return lower[candidate.lower()]
-        if required:
-            what = arg.removesuffix("_key")
-            raise InvalidTrace(str(path), line, f"no {what} length key among its keys {_columns(header)} (known "
-                               f"names: {', '.join(known)}); name it with --{what}-column")
-        return None
+        index = _column(path, header, name, known, arg, required, kind="key", line=line)
+        return None if index is None else header[index]
 
     return (pick(prompt_key, PROMPT_COLUMNS, "prompt_key", True), pick(output_key, OUTPUT_COLUMNS, "output_key", True),
-            pick(arrival_key, ARRIVAL_COLUMNS, "arrival_key", False), mooncake)
+            pick(arrival_key, ARRIVAL_COLUMNS, "arrival_key", False), "hash_ids" in record)
 
 
 def _count_value(record: dict, key: str, path: Path, line: int) -> int:
@@ -518,21 +504,24 @@ def _read_csv(path: Path, prompt_column, output_column, arrival_column, skip_bad
 
 
 def _column(path: Path, header: list[str], name: str | None, known: tuple[str, ...], arg: str,
-            required: bool) -> int | None:
+            required: bool, kind: str = "column", line: int = 1) -> int | None:
+    """Index in ``header`` of the column (or JSON key: ``kind``) named, else of the first known one."""
     lower = [h.lower() for h in header]
     if name is not None:
         if not isinstance(name, str):
-            raise InvalidType(arg, name, "a column name")
+            raise InvalidType(arg, name, f"a {kind} name")
         if name.lower() in lower:
             return lower.index(name.lower())
-        raise InvalidArgument(arg, name, f"one of the CSV columns {_columns(header)}")
+        where = "CSV columns" if kind == "column" else "trace's keys"
+        raise InvalidArgument(arg, name, f"one of the {where} {_columns(header)}")
     for candidate in known:
         if candidate.lower() in lower:
             return lower.index(candidate.lower())
     if required:
-        what = arg.removesuffix("_column")
-        raise InvalidTrace(str(path), 1, f"no {what} length column among its columns {_columns(header)} (known "
-                           f"names: {', '.join(known)}); name it with {arg}= (--{what}-column on the command line)")
+        what = arg.removesuffix(f"_{kind}")
+        flag = f"{arg}= (--{what}-column on the command line)" if kind == "column" else f"--{what}-column"
+        raise InvalidTrace(str(path), line, f"no {what} length {kind} among its {kind}s {_columns(header)} (known "
+                           f"names: {', '.join(known)}); name it with {flag}")
     return None
 
 

@@ -36,3 +36,30 @@ def run_python(tmp_path):
                               check=check, **kwargs)
 
     return run
+
+
+@pytest.fixture
+def run_ranks(tmp_path):
+    """Run ``script`` as ranks 0 and 1 (``argv``: rank, a free loopback port); returns their
+    stdouts once both exited 0. torch.distributed tests use it (gloo on 127.0.0.1 only)."""
+    import socket
+
+    def run(script: str, timeout: float = 120) -> list[str]:
+        torch = pytest.importorskip("torch")
+        if not torch.distributed.is_available():
+            pytest.skip("torch.distributed is not available")
+        path = tmp_path / "worker.py"
+        path.write_text(script)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [subprocess.Popen([sys.executable, str(path), str(rank), str(port)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=tmp_path) for rank in range(2)]
+        outs = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, err
+            outs.append(out)
+        return outs
+
+    return run

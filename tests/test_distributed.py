@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import sys
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -29,28 +26,9 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_ranks_agree_on_the_smallest_pool(tmp_path):
-    import subprocess
-
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
+def test_two_ranks_agree_on_the_smallest_pool(run_ranks):
     pytest.importorskip("cbor2")
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(port)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=tmp_path) for rank in range(2)]
-    outs = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        outs.append(next(line for line in out.splitlines() if line.startswith("RESULT")).split())
+    outs = [next(line for line in out.splitlines() if line.startswith("RESULT")).split() for out in run_ranks(WORKER)]
     (_, _, agreed0, budget0, hash0), (_, _, agreed1, budget1, hash1) = outs
     assert agreed0 == agreed1 == "640"
     # 2 layers x K/V x 2 KV heads x 16 dims x 2 bytes = 256 B/token, 4 KiB per page: rank 0's 1 MiB

@@ -4,9 +4,6 @@ nothing, and the pages moved between two processes over torch.distributed (gloo,
 from __future__ import annotations
 
 import random
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -171,24 +168,6 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_pages_move_between_two_processes(tmp_path):
-    torch = pytest.importorskip("torch")
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(port)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=tmp_path) for rank in range(2)]
-    outs = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        outs.append(out)
+def test_pages_move_between_two_processes(run_ranks):
+    outs = run_ranks(WORKER)
     assert "MOVED 4 8" in outs[1] and "EQUAL True" in outs[1], outs
