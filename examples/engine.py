@@ -220,9 +220,12 @@ class PagedLlama:
     def __init__(self, model):
         self.model = model.eval()
         config = model.config
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        # NOTE: counted from the projections, not the config: a tensor-parallel shard
+        # (examples/engine_dist.py) has num_heads / N query and num_kv_heads / N KV heads.
+        attn = model.model.layers[0].self_attn
+        self.num_heads = attn.q_proj.out_features // self.head_dim
+        self.num_kv_heads = attn.k_proj.out_features // self.head_dim
         self.num_layers = config.num_hidden_layers
         # NOTE: the model's own rotary helper, found in the module that defines its attention
         # (Llama, Mistral and Qwen2 all define ``apply_rotary_pos_emb`` there).
@@ -261,24 +264,97 @@ class PagedLlama:
         return self.model.lm_head(inner.norm(x[logits_rows]))
 
 
+class ModelInput(NamedTuple):
+    """What one forward pass needs, as host arrays: the scheduler's output for a step.
+
+    Attributes:
+        table: int32 ``[B, W]``: the batch's page-table rows (``W`` covers the longest).
+        seq_lens, query_lens: int ``[B]``: K/V tokens after the step; new tokens per row.
+        slot_mapping: int ``[num_tokens]``: where each new token's K/V goes.
+        token_ids, positions: int ``[num_tokens]``, in the plan's query-row order.
+        logits_rows: int ``[R]``: the token rows whose next-token logits are wanted.
+    """
+
+    table: np.ndarray
+    seq_lens: np.ndarray
+    query_lens: np.ndarray
+    slot_mapping: np.ndarray
+    token_ids: np.ndarray
+    positions: np.ndarray
+    logits_rows: np.ndarray
+
+
+class Worker:
+    """The device side of an engine: the model, its ``PagedKVCache`` and plan buffers.
+
+    The ``Engine`` decides (block manager, scheduling, sampling); a worker only executes:
+    copies, swaps and CPU-tier moves in the order given, then forward passes. Under tensor
+    parallelism every rank has a worker over its shard of the heads, and all of them execute
+    the same calls (``examples/engine_dist.py``).
+
+    Args:
+        model: a ``transformers`` Llama-family causal LM, or a tensor-parallel shard of one.
+        config: the ``EngineConfig`` the pool and buffers are sized from.
+    """
+
+    def __init__(self, model, config: EngineConfig):
+        self.runner = PagedLlama(model)
+        param = next(model.parameters())
+        self.device = param.device
+        self.cache = PagedKVCache(self.runner.num_layers, config.num_pages, config.page_size, self.runner.num_kv_heads,
+                                  self.runner.head_dim, dtype=param.dtype, device=self.device,
+                                  backend=config.backend, num_cpu_pages=config.num_cpu_pages)
+        self.buffers = self.cache.plan_buffers(config.max_num_seqs, config.max_num_batched_tokens, config.num_pages)
+
+    def copy(self, copies) -> None:
+        """Copy-on-write / admission copies, rows ``(src_page, dst_page)``."""
+        self.cache.copy(copies)
+
+    def swap(self, swap_plan) -> None:
+        """A ``SwapPlan`` of ``BlockManager.swap_out`` / ``swap_in``."""
+        self.cache.swap(swap_plan)
+
+    def offload(self, offload_plan) -> None:
+        """An ``OffloadPlan`` of ``BlockManager.take_offload`` (prefix-cache CPU tier)."""
+        self.cache.offload(offload_plan)
+
+    def execute(self, step: ModelInput) -> torch.Tensor:
+        """Plan the batch once (into the fixed buffers) and run the model; returns the logits
+        of ``step.logits_rows``."""
+        plan = self.cache.plan(step.table, step.seq_lens, query_lens=step.query_lens,
+                               slot_mapping=step.slot_mapping, buffers=self.buffers)
+
+        def as_tensor(values):
+            return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
+
+        return self.runner.forward(as_tensor(step.token_ids), as_tensor(step.positions), self.cache, plan,
+                                   as_tensor(step.logits_rows))
+
+    def flush(self) -> None:
+        """The end of a step without a forward pass (a local worker has nothing queued)."""
+
+
 class Engine:
     """Continuous batching over a ``BlockManager`` + ``PagedKVCache``.
 
     Args:
         model: a ``transformers`` Llama-family causal LM (its dtype and device are the cache's).
         config: ``EngineConfig``.
+        worker: what executes the device work (default: a ``Worker`` of ``model`` in this
+            process; ``examples/engine_dist.py`` passes one that broadcasts each step to the
+            tensor-parallel ranks).
 
     Attributes:
         mgr: the ``BlockManager`` (page tables, ref counts: inspect it between steps).
-        cache: the ``PagedKVCache``.
+        cache: the ``PagedKVCache`` (this process's; a shard of the heads under TP).
         stats: ``EngineStats``.
     """
 
-    def __init__(self, model, config: EngineConfig = EngineConfig()):
+    def __init__(self, model, config: EngineConfig = EngineConfig(), *, worker: Worker | None = None):
         self.config = config
-        self.runner = PagedLlama(model)
-        param = next(model.parameters())
-        self.device = param.device
+        self.worker = worker if worker is not None else Worker(model, config)
+        self.cache = self.worker.cache
+        self.device = self.worker.device
         self.mgr = BlockManager(config.num_pages, config.page_size, watermark=config.watermark,
                                 enable_prefix_caching=config.enable_prefix_caching,
                                 num_cpu_pages=config.num_cpu_pages, cpu_prefix_cache=config.cpu_prefix_cache,
@@ -291,16 +367,12 @@ class Engine:
 
             self.publisher = ZmqPublisher(config.kv_events, topic="kv-events",
                                           replay_endpoint=_next_port(config.kv_events))
-        self.cache = PagedKVCache(self.runner.num_layers, config.num_pages, config.page_size, self.runner.num_kv_heads,
-                                  self.runner.head_dim, dtype=param.dtype, device=self.device,
-                                  backend=config.backend, num_cpu_pages=config.num_cpu_pages)
         # NOTE: the serving path of a GPU engine: each running sequence has a row of a persistent
         # page table that the block manager keeps current (no page_tables call per step), and
         # every plan is written into fixed buffers (the same device addresses every step).
         self.table = np.full((config.max_num_seqs, config.num_pages), -1, dtype=np.int32)
         self.mgr.bind_table(self.table)
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
-        self.buffers = self.cache.plan_buffers(config.max_num_seqs, config.max_num_batched_tokens, config.num_pages)
         self.stats = EngineStats()
         self.waiting: deque[Sequence] = deque()  # new and recompute-preempted, in priority order
         self.running: list[Sequence] = []
@@ -308,6 +380,9 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()
+        # NOTE: set it to keep a finished sequence's pages (a prefill instance of a
+        # disaggregated engine ships them first, then calls ``release``).
+        self.on_finish = None
 
     # ------------------------------------------------------------------ API
     def add_request(self, prompt_ids, params: SamplingParams = SamplingParams(), *,
@@ -319,6 +394,50 @@ class Engine:
         request = Request(next(self._request_ids), prompt, params, cache_salt)
         self.requests[request.request_id] = request
         self.waiting.append(self._new_sequence(request, 0, prompt))
+        return request.request_id
+
+    def release(self, seq: Sequence) -> None:
+        """Free a finished sequence that ``on_finish`` kept."""
+        self._free(seq)
+
+    def import_request(self, descriptor, first_token: int, params: SamplingParams, *, receive,
+                       first_logits: torch.Tensor | None = None, num_cached_tokens: int = 0) -> int | None:
+        """Take over a request whose prompt another engine computed (disaggregated decode).
+
+        The block manager imports the prompt's pages (``import_sequence``: the ones its prefix
+        cache holds stay, the others are to move), ``receive(plan)`` moves them here (e.g.
+        ``cache.recv_pages``), and the sequence joins the running batch with ``first_token``,
+        sampled by the prefill engine, as its first output.
+
+        Returns:
+            The request id, or ``None`` when the prompt's pages or a sequence slot are not free
+            now (nothing changed, ``receive`` not called: step the engine and try again).
+        """
+        if params.n != 1:
+            raise InvalidArgument("params.n", params.n, "1 for an imported request")
+        if descriptor.token_ids is None:
+            raise InvalidArgument("descriptor.token_ids", None, "the prompt's token ids (export_sequence(..., token_ids=))")
+        if len(self.running) >= self.config.max_num_seqs:
+            return None
+        prompt = [int(t) for t in descriptor.token_ids]
+        request = Request(next(self._request_ids), prompt, params, descriptor.cache_salt)
+        seq = self._new_sequence(request, 0, prompt)
+        try:
+            plan = self.mgr.import_sequence(seq.seq_id, descriptor)
+        except OutOfPages:
+            return None  # NOTE: the import is all or nothing
+        self._offload()
+        self.requests[request.request_id] = request
+        self._bind(seq)
+        self.worker.copy(plan.copies)  # a whole-prompt hit's last page, before the transfer lands
+        receive(plan)
+        if self.config.enable_prefix_caching:
+            self.mgr.commit(seq.seq_id, len(prompt))  # its K/V has arrived: matchable from now
+        seq.num_computed = seq.prefill_end = len(prompt)
+        seq.tokens.append(int(first_token))
+        request.first_logits, request.num_cached_tokens = first_logits, num_cached_tokens
+        self.stats.num_cached_tokens += plan.num_cached_tokens
+        self.running.append(seq)  # decodes from the next step
         return request.request_id
 
     def has_unfinished(self) -> bool:
@@ -346,6 +465,7 @@ class Engine:
             self._swap_in()
             self._admit(chunks, budget)
         if not decoders and not chunks:
+            self.worker.flush()
             self.mgr.end_step()  # the copies of this step (swaps) have run
             self._publish()
             return []
@@ -360,7 +480,7 @@ class Engine:
         self.stats.peak_pages_in_use = max(self.stats.peak_pages_in_use, in_use)
         self.stats.peak_running = max(self.stats.peak_running, len(self.running))
         self.stats.num_steps += 1
-        self.cache.copy(cow_copies)  # copy-on-write before this step's writes
+        self.worker.copy(cow_copies)  # copy-on-write before this step's writes
         logits, batch = self._run(decoders, decode_slots, chunks)
         # NOTE: every copy of this step has run: the pages only they held can be reused. (The
         # next step's append_batch would release them too; a step without decoders has none.)
@@ -388,7 +508,7 @@ class Engine:
         reads a page the call handed out again, and an admission copy may read a promoted page.
         """
         if self.config.cpu_prefix_cache:
-            self.cache.offload(self.mgr.take_offload())
+            self.worker.offload(self.mgr.take_offload())
 
     def _new_sequence(self, request: Request, child: int, tokens: list[int]) -> Sequence:
         gen = None
@@ -431,7 +551,7 @@ class Engine:
         self.running.remove(seq)
         self.stats.num_preemptions += 1
         if self.config.preemption == "swap" and self.mgr.can_swap_out([seq.seq_id]):
-            self.cache.swap(self.mgr.swap_out([seq.seq_id]))  # before any page is reused
+            self.worker.swap(self.mgr.swap_out([seq.seq_id]))  # before any page is reused
             self._unbind(seq)
             self.swapped.append(seq)
             self.stats.num_swap_outs += 1
@@ -449,7 +569,7 @@ class Engine:
                 return
             plan = self.mgr.swap_in([seq.seq_id])
             self._offload()
-            self.cache.swap(plan)
+            self.worker.swap(plan)
             self._bind(seq)
             self.running.append(self.swapped.pop(0))  # decodes from the next step
 
@@ -498,7 +618,7 @@ class Engine:
             # its K/V is written; if a decode token of this step filled it, its one unwritten
             # slot is the prompt's last position, which this sequence computes and writes itself
             # after the copy.
-            self.cache.copy(allocation.copies)
+            self.worker.copy(allocation.copies)
             self.running.append(seq)
             chunks.append((seq, min(self.config.chunk_size, seq.prefill_end - seq.num_computed, budget)))
             budget -= chunks[-1][1]
@@ -508,11 +628,10 @@ class Engine:
         """Plan the batch once, run the model; returns logits and the rows' sequences."""
         batch = [(s, 1) for s in decoders] + chunks
         slots = [decode_slots] + [self.mgr.slots(s.seq_id, s.num_computed, s.num_computed + n) for s, n in chunks]
-        table = self.table[[s.row for s, _ in batch]]  # the rows the block manager keeps current
         query_lens = np.array([n for _, n in batch])
         seq_lens = np.array([s.num_computed + n for s, n in batch])  # K/V present after this step
-        plan = self.cache.plan(table, seq_lens, query_lens=query_lens, slot_mapping=np.concatenate(slots),
-                               buffers=self.buffers)
+        width = -(-int(seq_lens.max()) // self.config.page_size)
+        table = self.table[[s.row for s, _ in batch], :width]  # the rows the block manager keeps current
 
         token_ids = [s.tokens[-1] for s in decoders]
         positions = [s.num_computed for s in decoders]
@@ -529,12 +648,9 @@ class Engine:
         self.stats.num_decode_tokens += len(decoders)
         self.stats.num_prefill_tokens += int(query_lens.sum()) - len(decoders)
         self.stats.num_prefill_chunks += len(chunks)
-
-        def as_tensor(values):
-            return torch.tensor(values, dtype=torch.int64, device=self.device)
-
-        logits = self.runner.forward(as_tensor(token_ids), as_tensor(positions), self.cache, plan, as_tensor(rows))
-        return logits, finishing
+        step = ModelInput(table, seq_lens, query_lens, np.concatenate(slots), np.array(token_ids, dtype=np.int64),
+                          np.array(positions, dtype=np.int64), np.array(rows, dtype=np.int64))
+        return self.worker.execute(step), finishing
 
     def _process(self, logits: torch.Tensor, finishing: list[Sequence]) -> list[RequestOutput]:
         finished = []
@@ -557,7 +673,10 @@ class Engine:
                 target.tokens.append(token)
                 if len(target.output_ids) >= request.params.max_new_tokens or token in request.params.stop_token_ids:
                     self.running.remove(target)
-                    self._free(target)
+                    if self.on_finish is None:
+                        self._free(target)
+                    else:
+                        self.on_finish(target)  # NOTE: it owns the pages now, until release()
                     request.num_finished += 1
                     if request.num_finished == request.params.n:
                         finished.append(self._output(request))
@@ -714,4 +833,17 @@ if __name__ == "__main__":
     parser.add_argument("--kv-events", metavar="ENDPOINT", default=None,
                         help="publish the prefix-caching run's KV events in vLLM's format on this ZeroMQ endpoint "
                         "(e.g. 'tcp://*:5557', which binds; replay on the next port); see examples/kv_events_subscriber.py")
-    sys.exit(_demo(parser.parse_args().kv_events))
+    parser.add_argument("--tp", metavar="N", type=int, default=None,
+                        help="tensor parallel over N processes (gloo on the CPU, NCCL on GPUs; or run under torchrun): "
+                        "checks that the tokens equal a single-process run's (examples/engine_dist.py)")
+    parser.add_argument("--disagg", action="store_true",
+                        help="disaggregated prefill/decode: a prefill process ships each prompt's KV pages to a decode "
+                        "process; checks that the tokens equal a single engine's")
+    args = parser.parse_args()
+    if args.tp is not None or args.disagg:
+        if args.tp is not None and args.disagg:
+            parser.error("--tp and --disagg are separate demos: give one")
+        import engine_dist  # NOTE: beside this file; imports this module as ``engine``
+
+        sys.exit(engine_dist.main("tp", args.tp) if args.tp is not None else engine_dist.main("disagg", 2))
+    sys.exit(_demo(args.kv_events))
