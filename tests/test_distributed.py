@@ -58,6 +58,10 @@ def test_without_a_process_group_it_says_so():
         agree_num_pages(10)
     with pytest.raises(InvalidArgument, match="num_pages"):
         agree_num_pages(0)
+    from pagedkv.distributed import broadcast_arrays
+
+    with pytest.raises(InvalidArgument, match="init_process_group"):
+        broadcast_arrays([np.zeros(2, np.int32)])
 
 
 def test_pack_arrays_round_trips_and_names_a_bad_array():
