@@ -537,13 +537,15 @@ class ModelPreset:
 
 @dataclass(frozen=True, slots=True)
 class GPUPreset:
-    """A GPU's memory capacity (bytes) and peak memory bandwidth (bytes/s), with its source."""
+    """A GPU's memory capacity (bytes), peak memory bandwidth (bytes/s) and dense 16-bit
+    tensor-core peak (FLOP/s, no sparsity), with its source."""
 
     name: str
     display_name: str
     memory_bytes: int
     bandwidth_bytes_per_s: float
     source: str
+    peak_flops: float = 0.0
 
 
 _GiB = 2**30
@@ -620,25 +622,30 @@ MODEL_PRESETS: dict[str, ModelPreset] = {name: _build_model(name, *row) for name
 GPU_PRESETS: dict[str, GPUPreset] = {
     # NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf): 40GB HBM2, 1,555 GB/s.
     "a100-40gb": GPUPreset("a100-40gb", "NVIDIA A100 40GB", 40 * _GiB, 1.555e12,
-                           "NVIDIA A100 datasheet: 40GB HBM2, 1,555 GB/s"),
+                           "NVIDIA A100 datasheet: 40GB HBM2, 1,555 GB/s; BF16 tensor 312 TFLOPS dense", 312e12),
     # Same datasheet: A100 80GB SXM 2,039 GB/s (the 80GB PCIe card: 1,935 GB/s).
     "a100-80gb": GPUPreset("a100-80gb", "NVIDIA A100 80GB SXM", 80 * _GiB, 2.039e12,
-                           "NVIDIA A100 datasheet: 80GB HBM2e, 2,039 GB/s (SXM)"),
+                           "NVIDIA A100 datasheet: 80GB HBM2e, 2,039 GB/s (SXM); BF16 tensor 312 TFLOPS dense", 312e12),
     # NVIDIA H100 datasheet: H100 SXM 80GB, 3.35 TB/s.
     "h100": GPUPreset("h100", "NVIDIA H100 SXM 80GB", 80 * _GiB, 3.35e12,
-                      "NVIDIA H100 datasheet: H100 SXM 80GB HBM3, 3.35 TB/s"),
+                      "NVIDIA H100 datasheet: H100 SXM 80GB HBM3, 3.35 TB/s; BF16 tensor 1,979 TFLOPS with sparsity "
+                      "(989.5 dense)", 989.5e12),
     # NVIDIA H100 PCIe product brief (PB-11133) and datasheet: 80GB HBM2e, 2 TB/s.
     "h100-pcie": GPUPreset("h100-pcie", "NVIDIA H100 PCIe 80GB", 80 * _GiB, 2.0e12,
-                           "NVIDIA H100 datasheet / PCIe product brief PB-11133: 80GB HBM2e, 2 TB/s"),
+                           "NVIDIA H100 datasheet / PCIe product brief PB-11133: 80GB HBM2e, 2 TB/s; BF16 tensor "
+                           "1,513 TFLOPS with sparsity (756.5 dense)", 756.5e12),
     # NVIDIA H200 datasheet: 141GB HBM3e, 4.8 TB/s (nvidia-smi shows 143,771 MiB = 140.4 GiB).
     "h200": GPUPreset("h200", "NVIDIA H200 141GB", 141 * _GiB, 4.8e12,
-                      "NVIDIA H200 datasheet: 141GB HBM3e, 4.8 TB/s"),
+                      "NVIDIA H200 datasheet: 141GB HBM3e, 4.8 TB/s; BF16 tensor 1,979 TFLOPS with sparsity "
+                      "(989.5 dense)", 989.5e12),
     # AMD Instinct MI300X data sheet: 192 GB HBM3, 5.3 TB/s; ROCm GPU-specs table: 192 GiB VRAM.
     "mi300x": GPUPreset("mi300x", "AMD Instinct MI300X", 192 * _GiB, 5.3e12,
-                        "AMD Instinct MI300X data sheet: 192 GB HBM3, 5.3 TB/s; rocm.docs.amd.com gpu-specs"),
+                        "AMD Instinct MI300X data sheet: 192 GB HBM3, 5.3 TB/s, BF16 1,307.4 TFLOPS dense; "
+                        "rocm.docs.amd.com gpu-specs", 1307.4e12),
     # NVIDIA L40S datasheet: 48GB GDDR6 with ECC, 864 GB/s.
     "l40s": GPUPreset("l40s", "NVIDIA L40S", 48 * _GiB, 864e9,
-                      "NVIDIA L40S datasheet: 48GB GDDR6 with ECC, 864 GB/s"),
+                      "NVIDIA L40S datasheet: 48GB GDDR6 with ECC, 864 GB/s; BF16 tensor 733 TFLOPS with "
+                      "sparsity (362.05 dense)", 362.05e12),
 }
 
 _MODEL_ALIASES = {

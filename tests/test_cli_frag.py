@@ -80,6 +80,8 @@ def test_model_and_gpu_budget(tmp_path):
     (["--slots", "0"], "--slots"),
     (["--page-sizes", "", "--policies", ""], "at least one configuration"),
     (["--max-len", "0"], "--max-len"),
+    (["--max-num-seqs", "9000"], "--max-num-seqs"),
+    (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens"),
 ])
 def test_bad_options_are_typed_errors(tmp_path, capsys, args, message):
     assert main(["frag", "--num-requests", "5", "--no-plot", "--out", str(tmp_path), *args]) == 2
@@ -93,3 +95,26 @@ def test_azure_trace_head(tmp_path):
     report = json.loads((tmp_path / "frag.json").read_text())
     assert report["workload"]["name"] == AZURE.name
     assert all(p["completed"] + sum(p["rejected"].values()) == 100 for p in report["points"])
+
+
+def test_v1_scheduler_table_next_to_the_simple_one(tmp_path, capsys):
+    assert frag(tmp_path, "--no-plot", "--max-num-batched-tokens", "512", "--max-num-seqs", "32") == 0
+    out = capsys.readouterr().out
+    assert "vLLM-v1-like scheduler (512 tokens and 32 sequences per step" in out and "preempt/req" in out
+    report = json.loads((tmp_path / "frag.json").read_text())
+    assert report["config"]["scheduler"] == "v1" and [p["label"] for p in report["serving"]] == ["page 16", "page 64"]
+    for point in report["serving"]:
+        assert point["completed"] == 40 and point["mean_batch_tokens"] <= 512 and point["peak_running"] <= 32
+        assert point["ttft_p50_s"] > 0 and point["prefix_hit_rate"] is None
+    assert frag(tmp_path, "--no-plot", "--scheduler", "simple") == 0
+    assert "vLLM-v1-like" not in capsys.readouterr().out
+    assert "serving" not in json.loads((tmp_path / "frag.json").read_text())
+
+
+def test_v1_with_a_time_model_reports_latencies(tmp_path, capsys):
+    assert frag(tmp_path, "--no-plot", "--model", "llama-3-8b", "--gpu", "h100", "--rate", "5") == 0
+    out = capsys.readouterr().out
+    assert "roofline step time of llama-3-8b on h100" in out and "TTFT p50" in out
+    (point, _) = json.loads((tmp_path / "frag.json").read_text())["serving"]
+    # 16 GB of bf16 weights at 3.35 TB/s: no step is faster than 4.8 ms
+    assert point["tpot_p50_s"] >= 16.06e9 / 3.35e12 and point["output_tokens_per_s"] > 0

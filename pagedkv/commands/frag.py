@@ -97,6 +97,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sweep.add_argument("--prefix-caching", action="store_true",
                        help="paged points run the block manager's prefix cache on the prompts' token ids (equal "
                        "hash ids of a Mooncake trace are equal content) and report the prefix hit rate")
+    sweep.add_argument("--scheduler", choices=("v1", "simple"), default="v1",
+                       help="v1 (default): also run every page size under a vLLM-v1-like scheduler (a per-step token "
+                       "budget shared by decodes and chunked prefills) and report preemptions per request, the "
+                       "prefix hit rate and, with --model/--gpu, TTFT, TPOT and tokens/s from a roofline step-time "
+                       "model; simple: only the fragmentation sweep (whole-prompt admission, one token per step), "
+                       "whose accounting the breakdown table always uses")
+    sweep.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                       help="v1 scheduler: tokens per step, decodes + prefill chunks (default 8192, as vLLM)")
+    sweep.add_argument("--max-num-seqs", type=int, default=256,
+                       help="v1 scheduler: running requests at most (default 256, as vLLM)")
     sweep.add_argument("--capacities", type=_int_list, default=None,
                        help="with --prefix-caching: also sweep the pool size, e.g. 50000,200000 token slots, for "
                        "every page size (the hit rate against capacity; drawn in prefix.png)")
@@ -239,8 +249,17 @@ def sweep(args: argparse.Namespace) -> dict:
         for c in capacities:
             if c // min(page_sizes or [1]) > MAX_PAGES:
                 raise InvalidArgument("--capacities", c, f"at most {MAX_PAGES:,} pages of the smallest page size")
+    v1 = getattr(args, "scheduler", "simple") == "v1"
+    time_model = None
+    if v1:
+        budget_tokens = check.as_int("--max-num-batched-tokens", args.max_num_batched_tokens, 1, check.MAX_COUNT)
+        max_seqs = check.as_int("--max-num-seqs", args.max_num_seqs, 1, budget_tokens)
+        if args.model:
+            from ..scheduler import StepTimeModel
+
+            time_model = StepTimeModel.from_presets(args.model, args.gpu)
     configs = [("static", p) for p in policies] + [("paged", ps) for ps in page_sizes]
-    bar = _progress((len(configs) + len(capacities) * len(page_sizes)) * len(work))
+    bar = _progress((len(configs) + len(capacities) * len(page_sizes) + (len(page_sizes) if v1 else 0)) * len(work))
     points = []
     try:
         for kind, value in configs:
@@ -275,6 +294,22 @@ def sweep(args: argparse.Namespace) -> dict:
                                        "prefill_tokens_saved": result.prefill_tokens_saved,
                                        "preemptions": result.preemptions, "completed": result.completed,
                                        "rejected": result.rejected, "mean_running": result.mean_running})
+        serving = []
+        for ps in page_sizes if v1 else ():
+            from ..scheduler import simulate_v1
+
+            if bar is not None:
+                bar.set_postfix_str(f"v1, page {ps}")
+            alloc = BlockManager(budget["pages"](ps), ps, watermark=args.watermark, enable_prefix_caching=prefix)
+            start = time.perf_counter()
+            result = simulate_v1(work, alloc, max_num_batched_tokens=budget_tokens, max_num_seqs=max_seqs,
+                                 prefix_caching=prefix, time_model=time_model, step_time=step_time, max_len=max_len,
+                                 progress=None if bar is None else bar.update)
+            simple = next(p for p in points if p["page_size"] == ps)
+            serving.append({"label": f"page {ps}", "page_size": ps, "elapsed_s": time.perf_counter() - start,
+                            "simple_preemptions_per_request": simple["preemptions"]
+                            / max(1, simple["num_requests"] - sum(simple["rejected"].values())),
+                            **result.to_dict()})
     finally:
         if bar is not None:
             bar.close()
@@ -288,8 +323,11 @@ def sweep(args: argparse.Namespace) -> dict:
         "config": {"max_len": max_len, "parallel_samples": n, "step_time": step_time, "watermark": args.watermark,
                    "placement": args.placement, "max_running": args.max_running, "seed": args.seed,
                    "rate": args.rate, "page_sizes": page_sizes, "policies": policies, "backend": backend,
-                   "prefix_caching": prefix},
+                   "prefix_caching": prefix, "scheduler": "v1" if v1 else "simple",
+                   **({"max_num_batched_tokens": budget_tokens, "max_num_seqs": max_seqs,
+                       "time_model": None if time_model is None else time_model.name} if v1 else {})},
         "points": points,
+        **({"serving": serving} if v1 else {}),
         **({"capacity_sweep": capacity_sweep} if capacities else {}),
     }
 
@@ -350,6 +388,29 @@ def render(report: dict) -> str:
         for ps in sizes:
             lines.append(f"{ps:>6} " + " ".join(
                 f"{100 * table[(ps, c)]['prefix_hit_rate']:>10.1f}" if (ps, c) in table else f"{'-':>10}" for c in caps))
+    serving = report.get("serving") or []
+    if serving:
+        timed = c.get("time_model") is not None
+        lines += ["", f"serving under the vLLM-v1-like scheduler ({c['max_num_batched_tokens']} tokens and "
+                  f"{c['max_num_seqs']} sequences per step; "
+                  + (f"roofline step time of {c['time_model']})" if timed else f"{c['step_time']} s per step)")]
+        head = (f"{'allocator':<10} {'preempt/req':>11} {'simple':>7} {'steps':>7} {'run':>6} {'tok/step':>8}"
+                + (f" {'hit%':>6}" if prefix else "")
+                + (f" {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8} {'tok/s':>9}" if timed else ""))
+        lines += [head, "-" * len(head)]
+        for p in serving:
+            row = (f"{p['label']:<10} {p['preemptions_per_request']:11.3f} {p['simple_preemptions_per_request']:7.3f} "
+                   f"{p['steps']:7d} {p['mean_running']:6.1f} {p['mean_batch_tokens']:8.1f}")
+            if prefix:
+                row += f" {100 * p['prefix_hit_rate']:6.1f}"
+            if timed:
+                row += (f" {p['ttft_p50_s']:8.3f}s {p['ttft_p99_s']:7.3f}s {1000 * p['tpot_p50_s']:7.2f}ms "
+                        f"{1000 * p['tpot_p99_s']:6.2f}ms {p['output_tokens_per_s']:9.0f}")
+            lines.append(row)
+        lines.append("preempt/req: preemptions per admitted request, v1 and (simple) the simple scheduler of the "
+                     "table above; run = running requests, tok/step = tokens computed per step"
+                     + ("; TTFT/TPOT from arrival times and the roofline model (no kernel efficiency, attention "
+                        "FLOPs or host overhead)" if timed else "") + ".")
     lines += ["", "tokens/reserv/intern/extern: the Figure-2 breakdown of the pool (sums to 100%), averaged over "
               "steps with a non-empty queue (basis); util = tokens / allocated; usage = vLLM's KV-cache usage; "
               "tail = mean slots left unfilled at completion; hole = 1 - largest hole / free (static); "
