@@ -726,6 +726,12 @@ class BlockManager:
     def enable_kv_events(self) -> bool:
         return self._events is not None
 
+    @property
+    def prefix_hash(self) -> str:
+        """The hash of its events' block hashes (``"pagedkv"`` or ``"sha256_cbor"``): a router's
+        ``PrefixIndex`` must use the same."""
+        return self._prefix_hash
+
     def take_events(self) -> list:
         """The KV events since the last call, in order, and forget them.
 

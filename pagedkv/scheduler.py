@@ -147,6 +147,230 @@ def _percentile(values, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else 0.0
 
 
+def _check_options(allocator, workload, max_num_batched_tokens, max_num_seqs, prefix_caching, time_model, step_time,
+                   max_len):
+    if not all(hasattr(allocator, a) for a in ("page_size", "num_pages", "append_batch", "commit")):
+        raise InvalidType("allocator", allocator, "a BlockManager")
+    if allocator.num_sequences:
+        raise InvalidArgument("allocator", allocator, "an allocator holding no sequences")
+    if not isinstance(workload, Workload):
+        raise InvalidType("workload", workload, "a pagedkv.workload.Workload")
+    budget = check.count("max_num_batched_tokens", max_num_batched_tokens)
+    seqs = check.count("max_num_seqs", max_num_seqs)
+    if seqs > budget:
+        raise InvalidArgument("max_num_seqs", seqs, f"at most max_num_batched_tokens ({budget})")
+    if not isinstance(prefix_caching, bool):
+        raise InvalidType("prefix_caching", prefix_caching, "a bool")
+    if prefix_caching and not getattr(allocator, "enable_prefix_caching", False):
+        raise InvalidArgument("prefix_caching", True, "False unless the BlockManager has enable_prefix_caching=True")
+    if time_model is not None and not isinstance(time_model, StepTimeModel):
+        raise InvalidType("time_model", time_model, "a StepTimeModel or None")
+    if isinstance(step_time, bool) or not isinstance(step_time, (int, float)) or not 0 < step_time < math.inf:
+        raise InvalidArgument("step_time", step_time, "a positive number of seconds")
+    return budget, seqs, math.inf if max_len is None else check.count("max_len", max_len)
+
+
+class _Replica:
+    """One engine under the v1 policy: its block manager, queues and clock (see the module doc)."""
+
+    def __init__(self, work: Workload, mgr, budget: int, max_seqs: int, prefix_caching: bool, time_model, step_time,
+                 state: dict):
+        self.work, self.mgr, self.budget, self.max_seqs = work, mgr, budget, max_seqs
+        self.prefix_caching, self.time_model, self.fixed_step = prefix_caching, time_model, step_time
+        self.prompts, self.outputs, self.arrivals = state["prompts"], state["outputs"], state["arrivals"]
+        self.generated, self.computed, self.held = state["generated"], state["computed"], state["held"]
+        self.ttft, self.finish, self.admitted_once = state["ttft"], state["finish"], state["admitted_once"]
+        self.running: list[int] = []  # arrival order
+        self.waiting: deque[int] = deque()
+        self.clock = 0.0
+        self.waiting_blocks = 0  # pages the waiting prompts will need (a router's load signal)
+        self.preemptions = self.recomputed = self.hits = self.queried = self.saved = 0
+        self.steps = self.sum_running = self.sum_tokens = self.peak_running = self.peak_pages = 0
+        self.tokens_computed = self.num_requests = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def active_blocks(self) -> int:
+        """Pages in use plus pages the queued prompts will take."""
+        return self.mgr.num_pages - self.mgr.num_free_pages + self.waiting_blocks
+
+    def enqueue(self, r: int) -> None:
+        if not self.busy:
+            self.clock = max(self.clock, self.arrivals[r])
+        self.waiting.append(r)
+        self.waiting_blocks += -(-self.prompts[r] // self.mgr.page_size)
+        self.num_requests += 1
+
+    def _preempt(self, r: int) -> None:
+        self.running.remove(r)
+        self.mgr.free(r)
+        self.recomputed += self.computed[r]
+        self.computed[r] = self.held[r] = 0
+        self.waiting.appendleft(r)  # NOTE: victims go latest first, so the queue keeps arrival order
+        self.waiting_blocks += -(-self.prompts[r] // self.mgr.page_size)
+        self.preemptions += 1
+
+    def step(self) -> list[int]:
+        """One step at this replica's clock; returns the requests it finished."""
+        mgr, prompts, generated, computed, held = self.mgr, self.prompts, self.generated, self.computed, self.held
+        running, waiting = self.running, self.waiting
+        # 1. running requests: one slot for each that sampled a token last step, preempting the
+        # latest arrival until it fits; then each one's share of the budget.
+        preempted = False
+        while True:
+            growers = [r for r in running if held[r] < prompts[r] + generated[r]]
+            if not growers:
+                break
+            try:
+                mgr.append_batch(np.asarray(growers, dtype=np.int64), 1)
+                break
+            except OutOfPages:
+                self._preempt(running[-1])
+                preempted = True
+        for r in growers:
+            held[r] += 1
+        budget = self.budget
+        scheduled: list[tuple[int, int]] = []
+        for r in running:
+            if budget == 0:
+                break
+            n = min(prompts[r] + generated[r] - computed[r], budget)
+            scheduled.append((r, n))
+            budget -= n
+
+        # 2. admissions, first come, first served (none in a step that preempted)
+        while not preempted and waiting and budget > 0 and len(running) < self.max_seqs:
+            r = waiting[0]
+            num_tokens = prompts[r] + generated[r]
+            if self.prefix_caching:
+                tokens = self.work.prompt_token_ids(r)
+                if not mgr.can_allocate(token_ids=tokens):
+                    break
+                hit = mgr.allocate(r, token_ids=tokens, num_computed_tokens=0).num_cached_tokens
+                if generated[r]:
+                    try:
+                        mgr.append(r, generated[r])  # NOTE: a recompute: its output so far as well
+                    except OutOfPages:
+                        mgr.free(r)  # the prompt fit, its output does not: wait, as can_allocate would
+                        break
+                self.saved += hit
+                if not self.admitted_once[r]:
+                    self.hits, self.queried = self.hits + hit, self.queried + prompts[r]
+            else:
+                if not mgr.can_allocate(num_tokens):
+                    break
+                mgr.allocate(r, num_tokens)
+                hit = 0
+            self.admitted_once[r] = True
+            waiting.popleft()
+            self.waiting_blocks -= -(-prompts[r] // mgr.page_size)
+            held[r], computed[r] = num_tokens, hit
+            running.append(r)
+            n = min(num_tokens - hit, budget)
+            scheduled.append((r, n))
+            budget -= n
+
+        # 3. the step runs
+        if not scheduled:
+            if waiting and not running and not preempted:  # NOTE: cannot happen: rejected at arrival
+                raise AssertionError(f"request {waiting[0]} does not fit an empty pool")
+            return []
+        num_tokens_step = sum(n for _, n in scheduled)
+        kv = sum(computed[r] + n for r, n in scheduled)
+        self.clock += self.time_model.step_time(num_tokens_step, kv) if self.time_model is not None else self.fixed_step
+        self.steps += 1
+        self.sum_running += len(running)
+        self.sum_tokens += num_tokens_step
+        self.tokens_computed += num_tokens_step
+        self.peak_running = max(self.peak_running, len(running))
+        self.peak_pages = max(self.peak_pages, mgr.num_pages - mgr.num_free_pages)
+        done = []
+        for r, n in scheduled:
+            computed[r] += n
+            if self.prefix_caching and computed[r] - n < prompts[r]:
+                mgr.commit(r, min(computed[r], prompts[r]))
+            if computed[r] == prompts[r] + generated[r]:  # sampled a token at the step's end
+                generated[r] += 1
+                if generated[r] == 1:
+                    self.ttft[r] = self.clock - self.arrivals[r]
+                if generated[r] == self.outputs[r]:
+                    done.append(r)
+        for r in done:
+            running.remove(r)
+            mgr.free(r)
+            self.finish[r] = self.clock
+        mgr.end_step()
+        return done
+
+
+ROUTERS = ("round_robin", "least_loaded", "prefix_aware")
+
+
+def _run(work: Workload, replicas: list[_Replica], state: dict, max_len, route, progress, after_step) -> dict:
+    """Arrivals (rejected or routed to a replica) and steps, in time order, until all is done."""
+    prompts, outputs, arrivals = state["prompts"], state["outputs"], state["arrivals"]
+    N, i = len(prompts), 0
+    usable = min(r.mgr.num_pages - r.mgr.watermark_pages for r in replicas)
+    ps = replicas[0].mgr.page_size
+    rejected: dict[str, int] = {}
+    while True:
+        busy = [rep for rep in replicas if rep.busy]
+        first = min(busy, key=lambda rep: rep.clock) if busy else None
+        if i < N and (first is None or arrivals[i] <= first.clock):
+            total = prompts[i] + outputs[i]
+            reason = "too_long" if total > max_len else "exceeds_pool" if -(-total // ps) > usable else None
+            if reason is None:
+                replicas[route(i)].enqueue(i)
+            else:
+                rejected[reason] = rejected.get(reason, 0) + 1
+            i += 1
+            continue
+        if first is None:
+            return rejected
+        done = first.step()
+        after_step(first)
+        if progress is not None and done:
+            progress(len(done))
+
+
+def _result(work: Workload, replicas: list[_Replica], state: dict, rejected: dict, prefix_caching: bool) -> ServeResult:
+    prompts, outputs, arrivals = state["prompts"], np.asarray(state["outputs"]), np.asarray(state["arrivals"])
+    ttft, finish = state["ttft"], state["finish"]
+    N = len(prompts)
+    total = {k: sum(getattr(rep, k) for rep in replicas)
+             for k in ("preemptions", "recomputed", "hits", "queried", "saved", "steps", "sum_running", "sum_tokens")}
+    ok = ~np.isnan(finish)
+    completed = int(np.count_nonzero(ok))
+    multi = ok & (outputs > 1) if N else ok
+    tpot = (finish[multi] - (arrivals[multi] + ttft[multi])) / (outputs[multi] - 1)
+    duration = float(np.nanmax(finish) - arrivals[0]) if completed else 0.0
+    admitted = sum(state["admitted_once"])
+    steps = total["steps"]
+    return ServeResult(
+        num_requests=N, completed=completed, rejected=dict(rejected), steps=steps, preemptions=total["preemptions"],
+        preemptions_per_request=total["preemptions"] / admitted if admitted else 0.0,
+        recomputed_tokens=total["recomputed"],
+        prefix_hit_rate=(total["hits"] / total["queried"] if total["queried"] else 0.0) if prefix_caching else None,
+        prefill_tokens_saved=total["saved"] if prefix_caching else None, duration_s=duration,
+        ttft_p50_s=_percentile(ttft[ok], 50), ttft_p99_s=_percentile(ttft[ok], 99),
+        tpot_p50_s=_percentile(tpot, 50), tpot_p99_s=_percentile(tpot, 99),
+        output_tokens_per_s=float(outputs[ok].sum()) / duration if duration > 0 else 0.0,
+        mean_running=total["sum_running"] / steps if steps else 0.0,
+        peak_running=max(rep.peak_running for rep in replicas), peak_pages_used=max(rep.peak_pages for rep in replicas),
+        mean_batch_tokens=total["sum_tokens"] / steps if steps else 0.0, ttft_s=ttft, finish_s=finish,
+    )
+
+
+def _state(work: Workload) -> dict:
+    N = len(work)
+    return {"prompts": work.prompt_lens.tolist(), "outputs": work.output_lens.tolist(),
+            "arrivals": work.arrivals.tolist(), "generated": [0] * N, "computed": [0] * N, "held": [0] * N,
+            "ttft": np.full(N, np.nan), "finish": np.full(N, np.nan), "admitted_once": [False] * N}
+
+
 def simulate_v1(workload: Workload, allocator, *, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256,
                 prefix_caching: bool = False, time_model: StepTimeModel | None = None,
                 step_time: float = DEFAULT_STEP_TIME, max_len: int | None = None,
@@ -168,170 +392,115 @@ def simulate_v1(workload: Workload, allocator, *, max_num_batched_tokens: int = 
     Raises:
         InvalidType / InvalidArgument: a bad argument, or an allocator that is not empty.
     """
-    if not all(hasattr(allocator, a) for a in ("page_size", "num_pages", "append_batch", "commit")):
-        raise InvalidType("allocator", allocator, "a BlockManager")
-    if allocator.num_sequences:
-        raise InvalidArgument("allocator", allocator, "an allocator holding no sequences")
-    if not isinstance(workload, Workload):
-        raise InvalidType("workload", workload, "a pagedkv.workload.Workload")
-    budget_max = check.count("max_num_batched_tokens", max_num_batched_tokens)
-    seqs_max = check.count("max_num_seqs", max_num_seqs)
-    if seqs_max > budget_max:
-        raise InvalidArgument("max_num_seqs", seqs_max, f"at most max_num_batched_tokens ({budget_max})")
-    if not isinstance(prefix_caching, bool):
-        raise InvalidType("prefix_caching", prefix_caching, "a bool")
-    if prefix_caching and not getattr(allocator, "enable_prefix_caching", False):
-        raise InvalidArgument("prefix_caching", True, "False unless the BlockManager has enable_prefix_caching=True")
-    if time_model is not None and not isinstance(time_model, StepTimeModel):
-        raise InvalidType("time_model", time_model, "a StepTimeModel or None")
-    if isinstance(step_time, bool) or not isinstance(step_time, (int, float)) or not 0 < step_time < math.inf:
-        raise InvalidArgument("step_time", step_time, "a positive number of seconds")
-    max_len = math.inf if max_len is None else check.count("max_len", max_len)
-
-    mgr, ps = allocator, allocator.page_size
-    prompts = workload.prompt_lens.tolist()
-    outputs = workload.output_lens.tolist()
-    arrivals = workload.arrivals.tolist()
-    N = len(prompts)
-    usable = mgr.num_pages - mgr.watermark_pages
-
-    generated = [0] * N  # output tokens sampled
-    computed = [0] * N  # tokens whose K/V is computed (this admission)
-    held = [0] * N  # tokens the block manager holds for it
-    ttft = np.full(N, np.nan)
-    finish = np.full(N, np.nan)
-    admitted_once = [False] * N
-    running: list[int] = []  # arrival order
-    waiting: deque[int] = deque()
-    rejected: dict[str, int] = {}
-    preemptions = recomputed = hits = queried = saved = 0
-    steps = sum_running = sum_tokens = peak_running = peak_pages = 0
-    finished_reported = 0
-    clock = arrivals[0] if N else 0.0
-    i = 0
-
-    def preempt(r: int) -> None:
-        nonlocal preemptions, recomputed
-        running.remove(r)
-        mgr.free(r)
-        recomputed += computed[r]
-        computed[r] = held[r] = 0
-        waiting.appendleft(r)  # NOTE: victims go latest first, so the queue keeps arrival order
-        preemptions += 1
-
-    while i < N or running or waiting:
-        if not running and not waiting and arrivals[i] > clock:
-            clock = arrivals[i]  # idle until the next arrival
-        while i < N and arrivals[i] <= clock:
-            p, total = prompts[i], prompts[i] + outputs[i]
-            reason = "too_long" if total > max_len else "exceeds_pool" if -(-total // ps) > usable else None
-            if reason is None:
-                waiting.append(i)
-            else:
-                rejected[reason] = rejected.get(reason, 0) + 1
-            i += 1
-
-        # 1. running requests: one slot for each that sampled a token last step, preempting the
-        # latest arrival until it fits; then each one's share of the budget.
-        preempted = False
-        while True:
-            growers = [r for r in running if held[r] < prompts[r] + generated[r]]
-            if not growers:
-                break
-            try:
-                mgr.append_batch(np.asarray(growers, dtype=np.int64), 1)
-                break
-            except OutOfPages:
-                preempt(running[-1])
-                preempted = True
-        for r in growers:
-            held[r] += 1
-        budget = budget_max
-        scheduled: list[tuple[int, int]] = []
-        for r in running:
-            if budget == 0:
-                break
-            n = min(prompts[r] + generated[r] - computed[r], budget)
-            scheduled.append((r, n))
-            budget -= n
-
-        # 2. admissions, first come, first served (none in a step that preempted)
-        while not preempted and waiting and budget > 0 and len(running) < seqs_max:
-            r = waiting[0]
-            num_tokens = prompts[r] + generated[r]
-            if prefix_caching:
-                tokens = workload.prompt_token_ids(r)
-                if not mgr.can_allocate(token_ids=tokens):
-                    break
-                hit = mgr.allocate(r, token_ids=tokens, num_computed_tokens=0).num_cached_tokens
-                if generated[r]:
-                    mgr.append(r, generated[r])  # NOTE: a recompute: its output so far as well
-                saved += hit
-                if not admitted_once[r]:
-                    hits, queried = hits + hit, queried + prompts[r]
-            else:
-                if not mgr.can_allocate(num_tokens):
-                    break
-                mgr.allocate(r, num_tokens)
-                hit = 0
-            admitted_once[r] = True
-            waiting.popleft()
-            held[r], computed[r] = num_tokens, hit
-            running.append(r)
-            n = min(num_tokens - hit, budget)
-            scheduled.append((r, n))
-            budget -= n
-
-        # 3. the step runs
-        num_tokens_step = sum(n for _, n in scheduled)
-        if not scheduled:
-            if waiting and not running and not preempted:  # NOTE: cannot happen: rejected at arrival
-                raise AssertionError(f"request {waiting[0]} does not fit an empty pool")
-            continue
-        kv = sum(computed[r] + n for r, n in scheduled)
-        clock += time_model.step_time(num_tokens_step, kv) if time_model is not None else step_time
-        steps += 1
-        sum_running += len(running)
-        sum_tokens += num_tokens_step
-        peak_running = max(peak_running, len(running))
-        peak_pages = max(peak_pages, mgr.num_pages - mgr.num_free_pages)
-        done = []
-        for r, n in scheduled:
-            computed[r] += n
-            if prefix_caching and computed[r] - n < prompts[r]:
-                mgr.commit(r, min(computed[r], prompts[r]))
-            if computed[r] == prompts[r] + generated[r]:  # sampled a token at the step's end
-                generated[r] += 1
-                if generated[r] == 1:
-                    ttft[r] = clock - arrivals[r]
-                if generated[r] == outputs[r]:
-                    done.append(r)
-        for r in done:
-            running.remove(r)
-            mgr.free(r)
-            finish[r] = clock
-        mgr.end_step()
-        if progress is not None and done:
-            progress(len(done))
-            finished_reported += len(done)
-
-    completed = int(np.count_nonzero(~np.isnan(finish)))
-    ok = ~np.isnan(finish)
-    multi = ok & (np.asarray(outputs) > 1) if N else ok
-    tpot = (finish[multi] - (np.asarray(arrivals)[multi] + ttft[multi])) / (np.asarray(outputs)[multi] - 1)
-    duration = float(np.nanmax(finish) - arrivals[0]) if completed else 0.0
-    admitted = sum(admitted_once)
-    return ServeResult(
-        num_requests=N, completed=completed, rejected=dict(rejected), steps=steps, preemptions=preemptions,
-        preemptions_per_request=preemptions / admitted if admitted else 0.0, recomputed_tokens=recomputed,
-        prefix_hit_rate=(hits / queried if queried else 0.0) if prefix_caching else None,
-        prefill_tokens_saved=saved if prefix_caching else None, duration_s=duration,
-        ttft_p50_s=_percentile(ttft[ok], 50), ttft_p99_s=_percentile(ttft[ok], 99),
-        tpot_p50_s=_percentile(tpot, 50), tpot_p99_s=_percentile(tpot, 99),
-        output_tokens_per_s=float(np.asarray(outputs)[ok].sum()) / duration if duration > 0 else 0.0,
-        mean_running=sum_running / steps if steps else 0.0, peak_running=peak_running, peak_pages_used=peak_pages,
-        mean_batch_tokens=sum_tokens / steps if steps else 0.0, ttft_s=ttft, finish_s=finish,
-    )
+    budget, seqs, max_len = _check_options(allocator, workload, max_num_batched_tokens, max_num_seqs, prefix_caching,
+                                           time_model, step_time, max_len)
+    state = _state(workload)
+    replica = _Replica(workload, allocator, budget, seqs, prefix_caching, time_model, step_time, state)
+    if len(workload):
+        replica.clock = state["arrivals"][0]
+    rejected = _run(workload, [replica], state, max_len, lambda r: 0, progress, lambda rep: None)
+    return _result(workload, [replica], state, rejected, prefix_caching)
 
 
-__all__ = ["simulate_v1", "ServeResult", "StepTimeModel", "DEFAULT_STEP_TIME"]
+@dataclass(frozen=True, slots=True)
+class FleetResult:
+    """What ``simulate_replicas`` measured.
+
+    Attributes:
+        router: its name. result: the whole fleet's ``ServeResult`` (hit rate over all prompts).
+        requests: requests routed to each replica. tokens: tokens each computed (prefill + decode).
+        imbalance: ``max(tokens) / mean(tokens)`` (1.0 is perfectly even).
+        hit_rates: each replica's prefix hit rate (``None`` without prefix caching).
+    """
+
+    router: str
+    result: ServeResult
+    requests: tuple
+    tokens: tuple
+    imbalance: float
+    hit_rates: tuple | None
+
+    def to_dict(self) -> dict:
+        return {"router": self.router, **self.result.to_dict(), "requests_per_replica": list(self.requests),
+                "tokens_per_replica": list(self.tokens), "imbalance": self.imbalance,
+                "hit_rate_per_replica": None if self.hit_rates is None else list(self.hit_rates)}
+
+
+def simulate_replicas(workload: Workload, make_allocator: Callable[[], object], num_replicas: int,
+                      router: str = "prefix_aware", *, overlap_weight: float = 1.0, **options) -> FleetResult:
+    """Several v1 replicas behind a router, each with its own ``BlockManager``.
+
+    Routers, deciding at each request's arrival:
+
+    - ``round_robin``: replica ``i mod N``.
+    - ``least_loaded``: the fewest requests running or waiting (ties: the lowest index).
+    - ``prefix_aware``: the lowest ``overlap_weight * prefill_blocks + decode_blocks``, the cost
+      NVIDIA Dynamo's KV router documents: ``prefill_blocks`` are the prompt's blocks the
+      replica does not hold as a cached prefix, ``decode_blocks`` the blocks it has active
+      (pages in use, plus the queued prompts' pages). The router knows each replica's cache
+      only from that replica's KV events (``take_events`` after each step, applied to a
+      ``pagedkv.events.PrefixIndex``), never by reading the managers.
+
+    Args:
+        make_allocator: returns an empty ``BlockManager`` per replica (with prefix caching for
+            ``prefix_aware``: ``enable_prefix_caching=True, enable_kv_events=True``).
+        num_replicas: >= 1. router: one of ``ROUTERS``. overlap_weight: > 0 (Dynamo's default 1).
+        options: as ``simulate_v1`` (``prefix_caching``, ``time_model``, ...).
+    """
+    n = check.count("num_replicas", num_replicas)
+    if router not in ROUTERS:
+        raise InvalidArgument("router", router, f"one of {', '.join(ROUTERS)}")
+    if isinstance(overlap_weight, bool) or not isinstance(overlap_weight, (int, float)) or not 0 < overlap_weight < math.inf:
+        raise InvalidArgument("overlap_weight", overlap_weight, "a positive number")
+    allocators = [make_allocator() for _ in range(n)]
+    keys = ("max_num_batched_tokens", "max_num_seqs", "prefix_caching", "time_model", "step_time", "max_len")
+    unknown = set(options) - set(keys) - {"progress"}
+    if unknown:
+        raise InvalidArgument("options", sorted(unknown)[0], f"one of {', '.join(keys)}, progress")
+    defaults = dict(max_num_batched_tokens=8192, max_num_seqs=256, prefix_caching=False, time_model=None,
+                    step_time=DEFAULT_STEP_TIME, max_len=None)
+    opts = {**defaults, **{k: v for k, v in options.items() if k != "progress"}}
+    for alloc in allocators:
+        budget, seqs, max_len = _check_options(alloc, workload, *(opts[k] for k in keys))
+    prefix = opts["prefix_caching"]
+    if router == "prefix_aware":
+        if not prefix or not all(getattr(a, "enable_kv_events", False) for a in allocators):
+            raise InvalidArgument("router", router, "round_robin or least_loaded unless prefix_caching=True and "
+                                  "every BlockManager has enable_kv_events=True (the router reads KV events)")
+        from .events import PrefixIndex
+
+        index = PrefixIndex(allocators[0].page_size, allocators[0].prefix_hash)
+    state = _state(workload)
+    replicas = [_Replica(workload, a, budget, seqs, prefix, opts["time_model"], opts["step_time"], state)
+                for a in allocators]
+    if len(workload):
+        for rep in replicas:
+            rep.clock = state["arrivals"][0]
+    ps = allocators[0].page_size
+
+    def route(r: int) -> int:
+        if router == "round_robin":
+            return r % n
+        if router == "least_loaded":
+            return min(range(n), key=lambda k: (len(replicas[k].running) + len(replicas[k].waiting), k))
+        cached = index.match(workload.prompt_token_ids(r))
+        blocks = -(-state["prompts"][r] // ps)
+        return min(range(n), key=lambda k: (overlap_weight * (blocks - cached.get(k, 0) // ps)
+                                            + replicas[k].active_blocks, k))
+
+    def after_step(rep: _Replica) -> None:
+        if router == "prefix_aware":
+            index.apply(replicas.index(rep), rep.mgr.take_events())
+        elif getattr(rep.mgr, "enable_kv_events", False):
+            rep.mgr.take_events()  # NOTE: nobody reads them; do not let them pile up
+
+    rejected = _run(workload, replicas, state, max_len, route, options.get("progress"), after_step)
+    result = _result(workload, replicas, state, rejected, prefix)
+    tokens = tuple(rep.tokens_computed for rep in replicas)
+    mean = sum(tokens) / n
+    return FleetResult(router, result, tuple(rep.num_requests for rep in replicas), tokens,
+                       max(tokens) / mean if mean else 1.0,
+                       tuple(rep.hits / rep.queried if rep.queried else 0.0 for rep in replicas) if prefix else None)
+
+
+__all__ = ["simulate_v1", "simulate_replicas", "ServeResult", "FleetResult", "StepTimeModel", "ROUTERS", "DEFAULT_STEP_TIME"]

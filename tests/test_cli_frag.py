@@ -118,3 +118,24 @@ def test_v1_with_a_time_model_reports_latencies(tmp_path, capsys):
     (point, _) = json.loads((tmp_path / "frag.json").read_text())["serving"]
     # 16 GB of bf16 weights at 3.35 TB/s: no step is faster than 4.8 ms
     assert point["tpot_p50_s"] >= 16.06e9 / 3.35e12 and point["output_tokens_per_s"] > 0
+
+
+def test_replicas_behind_each_router(tmp_path, capsys):
+    assert main(["frag", "--workload", "multi-turn", "--num-requests", "60", "--prefix-caching", "--replicas", "3",
+                 "--page-sizes", "16", "--policies", "", "--no-plot", "--out", str(tmp_path)]) == 0
+    assert "3 replicas behind a router" in capsys.readouterr().out
+    fleet = json.loads((tmp_path / "frag.json").read_text())["replicas"]
+    assert [p["router"] for p in fleet] == ["round_robin", "least_loaded", "prefix_aware"]
+    assert all(sum(p["requests_per_replica"]) + sum(p["rejected"].values()) == 60 for p in fleet)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--router", "round_robin"], "--router"),
+    (["--replicas", "2", "--router", "prefix_aware"], "--prefix-caching"),
+    (["--replicas", "2", "--router", "random"], "--router"),
+    (["--replicas", "2", "--scheduler", "simple"], "--replicas"),
+    (["--replicas", "0"], "--replicas"),
+])
+def test_bad_replica_options(tmp_path, capsys, args, message):
+    assert main(["frag", "--num-requests", "5", "--no-plot", "--out", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err

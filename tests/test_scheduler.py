@@ -172,3 +172,54 @@ def test_bad_arguments_are_named():
         simulate_v1([1, 2], BlockManager(8, 16))
     res = simulate_v1(wl.fixed(2, 100, 100), BlockManager(8, 16))
     assert res.rejected == {"exceeds_pool": 2} and res.completed == 0
+
+
+# ------------------------------------------------------------------ replicas and routers
+from pagedkv.scheduler import ROUTERS, simulate_replicas  # noqa: E402
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_one_replica_is_the_single_scheduler(router):
+    work = wl.multi_turn(12, 3, seed=2, rate=2.0)
+    make = lambda: BlockManager(300, 16, enable_prefix_caching=True, enable_kv_events=True)  # noqa: E731
+    single = simulate_v1(work, make(), max_num_batched_tokens=512, max_num_seqs=8, prefix_caching=True)
+    fleet = simulate_replicas(work, make, 1, router, max_num_batched_tokens=512, max_num_seqs=8, prefix_caching=True)
+    np.testing.assert_array_equal(fleet.result.ttft_s, single.ttft_s)
+    np.testing.assert_array_equal(fleet.result.finish_s, single.finish_s)
+    assert fleet.result.prefix_hit_rate == single.prefix_hit_rate and fleet.imbalance == 1.0
+
+
+def test_round_robin_splits_evenly_and_least_loaded_balances():
+    work = wl.synthetic("alpaca", 101, seed=4, rate=50.0)
+    rr = simulate_replicas(work, lambda: BlockManager(400, 16), 4, "round_robin")
+    assert rr.requests == (26, 25, 25, 25) and rr.result.completed == 101
+    ll = simulate_replicas(work, lambda: BlockManager(400, 16), 4, "least_loaded")
+    assert sum(ll.requests) == 101 and ll.result.completed == 101
+
+
+def test_prefix_aware_routing_finds_more_cached_prefixes():
+    # 201 conversations starting over ~200 s with a 30 s think time: turns of one conversation
+    # land anywhere under round robin (with 200 starting at once, each wave of turns would keep
+    # its order and round robin would be sticky by accident).
+    work = wl.multi_turn(201, 6, seed=0, rate=1.0)
+
+    def make():
+        return BlockManager(50_000 // 16, 16, enable_prefix_caching=True, enable_kv_events=True)
+
+    got = {r: simulate_replicas(work, make, 4, r, prefix_caching=True) for r in ROUTERS}
+    assert got["prefix_aware"].result.prefix_hit_rate > got["round_robin"].result.prefix_hit_rate + 0.05
+    assert got["prefix_aware"].result.prefix_hit_rate > got["least_loaded"].result.prefix_hit_rate + 0.05
+    assert all(f.result.completed == len(work) for f in got.values())
+
+
+def test_prefix_aware_needs_kv_events_and_names_bad_routers():
+    work = wl.fixed(4, 32, 4)
+    with pytest.raises(InvalidArgument, match="enable_kv_events"):
+        simulate_replicas(work, lambda: BlockManager(64, 16, enable_prefix_caching=True), 2, "prefix_aware",
+                          prefix_caching=True)
+    with pytest.raises(InvalidArgument, match="router"):
+        simulate_replicas(work, lambda: BlockManager(64, 16), 2, "random")
+    with pytest.raises(InvalidArgument, match="num_replicas"):
+        simulate_replicas(work, lambda: BlockManager(64, 16), 0, "round_robin")
+    with pytest.raises(InvalidArgument, match="options"):
+        simulate_replicas(work, lambda: BlockManager(64, 16), 2, "round_robin", max_num_tokens=5)

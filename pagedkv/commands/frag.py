@@ -107,6 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="v1 scheduler: tokens per step, decodes + prefill chunks (default 8192, as vLLM)")
     sweep.add_argument("--max-num-seqs", type=int, default=256,
                        help="v1 scheduler: running requests at most (default 256, as vLLM)")
+    sweep.add_argument("--replicas", type=int, default=1,
+                       help="v1 scheduler: also run this many replicas (each with the whole budget) behind each "
+                       "--router, and report hit rate, load imbalance and TTFT per router (default 1: none)")
+    sweep.add_argument("--router", default=None,
+                       help="routers for --replicas, among round_robin,least_loaded,prefix_aware (default: all; "
+                       "prefix_aware needs --prefix-caching and reads the replicas' KV events)")
     sweep.add_argument("--capacities", type=_int_list, default=None,
                        help="with --prefix-caching: also sweep the pool size, e.g. 50000,200000 token slots, for "
                        "every page size (the hit rate against capacity; drawn in prefix.png)")
@@ -258,8 +264,28 @@ def sweep(args: argparse.Namespace) -> dict:
             from ..scheduler import StepTimeModel
 
             time_model = StepTimeModel.from_presets(args.model, args.gpu)
+    replicas = check.as_int("--replicas", getattr(args, "replicas", 1), 1, 1024)
+    routers = []
+    if replicas > 1:
+        from ..scheduler import ROUTERS
+
+        if not v1:
+            raise InvalidArgument("--replicas", replicas, "1 with --scheduler simple (replicas run the v1 scheduler)")
+        given = getattr(args, "router", None)
+        routers = [r for r in (given or ",".join(ROUTERS)).replace(",", " ").split()]
+        for r in routers:
+            if r not in ROUTERS:
+                raise InvalidArgument("--router", r, f"a list of {', '.join(ROUTERS)}")
+        if not prefix:
+            if given and "prefix_aware" in routers:
+                raise InvalidArgument("--router", "prefix_aware", "given with --prefix-caching (it routes on cached "
+                                      "prefixes)")
+            routers = [r for r in routers if r != "prefix_aware"]
+    elif getattr(args, "router", None):
+        raise InvalidArgument("--router", args.router, "given with --replicas N > 1")
     configs = [("static", p) for p in policies] + [("paged", ps) for ps in page_sizes]
-    bar = _progress((len(configs) + len(capacities) * len(page_sizes) + (len(page_sizes) if v1 else 0)) * len(work))
+    bar = _progress((len(configs) + len(capacities) * len(page_sizes)
+                     + (len(page_sizes) * (1 + len(routers)) if v1 else 0)) * len(work))
     points = []
     try:
         for kind, value in configs:
@@ -310,6 +336,22 @@ def sweep(args: argparse.Namespace) -> dict:
                             "simple_preemptions_per_request": simple["preemptions"]
                             / max(1, simple["num_requests"] - sum(simple["rejected"].values())),
                             **result.to_dict()})
+        fleet = []
+        for ps in page_sizes if routers else ():
+            from ..scheduler import simulate_replicas
+
+            for router in routers:
+                if bar is not None:
+                    bar.set_postfix_str(f"{replicas} replicas, {router}, page {ps}")
+                start = time.perf_counter()
+                result = simulate_replicas(
+                    work, lambda ps=ps: BlockManager(budget["pages"](ps), ps, watermark=args.watermark,
+                                                     enable_prefix_caching=prefix, enable_kv_events=prefix),
+                    replicas, router, max_num_batched_tokens=budget_tokens, max_num_seqs=max_seqs,
+                    prefix_caching=prefix, time_model=time_model, step_time=step_time, max_len=max_len,
+                    progress=None if bar is None else bar.update)
+                fleet.append({"label": f"page {ps}", "page_size": ps, "replicas": replicas,
+                              "elapsed_s": time.perf_counter() - start, **result.to_dict()})
     finally:
         if bar is not None:
             bar.close()
@@ -328,6 +370,7 @@ def sweep(args: argparse.Namespace) -> dict:
                        "time_model": None if time_model is None else time_model.name} if v1 else {})},
         "points": points,
         **({"serving": serving} if v1 else {}),
+        **({"replicas": fleet} if routers else {}),
         **({"capacity_sweep": capacity_sweep} if capacities else {}),
     }
 
@@ -411,6 +454,23 @@ def render(report: dict) -> str:
                      "table above; run = running requests, tok/step = tokens computed per step"
                      + ("; TTFT/TPOT from arrival times and the roofline model (no kernel efficiency, attention "
                         "FLOPs or host overhead)" if timed else "") + ".")
+    fleet = report.get("replicas") or []
+    if fleet:
+        timed = c.get("time_model") is not None
+        unit = "s" if timed else " s"
+        lines += ["", f"{fleet[0]['replicas']} replicas behind a router (v1 scheduler, each replica with the whole "
+                  "budget):"]
+        head = (f"{'allocator':<10} {'router':<13} {'hit%':>6} {'imbalance':>9} {'TTFT p50':>9} {'p99':>8} "
+                f"{'preempt/req':>11} {'requests per replica'}")
+        lines += [head, "-" * len(head)]
+        for p in fleet:
+            hit = "-" if p["prefix_hit_rate"] is None else f"{100 * p['prefix_hit_rate']:.1f}"
+            lines.append(f"{p['label']:<10} {p['router']:<13} {hit:>6} {p['imbalance']:9.2f} "
+                         f"{p['ttft_p50_s']:8.3f}{unit[-1]} {p['ttft_p99_s']:7.3f}{unit[-1]} "
+                         f"{p['preemptions_per_request']:11.3f} {p['requests_per_replica']}")
+        lines.append("imbalance = max / mean of the tokens each replica computed; prefix_aware scores replicas by "
+                     "Dynamo's cost (overlap weight 1 x prompt blocks not cached there + active blocks), knowing "
+                     "their caches only from their KV events.")
     lines += ["", "tokens/reserv/intern/extern: the Figure-2 breakdown of the pool (sums to 100%), averaged over "
               "steps with a non-empty queue (basis); util = tokens / allocated; usage = vLLM's KV-cache usage; "
               "tail = mean slots left unfilled at completion; hole = 1 - largest hole / free (static); "
