@@ -135,7 +135,22 @@ def test_replicas_behind_each_router(tmp_path, capsys):
     (["--replicas", "2", "--router", "random"], "--router"),
     (["--replicas", "2", "--scheduler", "simple"], "--replicas"),
     (["--replicas", "0"], "--replicas"),
+    (["--jobs", "0"], "--jobs"),
 ])
 def test_bad_replica_options(tmp_path, capsys, args, message):
     assert main(["frag", "--num-requests", "5", "--no-plot", "--out", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_jobs_give_the_same_report_as_one_process(tmp_path):
+    reports = []
+    for jobs in ("1", "2"):
+        out = tmp_path / jobs
+        assert main(["frag", *SMALL, "--workload", "multi-turn", "--prefix-caching", "--capacities", "20000",
+                     "--replicas", "2", "--jobs", jobs, "--no-plot", "--out", str(out)]) == 0
+        report = json.loads((out / "frag.json").read_text())
+        for key in ("points", "serving", "replicas"):
+            for point in report[key]:
+                point.pop("elapsed_s")
+        reports.append(report)
+    assert reports[0] == reports[1] and len(reports[0]["replicas"]) == 6 and reports[0]["capacity_sweep"]

@@ -117,6 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="with --prefix-caching: also sweep the pool size, e.g. 50000,200000 token slots, for "
                        "every page size (the hit rate against capacity; drawn in prefix.png)")
 
+    sweep.add_argument("--jobs", type=int, default=1,
+                       help="simulate the sweep's points in this many processes (default 1)")
+
     out = parser.add_argument_group("output")
     out.add_argument("--out", default="results/frag",
                      help="directory for frag.json and frag.png (default results/frag)")
@@ -217,9 +220,8 @@ def _kv_spec(model_spec, dtype: str | None, kv_scales: str | None):
 
 def sweep(args: argparse.Namespace) -> dict:
     """Simulate every configuration; returns the JSON-ready report."""
-    from .. import BlockManager
-    from ..simulate import DEFAULT_STEP_TIME, simulate
-    from ..static import POLICIES, StaticAllocator
+    from ..simulate import DEFAULT_STEP_TIME
+    from ..static import POLICIES
 
     policies = [p for p in args.policies.replace(",", " ").split() if p != "none"]
     for p in policies:
@@ -283,78 +285,45 @@ def sweep(args: argparse.Namespace) -> dict:
             routers = [r for r in routers if r != "prefix_aware"]
     elif getattr(args, "router", None):
         raise InvalidArgument("--router", args.router, "given with --replicas N > 1")
-    configs = [("static", p) for p in policies] + [("paged", ps) for ps in page_sizes]
-    bar = _progress((len(configs) + len(capacities) * len(page_sizes)
-                     + (len(page_sizes) * (1 + len(routers)) if v1 else 0)) * len(work))
-    points = []
+    jobs = check.as_int("--jobs", getattr(args, "jobs", 1), 1, 256)
+    tasks = ([("point", "static", p) for p in policies] + [("point", "paged", ps) for ps in page_sizes]
+             + [("capacity", c, ps) for c in capacities for ps in page_sizes if c // ps >= 1]
+             + ([("serving", ps) for ps in page_sizes] if v1 else [])
+             + [("fleet", ps, router) for ps in page_sizes for router in routers])
+    context = {"work": work, "C": C, "max_len": max_len, "n": n, "step_time": step_time,
+               "max_running": args.max_running, "prefix": prefix, "watermark": args.watermark,
+               "placement": args.placement, "pages": {ps: budget["pages"](ps) for ps in page_sizes},
+               "budget_tokens": budget_tokens if v1 else None, "max_seqs": max_seqs if v1 else None,
+               "time_model": time_model, "replicas": replicas}
+    bar = _progress(len(tasks) * len(work))
     try:
-        for kind, value in configs:
-            if kind == "static":
-                alloc = StaticAllocator(C, policy=value, max_len=max_len, placement=args.placement)
-                label = POLICY_LABELS[value]
-            else:
-                alloc = BlockManager(budget["pages"](value), value, watermark=args.watermark,
-                                     enable_prefix_caching=prefix)
-                label = f"page {value}"
-            if bar is not None:
-                bar.set_postfix_str(label)
-            start = time.perf_counter()
-            result = simulate(work, alloc, max_len=max_len, num_slots=C, parallel_samples=n,
-                              step_time=step_time, max_running=args.max_running,
-                              progress=None if bar is None else bar.update, prefix_caching=prefix and kind == "paged")
-            point = {"label": label, "policy": value if kind == "static" else None,
-                     "placement": args.placement if kind == "static" else None,
-                     "elapsed_s": time.perf_counter() - start, **result.to_dict()}
-            points.append(point)
-        capacity_sweep = []
-        for capacity in capacities:
-            for ps in page_sizes:
-                if capacity // ps < 1:
-                    continue
+        if jobs == 1:
+            results = []
+            for task in tasks:
                 if bar is not None:
-                    bar.set_postfix_str(f"page {ps}, {capacity:,} slots")
-                alloc = BlockManager(capacity // ps, ps, watermark=args.watermark, enable_prefix_caching=True)
-                result = simulate(work, alloc, max_len=max_len, step_time=step_time, max_running=args.max_running,
-                                  progress=None if bar is None else bar.update, prefix_caching=True)
-                capacity_sweep.append({"page_size": ps, "num_slots": capacity, "prefix_hit_rate": result.prefix_hit_rate,
-                                       "prefill_tokens_saved": result.prefill_tokens_saved,
-                                       "preemptions": result.preemptions, "completed": result.completed,
-                                       "rejected": result.rejected, "mean_running": result.mean_running})
-        serving = []
-        for ps in page_sizes if v1 else ():
-            from ..scheduler import simulate_v1
+                    bar.set_postfix_str(" ".join(map(str, task[1:])))
+                results.append(_execute(task, context, None if bar is None else bar.update))
+        else:
+            from concurrent.futures import ProcessPoolExecutor
 
-            if bar is not None:
-                bar.set_postfix_str(f"v1, page {ps}")
-            alloc = BlockManager(budget["pages"](ps), ps, watermark=args.watermark, enable_prefix_caching=prefix)
-            start = time.perf_counter()
-            result = simulate_v1(work, alloc, max_num_batched_tokens=budget_tokens, max_num_seqs=max_seqs,
-                                 prefix_caching=prefix, time_model=time_model, step_time=step_time, max_len=max_len,
-                                 progress=None if bar is None else bar.update)
-            simple = next(p for p in points if p["page_size"] == ps)
-            serving.append({"label": f"page {ps}", "page_size": ps, "elapsed_s": time.perf_counter() - start,
-                            "simple_preemptions_per_request": simple["preemptions"]
-                            / max(1, simple["num_requests"] - sum(simple["rejected"].values())),
-                            **result.to_dict()})
-        fleet = []
-        for ps in page_sizes if routers else ():
-            from ..scheduler import simulate_replicas
-
-            for router in routers:
-                if bar is not None:
-                    bar.set_postfix_str(f"{replicas} replicas, {router}, page {ps}")
-                start = time.perf_counter()
-                result = simulate_replicas(
-                    work, lambda ps=ps: BlockManager(budget["pages"](ps), ps, watermark=args.watermark,
-                                                     enable_prefix_caching=prefix, enable_kv_events=prefix),
-                    replicas, router, max_num_batched_tokens=budget_tokens, max_num_seqs=max_seqs,
-                    prefix_caching=prefix, time_model=time_model, step_time=step_time, max_len=max_len,
-                    progress=None if bar is None else bar.update)
-                fleet.append({"label": f"page {ps}", "page_size": ps, "replicas": replicas,
-                              "elapsed_s": time.perf_counter() - start, **result.to_dict()})
+            # NOTE: every task is independent (its own allocator); the bar moves per finished task.
+            with ProcessPoolExecutor(max_workers=jobs, initializer=_set_context, initargs=(context,)) as pool:
+                futures = [pool.submit(_execute_in_worker, task) for task in tasks]
+                results = []
+                for future in futures:
+                    results.append(future.result())
+                    if bar is not None:
+                        bar.update(len(work))
     finally:
         if bar is not None:
             bar.close()
+    by_kind = {kind: [r for t, r in zip(tasks, results) if t[0] == kind]
+               for kind in ("point", "capacity", "serving", "fleet")}
+    points, capacity_sweep, serving, fleet = (by_kind[k] for k in ("point", "capacity", "serving", "fleet"))
+    for entry in serving:
+        simple = next(p for p in points if p["page_size"] == entry["page_size"])
+        entry["simple_preemptions_per_request"] = (
+            simple["preemptions"] / max(1, simple["num_requests"] - sum(simple["rejected"].values())))
 
     from .. import backend
 
@@ -373,6 +342,63 @@ def sweep(args: argparse.Namespace) -> dict:
         **({"replicas": fleet} if routers else {}),
         **({"capacity_sweep": capacity_sweep} if capacities else {}),
     }
+
+
+_CONTEXT: dict = {}
+
+
+def _set_context(context: dict) -> None:
+    _CONTEXT.update(context)
+
+
+def _execute_in_worker(task: tuple) -> dict:
+    return _execute(task, _CONTEXT, None)
+
+
+def _execute(task: tuple, ctx: dict, progress) -> dict:
+    """One simulation of the sweep: a breakdown point, a capacity point, a v1 point or a fleet."""
+    from .. import BlockManager
+    from ..simulate import simulate
+    from ..static import StaticAllocator
+
+    work, prefix = ctx["work"], ctx["prefix"]
+    start = time.perf_counter()
+    if task[0] == "point":
+        kind, value = task[1], task[2]
+        if kind == "static":
+            alloc = StaticAllocator(ctx["C"], policy=value, max_len=ctx["max_len"], placement=ctx["placement"])
+        else:
+            alloc = BlockManager(ctx["pages"][value], value, watermark=ctx["watermark"], enable_prefix_caching=prefix)
+        result = simulate(work, alloc, max_len=ctx["max_len"], num_slots=ctx["C"], parallel_samples=ctx["n"],
+                          step_time=ctx["step_time"], max_running=ctx["max_running"], progress=progress,
+                          prefix_caching=prefix and kind == "paged")
+        return {"label": POLICY_LABELS[value] if kind == "static" else f"page {value}",
+                "policy": value if kind == "static" else None,
+                "placement": ctx["placement"] if kind == "static" else None,
+                "elapsed_s": time.perf_counter() - start, **result.to_dict()}
+    if task[0] == "capacity":
+        capacity, ps = task[1], task[2]
+        alloc = BlockManager(capacity // ps, ps, watermark=ctx["watermark"], enable_prefix_caching=True)
+        result = simulate(work, alloc, max_len=ctx["max_len"], step_time=ctx["step_time"],
+                          max_running=ctx["max_running"], progress=progress, prefix_caching=True)
+        return {"page_size": ps, "num_slots": capacity, "prefix_hit_rate": result.prefix_hit_rate,
+                "prefill_tokens_saved": result.prefill_tokens_saved, "preemptions": result.preemptions,
+                "completed": result.completed, "rejected": result.rejected, "mean_running": result.mean_running}
+    from ..scheduler import simulate_replicas, simulate_v1
+
+    ps = task[1]
+    options = dict(max_num_batched_tokens=ctx["budget_tokens"], max_num_seqs=ctx["max_seqs"], prefix_caching=prefix,
+                   time_model=ctx["time_model"], step_time=ctx["step_time"], max_len=ctx["max_len"], progress=progress)
+    if task[0] == "serving":
+        alloc = BlockManager(ctx["pages"][ps], ps, watermark=ctx["watermark"], enable_prefix_caching=prefix)
+        result = simulate_v1(work, alloc, **options)
+        return {"label": f"page {ps}", "page_size": ps, "elapsed_s": time.perf_counter() - start, **result.to_dict()}
+    result = simulate_replicas(
+        work, lambda: BlockManager(ctx["pages"][ps], ps, watermark=ctx["watermark"], enable_prefix_caching=prefix,
+                                   enable_kv_events=prefix),
+        ctx["replicas"], task[2], **options)
+    return {"label": f"page {ps}", "page_size": ps, "replicas": ctx["replicas"],
+            "elapsed_s": time.perf_counter() - start, **result.to_dict()}
 
 
 def _progress(total: int):
