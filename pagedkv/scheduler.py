@@ -9,8 +9,11 @@ step (``max_num_batched_tokens``) shared by decodes and prefill chunks:
    tokens: 1 for a decode, the rest of its prompt for a prefill, capped by what is left of the
    budget (chunked prefill). A request that sampled a token in the last step needs one more
    slot: one ``append_batch`` gives them all, and when the pool is out of pages the
-   latest-arrived running request is preempted (freed, recomputed later: prompt and output so
-   far, from the prefix cache when it still holds them) and the append is retried.
+   latest-arrived running request is preempted and the append is retried. ``preemption=
+   "recompute"`` frees it (recomputed later: prompt and output so far, from the prefix cache
+   when it still holds them); ``"swap"`` moves its pages to the block manager's CPU tier when
+   they fit there (else recompute), and swapped requests resume, oldest first, before any
+   waiting request is admitted.
 3. If nothing was preempted in this step, waiting requests are admitted first come, first
    served, while the budget, ``max_num_seqs`` and the pool allow: ``allocate`` takes the whole
    prompt (the prefix cache finds what it can) and the first chunk is scheduled.
@@ -19,13 +22,14 @@ step (``max_num_batched_tokens``) shared by decodes and prefill chunks:
    first one is its TTFT; the last one finishes it, and its pages are freed.
 
 Differences from vLLM, on purpose: admission allocates the whole prompt (vLLM allocates each
-chunk's pages as it is scheduled), there is no ``long_prefill_token_threshold``, and
-preemption is by recompute only.
+chunk's pages as it is scheduled) and there is no ``long_prefill_token_threshold``. vLLM v1
+preempts by recompute only; ``"swap"`` is vLLM v0's other mode.
 
 The step-time model is a roofline: a step reads every weight once and the K/V of every
 scheduled token's context, so it takes at least ``bytes / bandwidth``; its matmuls take
 ``2 * active_params * num_tokens`` FLOPs, so at least ``flops / peak``; the step takes the
-larger. Attention FLOPs, kernel efficiency, communication and the host are left out.
+larger. A step that swaps pages adds their bytes over ``host_bytes_per_s`` (PCIe). Attention
+FLOPs, kernel efficiency, communication and the host are left out.
 
 Imports numpy and pagedkv; never torch.
 """
@@ -58,6 +62,8 @@ class StepTimeModel:
         kv_bytes_per_token: K/V bytes of one token over all layers (``KVCacheSpec.bytes_per_token``).
         bandwidth_bytes_per_s, peak_flops: the GPU's memory bandwidth and dense 16-bit peak.
         name: what it models, for reports.
+        host_bytes_per_s: host link bandwidth for swaps (default 32 GB/s: PCIe 4.0 x16, one
+            direction, theoretical).
     """
 
     weights_bytes: int
@@ -66,11 +72,12 @@ class StepTimeModel:
     bandwidth_bytes_per_s: float
     peak_flops: float
     name: str = ""
+    host_bytes_per_s: float = 32e9
 
     def __post_init__(self):
         for field in ("weights_bytes", "active_params", "kv_bytes_per_token"):
             check.as_int(field, getattr(self, field), 0, 2**62)
-        for field in ("bandwidth_bytes_per_s", "peak_flops"):
+        for field in ("bandwidth_bytes_per_s", "peak_flops", "host_bytes_per_s"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise InvalidArgument(field, value, "a positive number")
@@ -96,6 +103,10 @@ class StepTimeModel:
         compute = 2.0 * self.active_params * num_tokens / self.peak_flops
         return max(memory, compute)
 
+    def swap_time(self, num_tokens: int) -> float:
+        """Seconds to move ``num_tokens`` tokens of K/V over the host link."""
+        return num_tokens * self.kv_bytes_per_token / self.host_bytes_per_s
+
 
 @dataclass(frozen=True, slots=True)
 class ServeResult:
@@ -105,6 +116,7 @@ class ServeResult:
         num_requests, completed: requests in the workload / finished. rejected: reason -> count.
         steps: engine steps that ran. preemptions: preemptions in all; preemptions_per_request:
             over the admitted requests. recomputed_tokens: tokens computed again after them.
+        swap_outs: preemptions that swapped to the CPU tier (``preemption="swap"``).
         prefix_hit_rate, prefill_tokens_saved: as in ``pagedkv.simulate`` (``None`` without
             prefix caching).
         duration_s: simulated time from the first arrival to the last completion.
@@ -123,6 +135,7 @@ class ServeResult:
     preemptions: int
     preemptions_per_request: float
     recomputed_tokens: int
+    swap_outs: int
     prefix_hit_rate: float | None
     prefill_tokens_saved: int | None
     duration_s: float
@@ -148,7 +161,7 @@ def _percentile(values, q: float) -> float:
 
 
 def _check_options(allocator, workload, max_num_batched_tokens, max_num_seqs, prefix_caching, time_model, step_time,
-                   max_len):
+                   max_len, preemption="recompute"):
     if not all(hasattr(allocator, a) for a in ("page_size", "num_pages", "append_batch", "commit")):
         raise InvalidType("allocator", allocator, "a BlockManager")
     if allocator.num_sequences:
@@ -167,6 +180,10 @@ def _check_options(allocator, workload, max_num_batched_tokens, max_num_seqs, pr
         raise InvalidType("time_model", time_model, "a StepTimeModel or None")
     if isinstance(step_time, bool) or not isinstance(step_time, (int, float)) or not 0 < step_time < math.inf:
         raise InvalidArgument("step_time", step_time, "a positive number of seconds")
+    if preemption not in ("recompute", "swap"):
+        raise InvalidArgument("preemption", preemption, "'recompute' or 'swap'")
+    if preemption == "swap" and not getattr(allocator, "num_cpu_pages", 0):
+        raise InvalidArgument("preemption", preemption, "'recompute' unless the BlockManager has num_cpu_pages > 0")
     return budget, seqs, math.inf if max_len is None else check.count("max_len", max_len)
 
 
@@ -174,7 +191,7 @@ class _Replica:
     """One engine under the v1 policy: its block manager, queues and clock (see the module doc)."""
 
     def __init__(self, work: Workload, mgr, budget: int, max_seqs: int, prefix_caching: bool, time_model, step_time,
-                 state: dict):
+                 state: dict, preemption: str = "recompute"):
         self.work, self.mgr, self.budget, self.max_seqs = work, mgr, budget, max_seqs
         self.prefix_caching, self.time_model, self.fixed_step = prefix_caching, time_model, step_time
         self.prompts, self.outputs, self.arrivals = state["prompts"], state["outputs"], state["arrivals"]
@@ -182,6 +199,10 @@ class _Replica:
         self.ttft, self.finish, self.admitted_once = state["ttft"], state["finish"], state["admitted_once"]
         self.running: list[int] = []  # arrival order
         self.waiting: deque[int] = deque()
+        self.swapped: list[int] = []  # arrival order
+        self.swap = preemption == "swap"
+        self.swapped_tokens = 0  # this step's tokens moved over the host link
+        self.swap_outs = 0
         self.clock = 0.0
         self.waiting_blocks = 0  # pages the waiting prompts will need (a router's load signal)
         self.preemptions = self.recomputed = self.hits = self.queried = self.saved = 0
@@ -190,7 +211,7 @@ class _Replica:
 
     @property
     def busy(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.swapped)
 
     @property
     def active_blocks(self) -> int:
@@ -206,12 +227,19 @@ class _Replica:
 
     def _preempt(self, r: int) -> None:
         self.running.remove(r)
+        self.preemptions += 1
+        if self.swap and self.mgr.can_swap_out([r]):
+            self.mgr.swap_out([r])
+            self.swapped.append(r)
+            self.swapped.sort()
+            self.swapped_tokens += self.held[r]
+            self.swap_outs += 1
+            return
         self.mgr.free(r)
         self.recomputed += self.computed[r]
         self.computed[r] = self.held[r] = 0
         self.waiting.appendleft(r)  # NOTE: victims go latest first, so the queue keeps arrival order
         self.waiting_blocks += -(-self.prompts[r] // self.mgr.page_size)
-        self.preemptions += 1
 
     def step(self) -> list[int]:
         """One step at this replica's clock; returns the requests it finished."""
@@ -241,8 +269,17 @@ class _Replica:
             scheduled.append((r, n))
             budget -= n
 
-        # 2. admissions, first come, first served (none in a step that preempted)
-        while not preempted and waiting and budget > 0 and len(running) < self.max_seqs:
+        # 2. swapped requests resume, oldest first, then admissions, first come, first served
+        # (none in a step that preempted; none while a request is swapped out)
+        while not preempted and self.swapped and budget > 0 and len(running) < self.max_seqs:
+            r = self.swapped[0]
+            if not mgr.can_swap_in([r]):
+                break
+            mgr.swap_in([r])
+            self.swapped.pop(0)
+            self.swapped_tokens += held[r]
+            running.append(r)  # NOTE: it grows and computes from the next step
+        while not preempted and not self.swapped and waiting and budget > 0 and len(running) < self.max_seqs:
             r = waiting[0]
             num_tokens = prompts[r] + generated[r]
             if self.prefix_caching:
@@ -275,12 +312,17 @@ class _Replica:
 
         # 3. the step runs
         if not scheduled:
-            if waiting and not running and not preempted:  # NOTE: cannot happen: rejected at arrival
-                raise AssertionError(f"request {waiting[0]} does not fit an empty pool")
+            if (waiting or self.swapped) and not running and not preempted:  # NOTE: rejected at arrival instead
+                raise AssertionError(f"request {(self.swapped or waiting)[0]} does not fit an empty pool")
+            mgr.end_step()
             return []
         num_tokens_step = sum(n for _, n in scheduled)
         kv = sum(computed[r] + n for r, n in scheduled)
-        self.clock += self.time_model.step_time(num_tokens_step, kv) if self.time_model is not None else self.fixed_step
+        if self.time_model is not None:
+            self.clock += self.time_model.step_time(num_tokens_step, kv) + self.time_model.swap_time(self.swapped_tokens)
+        else:
+            self.clock += self.fixed_step
+        self.swapped_tokens = 0
         self.steps += 1
         self.sum_running += len(running)
         self.sum_tokens += num_tokens_step
@@ -341,7 +383,8 @@ def _result(work: Workload, replicas: list[_Replica], state: dict, rejected: dic
     ttft, finish = state["ttft"], state["finish"]
     N = len(prompts)
     total = {k: sum(getattr(rep, k) for rep in replicas)
-             for k in ("preemptions", "recomputed", "hits", "queried", "saved", "steps", "sum_running", "sum_tokens")}
+             for k in ("preemptions", "recomputed", "hits", "queried", "saved", "steps", "sum_running", "sum_tokens",
+                       "swap_outs")}
     ok = ~np.isnan(finish)
     completed = int(np.count_nonzero(ok))
     multi = ok & (outputs > 1) if N else ok
@@ -352,7 +395,7 @@ def _result(work: Workload, replicas: list[_Replica], state: dict, rejected: dic
     return ServeResult(
         num_requests=N, completed=completed, rejected=dict(rejected), steps=steps, preemptions=total["preemptions"],
         preemptions_per_request=total["preemptions"] / admitted if admitted else 0.0,
-        recomputed_tokens=total["recomputed"],
+        recomputed_tokens=total["recomputed"], swap_outs=total["swap_outs"],
         prefix_hit_rate=(total["hits"] / total["queried"] if total["queried"] else 0.0) if prefix_caching else None,
         prefill_tokens_saved=total["saved"] if prefix_caching else None, duration_s=duration,
         ttft_p50_s=_percentile(ttft[ok], 50), ttft_p99_s=_percentile(ttft[ok], 99),
@@ -374,7 +417,7 @@ def _state(work: Workload) -> dict:
 def simulate_v1(workload: Workload, allocator, *, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256,
                 prefix_caching: bool = False, time_model: StepTimeModel | None = None,
                 step_time: float = DEFAULT_STEP_TIME, max_len: int | None = None,
-                progress: Callable[[int], None] | None = None) -> ServeResult:
+                progress: Callable[[int], None] | None = None, preemption: str = "recompute") -> ServeResult:
     """Run ``workload`` through a vLLM-v1-like scheduler over ``allocator`` (see the module doc).
 
     Args:
@@ -388,14 +431,15 @@ def simulate_v1(workload: Workload, allocator, *, max_num_batched_tokens: int = 
         time_model: a ``StepTimeModel``; ``None``: every step takes ``step_time`` seconds.
         max_len: longest allowed ``prompt + output`` (``None``: the pool is the limit).
         progress: called now and then with the number of requests finished since the last call.
+        preemption: ``"recompute"`` or ``"swap"`` (needs a BlockManager with ``num_cpu_pages``).
 
     Raises:
         InvalidType / InvalidArgument: a bad argument, or an allocator that is not empty.
     """
     budget, seqs, max_len = _check_options(allocator, workload, max_num_batched_tokens, max_num_seqs, prefix_caching,
-                                           time_model, step_time, max_len)
+                                           time_model, step_time, max_len, preemption)
     state = _state(workload)
-    replica = _Replica(workload, allocator, budget, seqs, prefix_caching, time_model, step_time, state)
+    replica = _Replica(workload, allocator, budget, seqs, prefix_caching, time_model, step_time, state, preemption)
     if len(workload):
         replica.clock = state["arrivals"][0]
     rejected = _run(workload, [replica], state, max_len, lambda r: 0, progress, lambda rep: None)
@@ -453,12 +497,13 @@ def simulate_replicas(workload: Workload, make_allocator: Callable[[], object], 
     if isinstance(overlap_weight, bool) or not isinstance(overlap_weight, (int, float)) or not 0 < overlap_weight < math.inf:
         raise InvalidArgument("overlap_weight", overlap_weight, "a positive number")
     allocators = [make_allocator() for _ in range(n)]
-    keys = ("max_num_batched_tokens", "max_num_seqs", "prefix_caching", "time_model", "step_time", "max_len")
+    keys = ("max_num_batched_tokens", "max_num_seqs", "prefix_caching", "time_model", "step_time", "max_len",
+            "preemption")
     unknown = set(options) - set(keys) - {"progress"}
     if unknown:
         raise InvalidArgument("options", sorted(unknown)[0], f"one of {', '.join(keys)}, progress")
     defaults = dict(max_num_batched_tokens=8192, max_num_seqs=256, prefix_caching=False, time_model=None,
-                    step_time=DEFAULT_STEP_TIME, max_len=None)
+                    step_time=DEFAULT_STEP_TIME, max_len=None, preemption="recompute")
     opts = {**defaults, **{k: v for k, v in options.items() if k != "progress"}}
     for alloc in allocators:
         budget, seqs, max_len = _check_options(alloc, workload, *(opts[k] for k in keys))
@@ -471,8 +516,8 @@ def simulate_replicas(workload: Workload, make_allocator: Callable[[], object], 
 
         index = PrefixIndex(allocators[0].page_size, allocators[0].prefix_hash)
     state = _state(workload)
-    replicas = [_Replica(workload, a, budget, seqs, prefix, opts["time_model"], opts["step_time"], state)
-                for a in allocators]
+    replicas = [_Replica(workload, a, budget, seqs, prefix, opts["time_model"], opts["step_time"], state,
+                         opts["preemption"]) for a in allocators]
     if len(workload):
         for rep in replicas:
             rep.clock = state["arrivals"][0]

@@ -154,3 +154,13 @@ def test_jobs_give_the_same_report_as_one_process(tmp_path):
                 point.pop("elapsed_s")
         reports.append(report)
     assert reports[0] == reports[1] and len(reports[0]["replicas"]) == 6 and reports[0]["capacity_sweep"]
+
+
+def test_v1_swap_preemption(tmp_path, capsys):
+    assert frag(tmp_path, "--no-plot", "--slots", "3000", "--preemption", "swap", "--cpu-slots", "20000") == 0
+    serving = json.loads((tmp_path / "frag.json").read_text())["serving"]
+    assert all(p["swap_outs"] == p["preemptions"] and p["recomputed_tokens"] == 0 for p in serving)
+    assert any(p["swap_outs"] > 0 for p in serving)
+    for args in (["--preemption", "swap"], ["--cpu-slots", "100"]):
+        assert frag(tmp_path, "--no-plot", *args) == 2
+        assert args[0] in capsys.readouterr().err

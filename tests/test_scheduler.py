@@ -223,3 +223,28 @@ def test_prefix_aware_needs_kv_events_and_names_bad_routers():
         simulate_replicas(work, lambda: BlockManager(64, 16), 0, "round_robin")
     with pytest.raises(InvalidArgument, match="options"):
         simulate_replicas(work, lambda: BlockManager(64, 16), 2, "round_robin", max_num_tokens=5)
+
+
+def test_swap_preemption_moves_pages_instead_of_recomputing():
+    make, pages, ps, budget, seqs = CASES[0]
+    work = make()
+    recompute = simulate_v1(work, BlockManager(pages, ps), max_num_batched_tokens=budget, max_num_seqs=seqs)
+    mgr = BlockManager(pages, ps, num_cpu_pages=400)
+    swap = simulate_v1(work, mgr, max_num_batched_tokens=budget, max_num_seqs=seqs, preemption="swap")
+    assert swap.completed == recompute.completed == len(work)
+    assert swap.swap_outs == swap.preemptions > 0 and swap.recomputed_tokens == 0
+    assert recompute.swap_outs == 0 and recompute.recomputed_tokens > 0
+    assert mgr.num_sequences == 0 and mgr.num_free_cpu_pages == 400
+    # too small a CPU tier falls back to recompute for the sequences that do not fit there
+    tiny = simulate_v1(work, BlockManager(pages, ps, num_cpu_pages=2), max_num_batched_tokens=budget,
+                       max_num_seqs=seqs, preemption="swap")
+    assert tiny.completed == len(work) and tiny.recomputed_tokens > 0
+    with pytest.raises(InvalidArgument, match="num_cpu_pages"):
+        simulate_v1(work, BlockManager(pages, ps), preemption="swap")
+    with pytest.raises(InvalidArgument, match="preemption"):
+        simulate_v1(work, BlockManager(pages, ps), preemption="evict")
+
+
+def test_swaps_cost_host_link_time():
+    m = StepTimeModel(10**9, 10**9, 1000, 1e12, 1e15, host_bytes_per_s=1e9)
+    assert m.swap_time(500) == pytest.approx(500 * 1000 / 1e9)

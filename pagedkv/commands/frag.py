@@ -107,6 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="v1 scheduler: tokens per step, decodes + prefill chunks (default 8192, as vLLM)")
     sweep.add_argument("--max-num-seqs", type=int, default=256,
                        help="v1 scheduler: running requests at most (default 256, as vLLM)")
+    sweep.add_argument("--preemption", choices=("recompute", "swap"), default="recompute",
+                       help="v1 scheduler: preempt by recompute (default, as vLLM v1) or swap to --cpu-slots")
+    sweep.add_argument("--cpu-slots", type=int, default=0,
+                       help="v1 scheduler: token slots of the CPU tier that --preemption swap moves pages to")
     sweep.add_argument("--replicas", type=int, default=1,
                        help="v1 scheduler: also run this many replicas (each with the whole budget) behind each "
                        "--router, and report hit rate, load imbalance and TTFT per router (default 1: none)")
@@ -266,6 +270,12 @@ def sweep(args: argparse.Namespace) -> dict:
             from ..scheduler import StepTimeModel
 
             time_model = StepTimeModel.from_presets(args.model, args.gpu)
+    preemption = getattr(args, "preemption", "recompute")
+    cpu_slots = check.as_int("--cpu-slots", getattr(args, "cpu_slots", 0), 0, check.MAX_COUNT)
+    if preemption == "swap" and (not v1 or not cpu_slots):
+        raise InvalidArgument("--preemption", preemption, "'recompute' unless --scheduler v1 and --cpu-slots > 0")
+    if cpu_slots and preemption != "swap":
+        raise InvalidArgument("--cpu-slots", cpu_slots, "given with --preemption swap")
     replicas = check.as_int("--replicas", getattr(args, "replicas", 1), 1, 1024)
     routers = []
     if replicas > 1:
@@ -294,7 +304,7 @@ def sweep(args: argparse.Namespace) -> dict:
                "max_running": args.max_running, "prefix": prefix, "watermark": args.watermark,
                "placement": args.placement, "pages": {ps: budget["pages"](ps) for ps in page_sizes},
                "budget_tokens": budget_tokens if v1 else None, "max_seqs": max_seqs if v1 else None,
-               "time_model": time_model, "replicas": replicas}
+               "time_model": time_model, "replicas": replicas, "preemption": preemption, "cpu_slots": cpu_slots}
     bar = _progress(len(tasks) * len(work))
     try:
         if jobs == 1:
@@ -335,7 +345,8 @@ def sweep(args: argparse.Namespace) -> dict:
                    "placement": args.placement, "max_running": args.max_running, "seed": args.seed,
                    "rate": args.rate, "page_sizes": page_sizes, "policies": policies, "backend": backend,
                    "prefix_caching": prefix, "scheduler": "v1" if v1 else "simple",
-                   **({"max_num_batched_tokens": budget_tokens, "max_num_seqs": max_seqs,
+                   **({"max_num_batched_tokens": budget_tokens, "max_num_seqs": max_seqs, "preemption": preemption,
+                       "cpu_slots": cpu_slots,
                        "time_model": None if time_model is None else time_model.name} if v1 else {})},
         "points": points,
         **({"serving": serving} if v1 else {}),
@@ -388,14 +399,17 @@ def _execute(task: tuple, ctx: dict, progress) -> dict:
 
     ps = task[1]
     options = dict(max_num_batched_tokens=ctx["budget_tokens"], max_num_seqs=ctx["max_seqs"], prefix_caching=prefix,
-                   time_model=ctx["time_model"], step_time=ctx["step_time"], max_len=ctx["max_len"], progress=progress)
+                   time_model=ctx["time_model"], step_time=ctx["step_time"], max_len=ctx["max_len"], progress=progress,
+                   preemption=ctx["preemption"])
+    cpu_pages = ctx["cpu_slots"] // ps
     if task[0] == "serving":
-        alloc = BlockManager(ctx["pages"][ps], ps, watermark=ctx["watermark"], enable_prefix_caching=prefix)
+        alloc = BlockManager(ctx["pages"][ps], ps, watermark=ctx["watermark"], enable_prefix_caching=prefix,
+                             num_cpu_pages=cpu_pages)
         result = simulate_v1(work, alloc, **options)
         return {"label": f"page {ps}", "page_size": ps, "elapsed_s": time.perf_counter() - start, **result.to_dict()}
     result = simulate_replicas(
         work, lambda: BlockManager(ctx["pages"][ps], ps, watermark=ctx["watermark"], enable_prefix_caching=prefix,
-                                   enable_kv_events=prefix),
+                                   enable_kv_events=prefix, num_cpu_pages=cpu_pages),
         ctx["replicas"], task[2], **options)
     return {"label": f"page {ps}", "page_size": ps, "replicas": ctx["replicas"],
             "elapsed_s": time.perf_counter() - start, **result.to_dict()}
