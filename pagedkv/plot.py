@@ -108,10 +108,15 @@ def plot_prefix(report: dict, path: str | Path) -> Path:
     points = report["capacity_sweep"]
     fig, ax = plt.subplots(figsize=(7, 4.6))
     palette = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#999999"]
+    cpus = sorted({p.get("cpu_slots", 0) for p in points})
     for i, ps in enumerate(sorted({p["page_size"] for p in points})):
-        line = sorted((p["num_slots"], 100 * p["prefix_hit_rate"]) for p in points if p["page_size"] == ps)
-        ax.plot([c for c, _ in line], [h for _, h in line], "o-", color=palette[i % len(palette)],
-                label=f"page {ps}")
+        for j, cpu in enumerate(cpus):
+            line = sorted((p["num_slots"], 100 * p["prefix_hit_rate"]) for p in points
+                          if p["page_size"] == ps and p.get("cpu_slots", 0) == cpu)
+            label = f"page {ps}" + (f", CPU tier {cpu:,} slots" if cpu else (", no CPU tier" if len(cpus) > 1 else ""))
+            ax.plot([c for c, _ in line], [h for _, h in line], "o-" if not cpu else "s--",
+                    color=palette[i % len(palette)], alpha=1.0 - 0.5 * j / max(1, len(cpus) - 1) if cpu else 1.0,
+                    label=label)
     ax.set_xscale("log")
     ax.set_ylim(0, 100)
     ax.set_xlabel("KV-cache capacity (token slots, log scale)")

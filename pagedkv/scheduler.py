@@ -201,6 +201,7 @@ class _Replica:
         self.waiting: deque[int] = deque()
         self.swapped: list[int] = []  # arrival order
         self.swap = preemption == "swap"
+        self.offloading = bool(getattr(mgr, "cpu_prefix_cache", False))
         self.swapped_tokens = 0  # this step's tokens moved over the host link
         self.swap_outs = 0
         self.clock = 0.0
@@ -344,6 +345,8 @@ class _Replica:
             running.remove(r)
             mgr.free(r)
             self.finish[r] = self.clock
+        if self.offloading:
+            mgr.take_offload()  # NOTE: the prefix cache's CPU-tier moves carry no bytes here
         mgr.end_step()
         return done
 

@@ -147,7 +147,9 @@ def simulate(workload: Workload, allocator, *, max_len: int | None = None, num_s
             equal hash ids are equal content) on a ``BlockManager`` built with
             ``enable_prefix_caching``, so its prefix cache runs with its real eviction; a hit's
             pages are shared, and the breakdown counts a shared page's tokens once. Cached pages
-            no sequence holds count as free. Needs ``parallel_samples=1``.
+            no sequence holds count as free. Needs ``parallel_samples=1``. A manager with
+            ``cpu_prefix_cache`` demotes evicted cached pages to its CPU tier and finds hits
+            there too (they count as hits).
 
     Returns:
         ``SimResult``.
@@ -179,6 +181,7 @@ def simulate(workload: Workload, allocator, *, max_len: int | None = None, num_s
     if prefix_caching and n > 1:
         raise InvalidArgument("parallel_samples", n, "1 with prefix_caching")
     prefix_hits = prefix_queried = prefix_saved = 0
+    offloading = not static and bool(getattr(allocator, "cpu_prefix_cache", False))
 
     prompts = workload.prompt_lens.tolist()
     finals = workload.final_lens.tolist()
@@ -406,6 +409,8 @@ def simulate(workload: Workload, allocator, *, max_len: int | None = None, num_s
 
         # 4. the step's copies run (a BlockManager keeps their pages pinned until then), then record
         if not static:
+            if offloading:
+                allocator.take_offload()  # NOTE: no bytes to move here; the moves only count as hits
             allocator.end_step()
         if worked:
             steps += 1

@@ -164,3 +164,16 @@ def test_v1_swap_preemption(tmp_path, capsys):
     for args in (["--preemption", "swap"], ["--cpu-slots", "100"]):
         assert frag(tmp_path, "--no-plot", *args) == 2
         assert args[0] in capsys.readouterr().err
+
+
+def test_cpu_tier_is_a_second_capacity_axis(tmp_path, capsys):
+    assert main(["frag", "--workload", "multi-turn", "--num-requests", "200", "--prefix-caching", "--page-sizes", "16",
+                 "--policies", "", "--capacities", "20000", "--cpu-capacities", "0,60000", "--max-len", "16384",
+                 "--slots", "20000", "--scheduler", "simple", "--no-plot", "--out", str(tmp_path)]) == 0
+    assert "rows per page size and CPU-tier slots" in capsys.readouterr().out
+    sweep = {p["cpu_slots"]: p for p in json.loads((tmp_path / "frag.json").read_text())["capacity_sweep"]}
+    assert set(sweep) == {0, 60000}
+    assert sweep[60000]["prefix_hit_rate"] > sweep[0]["prefix_hit_rate"]  # demoted pages found again
+    assert main(["frag", "--num-requests", "5", "--prefix-caching", "--cpu-capacities", "100", "--no-plot",
+                 "--out", str(tmp_path)]) == 2
+    assert "--cpu-capacities" in capsys.readouterr().err

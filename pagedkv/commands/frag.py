@@ -121,6 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="with --prefix-caching: also sweep the pool size, e.g. 50000,200000 token slots, for "
                        "every page size (the hit rate against capacity; drawn in prefix.png)")
 
+    sweep.add_argument("--cpu-capacities", type=_int_list, default=None,
+                       help="with --capacities: a second axis, CPU-tier token slots of the prefix cache (evicted "
+                       "cached pages are demoted there and promoted back on a hit), e.g. 0,200000")
     sweep.add_argument("--jobs", type=int, default=1,
                        help="simulate the sweep's points in this many processes (default 1)")
 
@@ -258,6 +261,12 @@ def sweep(args: argparse.Namespace) -> dict:
         if not prefix:
             raise InvalidArgument("--capacities", ",".join(map(str, args.capacities)), "given only with --prefix-caching")
         capacities = [check.count("--capacities", c) for c in args.capacities]
+    cpu_capacities = [0]
+    if getattr(args, "cpu_capacities", None) is not None:
+        if not capacities:
+            raise InvalidArgument("--cpu-capacities", ",".join(map(str, args.cpu_capacities)),
+                                  "given only with --capacities")
+        cpu_capacities = [check.as_int("--cpu-capacities", c, 0, check.MAX_COUNT) for c in args.cpu_capacities]
         for c in capacities:
             if c // min(page_sizes or [1]) > MAX_PAGES:
                 raise InvalidArgument("--capacities", c, f"at most {MAX_PAGES:,} pages of the smallest page size")
@@ -297,7 +306,8 @@ def sweep(args: argparse.Namespace) -> dict:
         raise InvalidArgument("--router", args.router, "given with --replicas N > 1")
     jobs = check.as_int("--jobs", getattr(args, "jobs", 1), 1, 256)
     tasks = ([("point", "static", p) for p in policies] + [("point", "paged", ps) for ps in page_sizes]
-             + [("capacity", c, ps) for c in capacities for ps in page_sizes if c // ps >= 1]
+             + [("capacity", c, ps, cpu) for c in capacities for ps in page_sizes for cpu in cpu_capacities
+                if c // ps >= 1]
              + ([("serving", ps) for ps in page_sizes] if v1 else [])
              + [("fleet", ps, router) for ps in page_sizes for router in routers])
     context = {"work": work, "C": C, "max_len": max_len, "n": n, "step_time": step_time,
@@ -388,11 +398,12 @@ def _execute(task: tuple, ctx: dict, progress) -> dict:
                 "placement": ctx["placement"] if kind == "static" else None,
                 "elapsed_s": time.perf_counter() - start, **result.to_dict()}
     if task[0] == "capacity":
-        capacity, ps = task[1], task[2]
-        alloc = BlockManager(capacity // ps, ps, watermark=ctx["watermark"], enable_prefix_caching=True)
+        capacity, ps, cpu = task[1], task[2], task[3]
+        alloc = BlockManager(capacity // ps, ps, watermark=ctx["watermark"], enable_prefix_caching=True,
+                             num_cpu_pages=cpu // ps, cpu_prefix_cache=cpu // ps > 0)
         result = simulate(work, alloc, max_len=ctx["max_len"], step_time=ctx["step_time"],
                           max_running=ctx["max_running"], progress=progress, prefix_caching=True)
-        return {"page_size": ps, "num_slots": capacity, "prefix_hit_rate": result.prefix_hit_rate,
+        return {"page_size": ps, "num_slots": capacity, "cpu_slots": cpu, "prefix_hit_rate": result.prefix_hit_rate,
                 "prefill_tokens_saved": result.prefill_tokens_saved, "preemptions": result.preemptions,
                 "completed": result.completed, "rejected": result.rejected, "mean_running": result.mean_running}
     from ..scheduler import simulate_replicas, simulate_v1
@@ -465,12 +476,16 @@ def render(report: dict) -> str:
     if sweep_points:
         sizes = sorted({p["page_size"] for p in sweep_points})
         caps = sorted({p["num_slots"] for p in sweep_points})
-        table = {(p["page_size"], p["num_slots"]): p for p in sweep_points}
-        lines += ["", "prefix hit rate (%) against capacity (token slots):",
-                  f"{'page':>6} " + " ".join(f"{c:>10,}" for c in caps)]
+        cpus = sorted({p.get("cpu_slots", 0) for p in sweep_points})
+        table = {(p["page_size"], p.get("cpu_slots", 0), p["num_slots"]): p for p in sweep_points}
+        lines += ["", "prefix hit rate (%) against capacity (token slots)"
+                  + (", rows per page size and CPU-tier slots:" if len(cpus) > 1 else ":"),
+                  f"{'page':>6} " + (f"{'CPU':>10} " if len(cpus) > 1 else "") + " ".join(f"{c:>10,}" for c in caps)]
         for ps in sizes:
-            lines.append(f"{ps:>6} " + " ".join(
-                f"{100 * table[(ps, c)]['prefix_hit_rate']:>10.1f}" if (ps, c) in table else f"{'-':>10}" for c in caps))
+            for cpu in cpus:
+                lines.append(f"{ps:>6} " + (f"{cpu:>10,} " if len(cpus) > 1 else "") + " ".join(
+                    f"{100 * table[(ps, cpu, c)]['prefix_hit_rate']:>10.1f}" if (ps, cpu, c) in table else f"{'-':>10}"
+                    for c in caps))
     serving = report.get("serving") or []
     if serving:
         timed = c.get("time_model") is not None
