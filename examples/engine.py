@@ -31,7 +31,9 @@ computing waits for those pages instead of computing the prefix a second time.
 
 The same code runs on the CPU (the torch reference kernels) and on CUDA (the Triton kernels).
 Needs torch and ``transformers`` (the ``examples`` extra); pagedkv itself needs neither.
-Run ``python examples/engine.py`` for a demo that checks itself against ``model.generate``.
+Run ``python examples/engine.py`` for a demo that checks itself against ``model.generate``;
+``--tp 2`` (tensor parallel) and ``--disagg`` (prefill/decode in two processes) run the same
+engine over ``torch.distributed`` (``examples/engine_dist.py``).
 """
 
 from __future__ import annotations
