@@ -417,6 +417,10 @@ class Engine:
         """
         if params.n != 1:
             raise InvalidArgument("params.n", params.n, "1 for an imported request")
+        if params.max_new_tokens < 2 or int(first_token) in params.stop_token_ids:
+            raise InvalidArgument("params.max_new_tokens", params.max_new_tokens,
+                                  ">= 2 and a first token that is not a stop token: otherwise the prefill engine's "
+                                  "output is already complete, and there is nothing to import")
         if descriptor.token_ids is None:
             raise InvalidArgument("descriptor.token_ids", None, "the prompt's token ids (export_sequence(..., token_ids=))")
         if len(self.running) >= self.config.max_num_seqs:
