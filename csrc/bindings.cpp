@@ -231,6 +231,8 @@ NB_MODULE(_core, m) {
   argument["row_width"] = int(Arg::row_width);
   argument["row"] = int(Arg::row);
   argument["seq_ids"] = int(Arg::seq_ids);
+  argument["release_before"] = int(Arg::release_before);
+  argument["max_cached_tokens"] = int(Arg::max_cached_tokens);
   using pagedkv::Invariant;
   invariant["pages_cover_tokens"] = int(Invariant::pages_cover_tokens);
   invariant["page_in_range"] = int(Invariant::page_in_range);
@@ -486,12 +488,35 @@ NB_MODULE(_core, m) {
       .def(
           "can_allocate",
           [](BlockManager& self, int64_t num_tokens, Int64Array token_ids,
-             uint64_t salt) -> nb::object {
+             uint64_t salt, int64_t max_cached_tokens, int64_t release_before) -> nb::object {
             bool ok = false;
-            Failure f = self.can_allocate(num_tokens, token_ids_of(token_ids), salt, ok);
+            Failure f = self.can_allocate(num_tokens, token_ids_of(token_ids), salt, ok,
+                                          max_cached_tokens, release_before);
             return f.ok() ? nb::bool_(ok) : failure(f);
           },
-          "num_tokens"_a, "token_ids"_a.none() = nb::none(), "salt"_a = 0)
+          "num_tokens"_a, "token_ids"_a.none() = nb::none(), "salt"_a = 0,
+          "max_cached_tokens"_a = -1, "release_before"_a = 0)
+      .def(
+          "pages_needed",
+          [](BlockManager& self, int64_t num_tokens, Int64Array token_ids, uint64_t salt,
+             int64_t max_cached_tokens, int64_t release_before) -> nb::object {
+            int64_t need = 0;
+            Failure f = self.pages_needed(num_tokens, token_ids_of(token_ids), salt, need,
+                                          max_cached_tokens, release_before);
+            return f.ok() ? nb::int_(need) : failure(f);
+          },
+          "num_tokens"_a, "token_ids"_a.none() = nb::none(), "salt"_a = 0,
+          "max_cached_tokens"_a = -1, "release_before"_a = 0)
+      .def(
+          "prefix_match",
+          [](const BlockManager& self, Int64Array token_ids, uint64_t salt) -> nb::object {
+            std::vector<int8_t> out;
+            Failure f = self.prefix_match(token_ids_of(token_ids), salt, out);
+            if (!f.ok()) return failure(f);
+            nb::bytes raw(reinterpret_cast<const char*>(out.data()), out.size());
+            return raw;
+          },
+          "token_ids"_a, "salt"_a = 0, "int8 states as bytes (see block_manager.h), or a Failure.")
       .def(
           "can_append",
           [](BlockManager& self, int64_t seq_id, int64_t num_tokens) -> nb::object {
@@ -503,7 +528,8 @@ NB_MODULE(_core, m) {
       .def(
           "allocate",
           [](BlockManager& self, int64_t seq_id, int64_t num_tokens, Int64Array token_ids,
-             uint64_t salt, nb::handle num_computed_tokens, int64_t priority) -> nb::object {
+             uint64_t salt, nb::handle num_computed_tokens, int64_t priority,
+             int64_t max_cached_tokens, int64_t release_before) -> nb::object {
             // NOTE: a handle rather than std::optional<int64_t> (see page_tables); None means
             // the whole prompt.
             int64_t computed = num_tokens;
@@ -512,12 +538,13 @@ NB_MODULE(_core, m) {
             int64_t num_cached = 0;
             std::vector<int32_t> copies;
             Failure f = self.allocate(seq_id, num_tokens, token_ids_of(token_ids), salt, computed,
-                                      num_cached, copies, priority);
+                                      num_cached, copies, priority, max_cached_tokens, release_before);
             if (!f.ok()) return failure(f);
             return nb::make_tuple(num_cached, copy_list(copies));
           },
           "seq_id"_a, "num_tokens"_a, "token_ids"_a.none() = nb::none(), "salt"_a = 0,
           "num_computed_tokens"_a.none() = nb::none(), "priority"_a = 35,
+          "max_cached_tokens"_a = -1, "release_before"_a = 0,
           "(tokens found in the prefix cache, [(src_page, dst_page)]) or a Failure.")
       .def(
           "commit",

@@ -441,17 +441,32 @@ Failure BlockManager::ref_count(int64_t page_id, int64_t& out) const {
 }
 
 Failure BlockManager::can_allocate(int64_t num_tokens, TokenIds token_ids, uint64_t salt,
-                                   bool& out) {
+                                   bool& out, int64_t max_cached_tokens, int64_t release_before) {
   out = false;
   if (num_tokens < 0) return Failure{};
+  int64_t need = 0;
+  Failure f = pages_needed(num_tokens, token_ids, salt, need, max_cached_tokens, release_before);
+  if (!f.ok()) return f;
+  out = need <= num_free_pages() - watermark_pages_;
+  return Failure{};
+}
+
+Failure BlockManager::pages_needed(int64_t num_tokens, TokenIds token_ids, uint64_t salt,
+                                   int64_t& out, int64_t max_cached_tokens, int64_t release_before) {
+  out = 0;
+  if (num_tokens < 0) return invalid(Arg::num_tokens, num_tokens);
+  if (max_cached_tokens < -1) return invalid(Arg::max_cached_tokens, max_cached_tokens);
+  if (release_before < 0 || (release_before > 0 && release_before >= num_tokens))
+    return invalid(Arg::release_before, release_before, num_tokens);
   if (token_ids.given()) {
     if (static_cast<int64_t>(token_ids.size) != num_tokens)
       return invalid(Arg::num_tokens_len, num_tokens, static_cast<int64_t>(token_ids.size));
     Failure f = check_token_ids(token_ids);
     if (!f.ok()) return f;
   }
-  const AllocatePlan plan = plan_allocate(num_tokens, token_ids, salt);
-  out = plan.need <= num_free_pages() - watermark_pages_;
+  const AllocatePlan plan =
+      plan_allocate(num_tokens, token_ids, salt, max_cached_tokens, release_before / page_size_);
+  out = plan.need;
   return Failure{};
 }
 
@@ -582,7 +597,8 @@ void BlockManager::clear_row(int64_t slot) {
 
 Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds token_ids,
                                uint64_t salt, int64_t num_computed_tokens, int64_t& num_cached,
-                               std::vector<int32_t>& copies, int64_t priority) {
+                               std::vector<int32_t>& copies, int64_t priority,
+                               int64_t max_cached_tokens, int64_t release_before) {
   if (seq_id < 0) return invalid(Arg::seq_id, seq_id);
   if (priority < 0 || priority >= kNumPriorities) return invalid(Arg::priority, priority);
   if (!is_count(num_tokens)) return invalid(Arg::num_tokens, num_tokens);
@@ -594,21 +610,26 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
   }
   if (num_computed_tokens < 0 || num_computed_tokens > num_tokens)
     return invalid(Arg::num_computed_tokens, num_computed_tokens, num_tokens);
+  if (max_cached_tokens < -1) return invalid(Arg::max_cached_tokens, max_cached_tokens);
+  if (release_before < 0 || (release_before > 0 && release_before >= num_tokens))
+    return invalid(Arg::release_before, release_before, num_tokens);
   if (index_.find(seq_id) >= 0) return fail(Status::sequence_exists, seq_id);
   const bool caching = enable_prefix_caching_ && token_ids.given();
   const int64_t ps = page_size_;
-  const AllocatePlan plan = plan_allocate(num_tokens, token_ids, salt);
+  const int64_t skip = release_before / ps;
+  const AllocatePlan plan = plan_allocate(num_tokens, token_ids, salt, max_cached_tokens, skip);
   const int64_t available = num_free_pages() - watermark_pages_;
   if (plan.need > available)
     return fail(Status::out_of_pages, plan.need, std::max<int64_t>(available, 0), num_pages_);
 
   const int64_t num_hits = static_cast<int64_t>(hits_.size());
+  const int64_t lead = num_hits ? skip : 0;  // released entries before the hit pages
   const int64_t committed = std::max(num_computed_tokens, plan.num_cached);
   // NOTE: shared hit pages are indexed already: the sequence chains after the last of them.
   // The prompt's own pages, the private copy of a whole-prompt hit's last page included (it
   // holds the same content once the engine writes its last token), are offered up to the
   // committed tokens only: the KV of the others is not written yet.
-  const int64_t shared = num_hits - (plan.copy ? 1 : 0);
+  const int64_t shared = lead + num_hits - (plan.copy ? 1 : 0);
   const size_t len = static_cast<size_t>(page_math_.pages_for(num_tokens));
   std::vector<int32_t> pages;
   pages.reserve(len);
@@ -641,8 +662,9 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
   }
   for (int32_t page : hits_)
     if (page != kNullPage) take_cached_page(page);
-  if (num_promotions) promote(plan.num_cached);
-  pages.assign(hits_.begin(), hits_.end());  // within the capacity reserved
+  if (num_promotions) promote(plan.num_cached - lead * ps);
+  pages.assign(static_cast<size_t>(skip), kNullPage);  // within the capacity reserved
+  pages.insert(pages.end(), hits_.begin(), hits_.end());
   if (plan.copy) {
     // NOTE: the whole prompt was cached, but the engine must still compute the last token,
     // which it writes into the last hit page: that page is copied, not shared.
@@ -658,13 +680,15 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
   seq.num_tokens = num_tokens;
   seq.mark = 0;
   seq.swapped = false;
-  seq.window_start = 0;
+  seq.window_start = static_cast<int32_t>(skip);
   seq.cache = std::move(cache);
   seq.pages.swap(pages);
   seq.priority = static_cast<int8_t>(priority);
   hold_priority(seq.pages, seq.priority);
   if (caching) {
-    seq.cache->node = shared ? prefix_.node_of(seq.pages[static_cast<size_t>(shared - 1)]) : PrefixIndex::kRoot;
+    if (shared == 0) seq.cache->node = PrefixIndex::kRoot;
+    else if (shared == lead) seq.cache->node = lead_node_;  // NOTE: the one hit page was copied
+    else seq.cache->node = prefix_.node_of(seq.pages[static_cast<size_t>(shared - 1)]);
     prefix_.acquire(seq.cache->node);
     written_from_ = plan.num_cached;  // NOTE: the rest of the prompt is computed in this step
     offer_pages(seq, num_tokens, committed);

@@ -73,6 +73,8 @@ enum class Arg : int32_t {
   row_width = 30,       // values: num_tokens, seq_id, table width   (append: past the row)
   row = 31,             // values: row, rows                          (set_row: out of range)
   seq_ids = 32,         // values: the smallest id, when negative     (append_batch)
+  release_before = 33,  // values: value, num_tokens (allocate: out of [0, num_tokens - 1])
+  max_cached_tokens = 34,  // values: value (allocate: negative)
 };
 
 // Which invariant check_invariants found broken: the detail keys of
@@ -454,7 +456,16 @@ class BlockManager {
   Failure ref_count(int64_t page_id, int64_t& out) const;
   PrefixCacheStats prefix_cache_stats() const;
   // Counts prefix-cache hits like allocate (with prefix caching on and token ids given).
-  Failure can_allocate(int64_t num_tokens, TokenIds token_ids, uint64_t salt, bool& out);
+  // max_cached_tokens (-1: no cap) and release_before: as allocate.
+  Failure can_allocate(int64_t num_tokens, TokenIds token_ids, uint64_t salt, bool& out,
+                       int64_t max_cached_tokens = -1, int64_t release_before = 0);
+  // Pages allocate(new id, ...) with these arguments would take from the free queues now.
+  Failure pages_needed(int64_t num_tokens, TokenIds token_ids, uint64_t salt, int64_t& out,
+                       int64_t max_cached_tokens = -1, int64_t release_before = 0);
+  // Per full page of token_ids along the longest chain of content nodes found: 2 when a page
+  // holding it can be hit (GPU, or the CPU tier when it is on), 1 for a ghost node. Appends
+  // to out. May throw std::bad_alloc.
+  Failure prefix_match(TokenIds token_ids, uint64_t salt, std::vector<int8_t>& out) const;
   Failure can_append(int64_t seq_id, int64_t num_tokens, bool& out);
 
   // ----------------------------------------------------------------- mutators
@@ -466,9 +477,14 @@ class BlockManager {
   // at commit or an append). num_cached: prompt tokens found in the prefix cache; copies:
   // (src, dst) pairs.
   // priority in [0, 100]: the retention priority of the pages it holds (lower evicted first).
+  // max_cached_tokens >= 0 caps the hit (-1: no cap). release_before in [0, num_tokens): the
+  // pages wholly before that position are released entries from the start (as if a window had
+  // released them); a hit then needs only the later pages cached (the nodes of the released
+  // ones must still match, ghosts included).
   Failure allocate(int64_t seq_id, int64_t num_tokens, TokenIds token_ids, uint64_t salt,
                    int64_t num_computed_tokens, int64_t& num_cached,
-                   std::vector<int32_t>& copies, int64_t priority = 35);
+                   std::vector<int32_t>& copies, int64_t priority = 35,
+                   int64_t max_cached_tokens = -1, int64_t release_before = 0);
   Failure allocate(int64_t seq_id, int64_t num_tokens) {
     int64_t num_cached = 0;
     std::vector<int32_t> copies;
@@ -625,11 +641,15 @@ class BlockManager {
   // std::bad_alloc.
   // With cpu, a node cached on the CPU tier only matches too, with page kNullPage; nodes (when
   // given) gets each hit's node.
+  // The first `skip` pages need only their node (ghosts too) and get no entry in `pages`.
   int32_t match_prefix(const int64_t* token_ids, int64_t num_full, uint64_t salt,
                        std::vector<int32_t>& pages, bool cpu = false,
-                       std::vector<int32_t>* nodes = nullptr) const;
-  // Fills hits_ with the pages matched, in order. May throw std::bad_alloc.
-  AllocatePlan plan_allocate(int64_t num_tokens, TokenIds token_ids, uint64_t salt);
+                       std::vector<int32_t>* nodes = nullptr, int64_t skip = 0) const;
+  // Fills hits_ with the pages matched past the first `skip` (released) pages, in order, and
+  // hit_nodes_ with their nodes; lead_node_ is the node of page skip - 1 (kRoot: none). May
+  // throw std::bad_alloc.
+  AllocatePlan plan_allocate(int64_t num_tokens, TokenIds token_ids, uint64_t salt,
+                             int64_t max_cached_tokens = -1, int64_t skip = 0);
   // Offers page i of seq, whose page_size tokens are `block`, to the index: its node is found
   // or made after the sequence's last one, and the page joins it unless it is a released
   // entry or cached already. Needs prefix_.reserve(1). Returns whether the page was attached.
@@ -709,6 +729,7 @@ class BlockManager {
   PrefixCacheStats stats_;  // counters only; sizes are filled in by prefix_cache_stats()
   std::vector<int32_t> hits_;     // scratch for allocate: hit pages
   std::vector<int32_t> hit_nodes_;  // scratch for allocate: their nodes
+  int32_t lead_node_ = -1;          // scratch for allocate: the node before the hits (skip)
   std::vector<int64_t> block_;    // scratch: one page of token ids, assembled from two parts
 
   // Step-safe copies: per GPU page, kPinned (a copy of this step reads or writes it) and

@@ -76,17 +76,29 @@ PrefixCacheStats BlockManager::prefix_cache_stats() const {
 }
 
 BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, TokenIds token_ids,
-                                                       uint64_t salt) {
+                                                       uint64_t salt, int64_t max_cached_tokens,
+                                                       int64_t skip) {
   AllocatePlan plan;
   hits_.clear();
   hit_nodes_.clear();
+  lead_node_ = PrefixIndex::kRoot;
   const int64_t pages = page_math_.pages_for(num_tokens);
-  plan.need = pages;
+  plan.need = pages - skip;
   if (!enable_prefix_caching_ || !token_ids.given()) return plan;
   const int64_t ps = page_size_;
-  const int32_t parent = match_prefix(token_ids.data, page_math_.index(num_tokens), salt, hits_,
-                                      cpu_prefix_cache_, &hit_nodes_);
-  const int64_t hit_tokens = static_cast<int64_t>(hits_.size()) * ps;
+  int64_t limit = page_math_.index(num_tokens);
+  if (max_cached_tokens >= 0) limit = std::min(limit, max_cached_tokens / ps);
+  int32_t parent = match_prefix(token_ids.data, limit, salt, hits_, cpu_prefix_cache_, &hit_nodes_, skip);
+  if (hits_.empty()) {
+    hit_nodes_.clear();
+    return plan;
+  }
+  // NOTE: hit_nodes_ holds the skipped pages' nodes first; keep only the hits' own.
+  if (skip) {
+    lead_node_ = hit_nodes_[static_cast<size_t>(skip - 1)];
+    hit_nodes_.erase(hit_nodes_.begin(), hit_nodes_.begin() + skip);
+  }
+  const int64_t hit_tokens = (skip + static_cast<int64_t>(hits_.size())) * ps;
   plan.num_cached = std::min(hit_tokens, num_tokens - 1);
   plan.copy = plan.num_cached < hit_tokens;
   // NOTE: the last hit page is a copy source: prefer a page no copy of this step writes (a copy
@@ -99,7 +111,13 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
     if (src == kNullPage) {
       hits_.pop_back();
       hit_nodes_.pop_back();
-      plan.num_cached = static_cast<int64_t>(hits_.size()) * ps;
+      if (hits_.empty()) {
+        lead_node_ = PrefixIndex::kRoot;
+        plan.num_cached = 0;
+        plan.copy = false;
+        return plan;
+      }
+      plan.num_cached = (skip + static_cast<int64_t>(hits_.size())) * ps;
       plan.copy = false;
     } else {
       hits_.back() = src;
@@ -110,13 +128,37 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
   int64_t taken = 0;
   for (int32_t page : hits_)
     taken += page == kNullPage || (ref_count_[page] == 0 && !(pin_flags_[page] & kPinned));
-  plan.need = pages - static_cast<int64_t>(hits_.size()) + (plan.copy ? 1 : 0) + taken;
+  plan.need = pages - skip - static_cast<int64_t>(hits_.size()) + (plan.copy ? 1 : 0) + taken;
   return plan;
+}
+
+Failure BlockManager::prefix_match(TokenIds token_ids, uint64_t salt, std::vector<int8_t>& out) const {
+  out.clear();
+  if (token_ids.given()) {
+    Failure f = internal::check_token_ids(token_ids);
+    if (!f.ok()) return f;
+  }
+  if (!enable_prefix_caching_ || !token_ids.given()) return Failure{};
+  const int64_t ps = page_size_;
+  const int64_t num_full = static_cast<int64_t>(token_ids.size) / ps;
+  uint64_t h = 0;
+  int32_t parent = PrefixIndex::kRoot;
+  for (int64_t i = 0; i < num_full; ++i) {
+    const int64_t* block = token_ids.data + i * ps;
+    h = page_hash(h, block, static_cast<size_t>(ps), salt) & hash_mask_;
+    const int32_t node = prefix_.find(h, parent, salt, block);
+    if (node == PrefixIndex::kNone) break;
+    const bool hit = prefix_.pick_page(node, ref_count_) != kNullPage ||
+                     (cpu_prefix_cache_ && prefix_.cpu_page_of(node) != PrefixIndex::kNone);
+    out.push_back(hit ? 2 : 1);
+    parent = node;
+  }
+  return Failure{};
 }
 
 int32_t BlockManager::match_prefix(const int64_t* token_ids, int64_t num_full, uint64_t salt,
                                    std::vector<int32_t>& pages, bool cpu,
-                                   std::vector<int32_t>* nodes) const {
+                                   std::vector<int32_t>* nodes, int64_t skip) const {
   // NOTE: one hash-chain probe per full page, confirmed by content (tokens, salt and parent
   // node): no scan of the cache. The match stops at the first page not cached. The cost is the
   // hash chain itself (serial: each page's hash starts from its parent's).
@@ -128,6 +170,11 @@ int32_t BlockManager::match_prefix(const int64_t* token_ids, int64_t num_full, u
     h = page_hash(h, block, static_cast<size_t>(ps), salt) & hash_mask_;
     const int32_t node = prefix_.find(h, parent, salt, block);
     if (node == PrefixIndex::kNone) break;
+    if (i < skip) {
+      if (nodes) nodes->push_back(node);
+      parent = node;
+      continue;
+    }
     const int32_t page = prefix_.pick_page(node, ref_count_);
     if (page == kNullPage && !(cpu && prefix_.cpu_page_of(node) != PrefixIndex::kNone)) break;
     pages.push_back(page);

@@ -64,6 +64,8 @@ def _invalid_argument(argument: str, values: tuple[int, ...]) -> Exception:
         return invalid_argument("row", v, "row_taken", values[1])
     if argument == "row_width":
         return invalid_argument("num_tokens", v, "row_width", values[1], values[2])
+    if argument == "release_before":
+        return invalid_argument("release_before", v, "release_before", values[1])
     if argument == "num_computed_tokens_stop":
         return invalid_argument("num_computed_tokens", v, "num_computed_tokens", values[1], values[2])
     # Range errors: let the facade's own check build the error, so the text is the facade's.
@@ -86,6 +88,7 @@ def _invalid_argument(argument: str, values: tuple[int, ...]) -> Exception:
         "num_computed_tokens": lambda: check.as_int("num_computed_tokens", v, 0, values[1]),
         "num_computed_tokens_range": lambda: check.as_int("num_computed_tokens", v, 0, check.MAX_SEQ_ID),
         "priority": lambda: check.as_int("priority", v, MIN_PRIORITY, MAX_PRIORITY),
+        "max_cached_tokens": lambda: check.as_int("max_cached_tokens", v, 0, check.MAX_SEQ_ID),
     }
     try:
         ranges[argument]()
@@ -244,11 +247,27 @@ class CppBlockManager:
             "num_cpu_cached_pages": cpu_cached,
         }
 
-    def can_allocate(self, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0) -> bool:
-        out = self._core.can_allocate(num_tokens, _ids(token_ids), salt)
+    def can_allocate(self, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0,
+                     max_cached_tokens: int | None = None, release_before: int = 0) -> bool:
+        out = self._core.can_allocate(num_tokens, _ids(token_ids), salt,
+                                      -1 if max_cached_tokens is None else max_cached_tokens, release_before)
         if out.__class__ is _Failure:
             raise _error(out)
         return out
+
+    def pages_needed(self, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0,
+                     max_cached_tokens: int | None = None, release_before: int = 0) -> int:
+        out = self._core.pages_needed(num_tokens, _ids(token_ids), salt,
+                                      -1 if max_cached_tokens is None else max_cached_tokens, release_before)
+        if out.__class__ is _Failure:
+            raise _error(out)
+        return out
+
+    def prefix_match(self, token_ids: np.ndarray, salt: int = 0) -> np.ndarray:
+        out = self._core.prefix_match(_ids(token_ids), salt)
+        if out.__class__ is _Failure:
+            raise _error(out)
+        return np.frombuffer(out, dtype=np.int8).copy()
 
     def can_append(self, seq_id: int, num_tokens: int) -> bool:
         out = self._core.can_append(seq_id, num_tokens)
@@ -265,9 +284,12 @@ class CppBlockManager:
         salt: int = 0,
         num_computed_tokens: int | None = None,
         priority: int = 35,
+        max_cached_tokens: int | None = None,
+        release_before: int = 0,
     ):
         """Returns (tokens found cached, copy-on-write copies); token_ids: int64 array or None."""
-        out = self._core.allocate(seq_id, num_tokens, _ids(token_ids), salt, num_computed_tokens, priority)
+        out = self._core.allocate(seq_id, num_tokens, _ids(token_ids), salt, num_computed_tokens, priority,
+                                  -1 if max_cached_tokens is None else max_cached_tokens, release_before)
         if out.__class__ is _Failure:
             raise _error(out)
         return out

@@ -29,10 +29,10 @@ FORMAT = "pagedkv-trace/1"
 RECORDED = frozenset({
     "allocate", "append", "append_batch", "commit", "fork", "free", "release_window", "reset_prefix_cache", "end_step", "pin_prefix", "unpin_prefix", "take_offload", "take_events",
     "swap_out", "swap_in", "can_allocate", "can_append", "can_swap_out", "can_swap_in",
-    "page_table", "num_tokens", "page_tables", "window_tables", "csr", "slots", "is_swapped", "prefix_cache_stats",
+    "page_table", "num_tokens", "prefix_match", "pages_needed", "page_tables", "window_tables", "csr", "slots", "is_swapped", "prefix_cache_stats",
 })
 #: Positional arguments that are int64 arrays (decoded back to numpy on replay).
-_ARRAY_ARGS = {"pin_prefix": (0,), "unpin_prefix": (0,), "allocate": (2,), "append": (2,), "can_allocate": (1,), "append_batch": (0, 1, 2), "swap_out": (0,), "swap_in": (0,), "can_swap_out": (0,),
+_ARRAY_ARGS = {"pin_prefix": (0,), "unpin_prefix": (0,), "allocate": (2,), "append": (2,), "can_allocate": (1,), "prefix_match": (0,), "pages_needed": (1,), "append_batch": (0, 1, 2), "swap_out": (0,), "swap_in": (0,), "can_swap_out": (0,),
                "can_swap_in": (0,), "page_tables": (0,), "window_tables": (0,), "csr": (0,)}
 
 

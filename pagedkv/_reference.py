@@ -240,7 +240,7 @@ class ReferenceBlockManager:
     def pin_prefix(self, token_ids: np.ndarray, salt: int = 0) -> int:
         """Hold the cached full pages of a prefix (until unpin_prefix); returns how many."""
         tokens = _token_list(token_ids)
-        pages = self._match(tokens, salt, False)[0] if self.enable_prefix_caching else []
+        pages = self._match(tokens, salt, False, len(tokens) // self.page_size)[0] if self.enable_prefix_caching else []
         for page in pages:
             self._take_cached_page(page)
         self._prefix_pins.append((salt, tuple(tokens), pages))
@@ -257,9 +257,37 @@ class ReferenceBlockManager:
                 return len(pages)
         raise invalid_argument("token_ids", f"{len(key)} token ids", "pinned_prefix")
 
-    def can_allocate(self, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0) -> bool:
-        need = self._plan_allocate(num_tokens, _token_list(token_ids), salt)[0]
+    def can_allocate(self, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0,
+                     max_cached_tokens: int | None = None, release_before: int = 0) -> bool:
+        need = self._plan_allocate(num_tokens, _token_list(token_ids), salt, max_cached_tokens,
+                                   release_before // self.page_size)[0]
         return need <= self.num_free_pages - self.watermark_pages
+
+    def pages_needed(self, num_tokens: int, token_ids: np.ndarray | None = None, salt: int = 0,
+                     max_cached_tokens: int | None = None, release_before: int = 0) -> int:
+        return self._plan_allocate(num_tokens, _token_list(token_ids), salt, max_cached_tokens,
+                                   release_before // self.page_size)[0]
+
+    def prefix_match(self, token_ids: np.ndarray, salt: int = 0) -> np.ndarray:
+        """Per full page of ``token_ids``, along the longest chain of content nodes found: 2 when
+        a page holding it can be hit (on the GPU, or on the CPU tier when that is on), 1 for a
+        ghost node (the chain goes on, no page holds it). int8, as long as the chain."""
+        out: list[int] = []
+        if self.enable_prefix_caching:
+            tokens = _token_list(token_ids)
+            ps = self.page_size
+            h, parent = 0, ROOT
+            for i in range(len(tokens) // ps):
+                block = tuple(tokens[i * ps : (i + 1) * ps])
+                h = page_hash(h, block, salt) & self._hash_mask
+                node = self._prefix.find(h, parent, salt, block)
+                if node == NONE:
+                    break
+                hit = self._prefix.pick_page(node, self._ref_count) != NONE or (
+                    self.cpu_prefix_cache and self._prefix.cpu_page_of(node) != NONE)
+                out.append(2 if hit else 1)
+                parent = node
+        return np.array(out, dtype=np.int8)
 
     def can_append(self, seq_id: int, num_tokens: int) -> bool:
         self._resident_table(seq_id)
@@ -274,8 +302,15 @@ class ReferenceBlockManager:
         salt: int = 0,
         num_computed_tokens: int | None = None,
         priority: int = DEFAULT_PRIORITY,
+        max_cached_tokens: int | None = None,
+        release_before: int = 0,
     ):
         """Returns (tokens found cached, copy-on-write copies).
+
+        ``max_cached_tokens`` caps the hit (None: no cap). ``release_before`` (checked to lie in
+        ``[0, num_tokens)``): the pages wholly before that position are not allocated, as if a
+        window had released them; a hit then needs only the pages from there on cached (their
+        chain of content nodes, ghosts included, still has to match).
 
         ``num_computed_tokens`` (checked by the facade to lie in [0, num_tokens]; None = all):
         the prompt's full pages wholly inside the first ``max(num_computed_tokens, tokens found
@@ -284,7 +319,8 @@ class ReferenceBlockManager:
         if seq_id in self._tables:
             raise SequenceExists(seq_id)
         token_ids = _token_list(token_ids)
-        need, hits, nodes, num_cached = self._plan_allocate(num_tokens, token_ids, salt)
+        skip = release_before // self.page_size
+        need, hits, nodes, num_cached = self._plan_allocate(num_tokens, token_ids, salt, max_cached_tokens, skip)
         available = self.num_free_pages - self.watermark_pages
         if need > available:
             raise OutOfPages(need, max(available, 0), self.num_pages)
@@ -297,12 +333,13 @@ class ReferenceBlockManager:
         for page in hits:
             if page != NONE:
                 self._take_cached_page(page)
+        lead = skip if hits else 0  # NULL entries before the hit pages
         if NONE in hits:
-            self._promote(hits, nodes, num_cached)
-        table = array("i", hits)
+            self._promote(hits, nodes[lead:], num_cached - lead * self.page_size)
+        table = array("i", [NULL_PAGE] * lead + hits)
         copies: list[tuple[int, int]] = []
-        shared = len(hits)  # hit pages shared as they are
-        if num_cached < len(hits) * self.page_size:
+        shared = len(table)  # hit pages shared as they are (and the released entries before them)
+        if num_cached < len(table) * self.page_size:
             shared -= 1
             # NOTE: the whole prompt was cached, but the engine must still compute the last
             # token, which it writes into the last hit page: that page is copied, not shared.
@@ -311,8 +348,12 @@ class ReferenceBlockManager:
             table[-1] = dst
             copies.append(self._gpu_copy(src, dst))
             self._release(src)
+        if not hits:
+            table.extend([NULL_PAGE] * skip)
         while len(table) < _cdiv(num_tokens, self.page_size):
             table.append(self._take_free_page())
+        if skip:
+            self._window_start[seq_id] = skip
         self._tables[seq_id] = table
         self._num_tokens[seq_id] = num_tokens
         self._seq_priority[seq_id] = priority
@@ -324,7 +365,7 @@ class ReferenceBlockManager:
             # them. The prompt's own pages, the private copy of a whole-prompt hit's last page
             # included (it holds the same content once the engine writes its last token), are
             # offered up to the committed tokens only: the KV of the others is not written yet.
-            node = self._prefix.node_of(hits[shared - 1]) if shared else ROOT
+            node = nodes[shared - 1] if shared else ROOT
             self._prefix.acquire(node)
             self._seq_salt[seq_id] = salt
             self._seq_node[seq_id] = node
@@ -818,15 +859,19 @@ class ReferenceBlockManager:
         for per_seq in (self._seq_salt, self._seq_tail, self._seq_committed, self._seq_priority, self._window_start):
             per_seq.pop(seq_id, None)
 
-    def _plan_allocate(self, num_tokens: int, token_ids, salt: int):
-        """(pages taken from the free queues, hit pages (NONE: on the CPU tier only), their
-        nodes, tokens cached) for a prompt."""
+    def _plan_allocate(self, num_tokens: int, token_ids, salt: int, max_cached: int | None = None, skip: int = 0):
+        """(pages taken from the free queues, hit pages (NONE: on the CPU tier only), the nodes
+        of the first ``skip`` pages and of the hits, tokens cached) for a prompt whose first
+        ``skip`` pages are released entries."""
         ps = self.page_size
         pages = _cdiv(num_tokens, ps)
         if token_ids is None or not self.enable_prefix_caching:
-            return pages, [], [], 0
-        hits, nodes = self._match(token_ids, salt, self.cpu_prefix_cache)
-        num_cached = min(len(hits) * ps, num_tokens - 1)
+            return pages - skip, [], [], 0
+        limit = len(token_ids) // ps if max_cached is None else min(len(token_ids) // ps, max_cached // ps)
+        hits, nodes = self._match(token_ids, salt, self.cpu_prefix_cache, limit, skip)
+        if not hits:
+            return pages - skip, [], [], 0
+        num_cached = min((skip + len(hits)) * ps, num_tokens - 1)
         copy = 1 if num_cached < len(hits) * ps else 0
         if copy and hits and hits[-1] != NONE:
             # NOTE: the last hit page is a copy source: prefer a page no copy of this step writes
@@ -838,22 +883,26 @@ class ReferenceBlockManager:
             if src == NONE:
                 hits.pop()
                 nodes.pop()
-                num_cached, copy = len(hits) * ps, 0
+                if not hits:
+                    return pages - skip, [], [], 0
+                num_cached, copy = (skip + len(hits)) * ps, 0
             else:
                 hits[-1] = src
         # NOTE: a hit on a page only a pending copy pins takes no page from the free queues; a
         # hit on the CPU tier takes one (its promotion's destination).
         taken = sum(1 for page in hits if page == NONE or (self._ref_count[page] == 0 and page not in self._pinned))
-        return pages - len(hits) + copy + taken, hits, nodes, num_cached
+        return pages - skip - len(hits) + copy + taken, hits, nodes, num_cached
 
-    def _match(self, token_ids: list[int], salt: int, cpu: bool) -> tuple[list[int], list[int]]:
-        """(a cached page for each full page of the longest cached prefix, their nodes). With
-        ``cpu``, a node cached on the CPU tier only matches too, with page NONE."""
+    def _match(self, token_ids: list[int], salt: int, cpu: bool, limit: int, skip: int = 0) -> tuple[list[int], list[int]]:
+        """(a cached page for each full page of the longest cached prefix (at most ``limit``
+        pages) past the first ``skip`` ones, the nodes of all of them). With ``cpu``, a node
+        cached on the CPU tier only matches too, with page NONE. The first ``skip`` pages need
+        only their nodes (ghosts too)."""
         ps = self.page_size
         pages: list[int] = []
         nodes: list[int] = []
         h, parent = 0, ROOT
-        for i in range(len(token_ids) // ps):
+        for i in range(limit):
             # NOTE: one hash-chain probe per full page, confirmed by content (tokens, salt and
             # parent node); the match stops at the first page not cached.
             block = tuple(token_ids[i * ps : (i + 1) * ps])
@@ -861,6 +910,10 @@ class ReferenceBlockManager:
             node = self._prefix.find(h, parent, salt, block)
             if node == NONE:
                 break
+            if i < skip:
+                nodes.append(node)
+                parent = node
+                continue
             page = self._prefix.pick_page(node, self._ref_count)
             if page == NONE and not (cpu and self._prefix.cpu_page_of(node) != NONE):
                 break

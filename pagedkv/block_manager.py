@@ -396,12 +396,47 @@ class BlockManager:
         # per-token Python work (a 100k-token prompt), the reference converts it itself.
         return tokens.shape[0], tokens, salt_hash(cache_salt)
 
-    def can_allocate(self, num_tokens: int | None = None, *, token_ids=None, cache_salt=None) -> bool:
+    @staticmethod
+    def _hit_shape(num_tokens: int, max_cached_tokens, release_before) -> tuple[int | None, int]:
+        """Checked ``(max_cached_tokens, release_before)`` of an allocation."""
+        if max_cached_tokens is not None:
+            max_cached_tokens = check.as_int("max_cached_tokens", max_cached_tokens, 0, check.MAX_SEQ_ID)
+        release_before = check.as_int("release_before", release_before, 0, check.MAX_SEQ_ID)
+        if release_before and release_before >= num_tokens:
+            raise invalid_argument("release_before", release_before, "release_before", num_tokens)
+        return max_cached_tokens, release_before
+
+    def can_allocate(self, num_tokens: int | None = None, *, token_ids=None, cache_salt=None,
+                     max_cached_tokens: int | None = None, release_before: int = 0) -> bool:
         """Whether ``allocate(new_id, ...)`` with these arguments would succeed now.
 
         Counts prefix-cache hits the same way ``allocate`` does, and the watermark.
         """
-        return self._impl.can_allocate(*self._prompt(num_tokens, token_ids, cache_salt))
+        prompt = self._prompt(num_tokens, token_ids, cache_salt)
+        if max_cached_tokens is None and not release_before:
+            return self._impl.can_allocate(*prompt)
+        return self._impl.can_allocate(*prompt, *self._hit_shape(prompt[0], max_cached_tokens, release_before))
+
+    def pages_needed(self, num_tokens: int | None = None, *, token_ids=None, cache_salt=None,
+                     max_cached_tokens: int | None = None, release_before: int = 0) -> int:
+        """Pages ``allocate(new_id, ...)`` with these arguments would take from the free
+        queues now: its fresh pages, plus its hits on cached pages nothing holds (they leave
+        the evictable queue) and on the CPU tier (each promotion takes one). ``can_allocate``
+        is ``pages_needed(...) <= num_free_pages - watermark_pages``.
+        """
+        prompt = self._prompt(num_tokens, token_ids, cache_salt)
+        return self._impl.pages_needed(*prompt, *self._hit_shape(prompt[0], max_cached_tokens, release_before))
+
+    def prefix_match(self, token_ids, cache_salt=None) -> np.ndarray:
+        """What the prefix cache holds of a prompt, page by page: ``int8 [n]``, one entry per
+        full page along the longest chain of content prefixes the index knows (``n`` at most
+        ``len(token_ids) // page_size``): 2 when a page holding it can be hit now (on the GPU,
+        or on the CPU tier of the prefix cache), 1 when the prefix is known but no page holds it
+        (evicted while a later page is still cached). Empty without prefix caching. Changes
+        nothing. ``HybridBlockManager`` uses it to find the hit every group accepts.
+        """
+        tokens = check.int_array("token_ids", token_ids, 0, check.MAX_TOKEN_ID)
+        return self._impl.prefix_match(tokens, salt_hash(check.cache_salt(cache_salt)))
 
     def allocate(
         self,
@@ -412,6 +447,8 @@ class BlockManager:
         cache_salt=None,
         num_computed_tokens: int | None = None,
         priority: int | None = None,
+        max_cached_tokens: int | None = None,
+        release_before: int = 0,
     ) -> Allocation:
         """Create sequence ``seq_id`` holding a prompt of ``num_tokens`` tokens.
 
@@ -433,6 +470,13 @@ class BlockManager:
                 (least recently freed first within a priority). A page keeps the highest
                 priority of the sequences that held it since it was last handed out; ``fork``
                 children inherit it.
+            max_cached_tokens: take at most this many prompt tokens from the prefix cache
+                (``None``: as many as match); a hybrid model's groups agree on one hit with it.
+            release_before: a position in ``[0, num_tokens)``: the pages wholly before it are
+                never allocated, as if ``release_window`` had released them (a sliding-window
+                layer group whose computed tokens all lie past the window). A prefix-cache hit
+                then needs only the pages from there on to be cached (``prefix_match`` 2); the
+                released ones need only be known (1).
 
         Returns:
             ``Allocation(num_cached_tokens, copies)``; ``num_cached_tokens`` is at most
@@ -450,7 +494,11 @@ class BlockManager:
             num_computed_tokens = check.as_int("num_computed_tokens", num_computed_tokens, 0, num_tokens)
         priority = DEFAULT_PRIORITY if priority is None else check.as_int("priority", priority, MIN_PRIORITY,
                                                                           MAX_PRIORITY)
-        cached, copies = self._impl.allocate(seq_id, num_tokens, tokens, salt, num_computed_tokens, priority)
+        if max_cached_tokens is None and not release_before:
+            cached, copies = self._impl.allocate(seq_id, num_tokens, tokens, salt, num_computed_tokens, priority)
+        else:
+            cached, copies = self._impl.allocate(seq_id, num_tokens, tokens, salt, num_computed_tokens, priority,
+                                                 *self._hit_shape(num_tokens, max_cached_tokens, release_before))
         return Allocation(cached, _copy_plan(copies))
 
     def commit(self, seq_id: int, num_computed_tokens: int) -> int:

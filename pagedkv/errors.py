@@ -227,6 +227,7 @@ EXPECTED: dict[str, str] = {
     "token_ids_len": "one token id per new token ({0})",
     "token_ids_sum": "sum(num_tokens) = {0}",
     "num_computed_tokens": "at most num_tokens({0}) = {1}",
+    "release_before": "an int in [0, num_tokens) = [0, {0})",
     "pinned_prefix": "a prefix pinned with pin_prefix (under this cache_salt) and not unpinned since",
     "row": "a row of the table bound with bind_table (it has {0} rows)",
     "row_taken": "a row no other live sequence is bound to (sequence {0} is)",

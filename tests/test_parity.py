@@ -97,6 +97,7 @@ class Lockstep:
         self.ops: list[tuple[str, tuple, dict]] = []
         self.events: dict[str, int] = {}
         self.prompts: list[tuple[list[int], object]] = []  # (token ids, cache_salt) allocated
+        self.side_rng = random.Random(num_pages * 31 + page_size)  # hit caps and released leads
         self.pins: list[tuple[list[int], object]] = []  # (token ids, cache_salt) pinned
 
     def do(self, op: str, *args, **kwargs):
@@ -301,6 +302,11 @@ def random_cache_op(rng: random.Random, lock: Lockstep) -> None:
             kwargs["num_computed_tokens"] = rng.choice([rng.randint(0, len(tokens)), 0, len(tokens) + 1, -1])
         if rng.random() < 0.4:  # retention priority (sometimes out of range)
             kwargs["priority"] = rng.choice([0, 10, 35, 80, 100, 100, 101, -1])
+        side = lock.side_rng  # NOTE: its own stream, so the draws above keep their coverage
+        if side.random() < 0.25:  # a group's capped hit (sometimes out of range)
+            kwargs["max_cached_tokens"] = side.choice([side.randint(0, len(tokens)), 0, ps, -1])
+        if side.random() < 0.25:  # a sliding group's released lead (sometimes out of range)
+            kwargs["release_before"] = side.choice([side.randint(0, len(tokens) - 1), ps, len(tokens), -1])
         if rng.random() < 0.15:
             outcome = lock.do(
                 "allocate", seq_id, len(tokens) + rng.choice([0, 0, 1]), token_ids=ids, cache_salt=salt, **kwargs
@@ -316,6 +322,12 @@ def random_cache_op(rng: random.Random, lock: Lockstep) -> None:
     elif op == "can_prompt":
         tokens, salt = _prompt(rng, lock)
         lock.do("can_allocate", token_ids=tokens, cache_salt=salt)
+        lock.do("prefix_match", tokens, cache_salt=salt)
+        lock.do("pages_needed", token_ids=tokens, cache_salt=salt)
+        side = lock.side_rng
+        if side.random() < 0.5:
+            lock.do("can_allocate", token_ids=tokens, cache_salt=salt,
+                    max_cached_tokens=side.randint(0, len(tokens)), release_before=side.randint(0, len(tokens) - 1))
     elif op == "append_ids":
         n = rng.randint(1, 2 * ps + 1)
         if rng.random() < 0.2:
