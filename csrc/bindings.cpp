@@ -638,12 +638,12 @@ NB_MODULE(_core, m) {
           "((gpu, cpu) demotions, (cpu, gpu) promotions) as int32 [K, 2] arrays; forgets them.")
       .def(
           "pin_prefix",
-          [](BlockManager& self, Int64Array token_ids, uint64_t salt) -> nb::object {
+          [](BlockManager& self, Int64Array token_ids, uint64_t salt, int64_t release_before) -> nb::object {
             int64_t pinned = 0;
-            Failure f = self.pin_prefix(token_ids_of(token_ids), salt, pinned);
+            Failure f = self.pin_prefix(token_ids_of(token_ids), salt, pinned, release_before);
             return f.ok() ? nb::int_(pinned) : failure(f);
           },
-          "token_ids"_a, "salt"_a = 0)
+          "token_ids"_a, "salt"_a = 0, "release_before"_a = 0)
       .def(
           "unpin_prefix",
           [](BlockManager& self, Int64Array token_ids, uint64_t salt) -> nb::object {

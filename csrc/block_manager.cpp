@@ -623,7 +623,7 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
     return fail(Status::out_of_pages, plan.need, std::max<int64_t>(available, 0), num_pages_);
 
   const int64_t num_hits = static_cast<int64_t>(hits_.size());
-  const int64_t lead = num_hits ? skip : 0;  // released entries before the hit pages
+  const int64_t lead = plan.num_cached ? skip : 0;  // released entries before the hit pages
   const int64_t committed = std::max(num_computed_tokens, plan.num_cached);
   // NOTE: shared hit pages are indexed already: the sequence chains after the last of them.
   // The prompt's own pages, the private copy of a whole-prompt hit's last page included (it
@@ -660,6 +660,15 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
       stats_.hit_tokens += plan.num_cached;
     }
   }
+  // NOTE: the node the sequence chains after is held before any page is taken: when the hit is
+  // released pages only (a chunk's start), it may be a ghost that an eviction below would delete.
+  int32_t chain_node = PrefixIndex::kRoot;
+  if (caching) {
+    if (shared == 0) chain_node = PrefixIndex::kRoot;
+    else if (shared == lead) chain_node = lead_node_;
+    else chain_node = hit_nodes_[static_cast<size_t>(shared - lead - 1)];
+    prefix_.acquire(chain_node);
+  }
   for (int32_t page : hits_)
     if (page != kNullPage) take_cached_page(page);
   if (num_promotions) promote(plan.num_cached - lead * ps);
@@ -686,10 +695,7 @@ Failure BlockManager::allocate(int64_t seq_id, int64_t num_tokens, TokenIds toke
   seq.priority = static_cast<int8_t>(priority);
   hold_priority(seq.pages, seq.priority);
   if (caching) {
-    if (shared == 0) seq.cache->node = PrefixIndex::kRoot;
-    else if (shared == lead) seq.cache->node = lead_node_;  // NOTE: the one hit page was copied
-    else seq.cache->node = prefix_.node_of(seq.pages[static_cast<size_t>(shared - 1)]);
-    prefix_.acquire(seq.cache->node);
+    seq.cache->node = chain_node;
     written_from_ = plan.num_cached;  // NOTE: the rest of the prompt is computed in this step
     offer_pages(seq, num_tokens, committed);
   }

@@ -507,7 +507,8 @@ class BlockManager {
   void end_step();
   // Retention (prefix_cache.cpp): hold the cached full pages of a prefix; pinned: how many.
   // token_ids are checked here. May throw std::bad_alloc (before any change).
-  Failure pin_prefix(TokenIds token_ids, uint64_t salt, int64_t& pinned);
+  // release_before >= 0: the pages wholly before it need only their nodes and are not held.
+  Failure pin_prefix(TokenIds token_ids, uint64_t salt, int64_t& pinned, int64_t release_before = 0);
   // Releases the oldest pin of exactly these ids and salt; released: its pages.
   Failure unpin_prefix(TokenIds token_ids, uint64_t salt, int64_t& released);
   // The CPU tier's pending moves, flattened pairs: (gpu, cpu) demotions and (cpu, gpu)

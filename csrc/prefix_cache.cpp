@@ -89,7 +89,10 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
   int64_t limit = page_math_.index(num_tokens);
   if (max_cached_tokens >= 0) limit = std::min(limit, max_cached_tokens / ps);
   int32_t parent = match_prefix(token_ids.data, limit, salt, hits_, cpu_prefix_cache_, &hit_nodes_, skip);
-  if (hits_.empty()) {
+  // NOTE: a hit needs the chain through the released pages, and then a page, unless the
+  // released pages are the whole hit (a chunked group hit at its chunk's start).
+  if (static_cast<int64_t>(hit_nodes_.size()) < skip || (skip == 0 && hits_.empty())) {
+    hits_.clear();
     hit_nodes_.clear();
     return plan;
   }
@@ -111,7 +114,7 @@ BlockManager::AllocatePlan BlockManager::plan_allocate(int64_t num_tokens, Token
     if (src == kNullPage) {
       hits_.pop_back();
       hit_nodes_.pop_back();
-      if (hits_.empty()) {
+      if (hits_.empty() && skip == 0) {
         lead_node_ = PrefixIndex::kRoot;
         plan.num_cached = 0;
         plan.copy = false;
@@ -329,15 +332,18 @@ void BlockManager::extend_cached_tokens(Sequence& seq, int64_t start, const int6
   cache.tail.insert(cache.tail.end(), token_ids + used, token_ids + n);  // within reserve_tail
 }
 
-Failure BlockManager::pin_prefix(TokenIds token_ids, uint64_t salt, int64_t& pinned) {
+Failure BlockManager::pin_prefix(TokenIds token_ids, uint64_t salt, int64_t& pinned,
+                                 int64_t release_before) {
   pinned = 0;
   Failure f = internal::check_token_ids(token_ids);
   if (!f.ok()) return f;
+  if (release_before < 0) return invalid(Arg::release_before, release_before, static_cast<int64_t>(token_ids.size));
   PrefixPin pin;
   pin.salt = salt;
   pin.tokens.assign(token_ids.data, token_ids.data + token_ids.size);
   if (enable_prefix_caching_)
-    match_prefix(token_ids.data, page_math_.index(static_cast<int64_t>(token_ids.size)), salt, pin.pages);
+    match_prefix(token_ids.data, page_math_.index(static_cast<int64_t>(token_ids.size)), salt, pin.pages,
+                 false, nullptr, release_before / page_size_);
   prefix_pins_.reserve(prefix_pins_.size() + 1);
   // Nothing below allocates.
   for (int32_t page : pin.pages) take_cached_page(page);

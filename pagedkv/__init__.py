@@ -33,6 +33,7 @@ from .errors import (
     SequenceTooLong,
     UnknownSequence,
 )
+from .hybrid import HybridAllocation, HybridBlockManager, HybridStepPlan, KVCacheGroup
 from .simulate import SimResult, simulate
 from .spec import (
     GPU_PRESETS,
@@ -76,6 +77,10 @@ __all__ = [
     "PageTables",
     "CSR",
     "NULL_PAGE",
+    "HybridBlockManager",
+    "KVCacheGroup",
+    "HybridAllocation",
+    "HybridStepPlan",
     "StaticAllocator",
     "Allocator",
     "Region",

@@ -363,8 +363,8 @@ class CppBlockManager:
         """take_events merged into one tuple per event in C++ (see EventBuilder.wrap)."""
         return self._core.take_merged_events(self._page_size)
 
-    def pin_prefix(self, token_ids: np.ndarray, salt: int = 0) -> int:
-        out = self._core.pin_prefix(_ids(token_ids), salt)
+    def pin_prefix(self, token_ids: np.ndarray, salt: int = 0, release_before: int = 0) -> int:
+        out = self._core.pin_prefix(_ids(token_ids), salt, release_before)
         if out.__class__ is _Failure:
             raise _error(out)
         return out

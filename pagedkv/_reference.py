@@ -237,10 +237,13 @@ class ReferenceBlockManager:
                     num_evictable_pages=len(self._evictable), num_pinned_prefix_pages=len(pinned),
                     num_cpu_cached_pages=self._prefix.num_cpu_cached_pages)
 
-    def pin_prefix(self, token_ids: np.ndarray, salt: int = 0) -> int:
-        """Hold the cached full pages of a prefix (until unpin_prefix); returns how many."""
+    def pin_prefix(self, token_ids: np.ndarray, salt: int = 0, release_before: int = 0) -> int:
+        """Hold the cached full pages of a prefix (until unpin_prefix); returns how many. The
+        pages wholly before ``release_before`` need only their nodes and are not held."""
         tokens = _token_list(token_ids)
-        pages = self._match(tokens, salt, False, len(tokens) // self.page_size)[0] if self.enable_prefix_caching else []
+        ps = self.page_size
+        pages = self._match(tokens, salt, False, len(tokens) // ps, release_before // ps)[0] \
+            if self.enable_prefix_caching else []
         for page in pages:
             self._take_cached_page(page)
         self._prefix_pins.append((salt, tuple(tokens), pages))
@@ -330,10 +333,18 @@ class ReferenceBlockManager:
             if num_cached:
                 self._stats["hits"] += 1
                 self._stats["hit_tokens"] += num_cached
+        lead = skip if num_cached else 0  # NULL entries before the hit pages
+        caching = token_ids is not None and self.enable_prefix_caching
+        if caching:
+            # NOTE: the node the sequence chains after is held before any page is taken: when
+            # the hit is released pages only (a chunk's start), it may be a ghost that an
+            # eviction below would delete.
+            last = lead + len(hits) - (1 if num_cached < (lead + len(hits)) * self.page_size else 0)
+            node = nodes[last - 1] if last else ROOT
+            self._prefix.acquire(node)
         for page in hits:
             if page != NONE:
                 self._take_cached_page(page)
-        lead = skip if hits else 0  # NULL entries before the hit pages
         if NONE in hits:
             self._promote(hits, nodes[lead:], num_cached - lead * self.page_size)
         table = array("i", [NULL_PAGE] * lead + hits)
@@ -348,7 +359,7 @@ class ReferenceBlockManager:
             table[-1] = dst
             copies.append(self._gpu_copy(src, dst))
             self._release(src)
-        if not hits:
+        if not lead:
             table.extend([NULL_PAGE] * skip)
         while len(table) < _cdiv(num_tokens, self.page_size):
             table.append(self._take_free_page())
@@ -365,8 +376,6 @@ class ReferenceBlockManager:
             # them. The prompt's own pages, the private copy of a whole-prompt hit's last page
             # included (it holds the same content once the engine writes its last token), are
             # offered up to the committed tokens only: the KV of the others is not written yet.
-            node = nodes[shared - 1] if shared else ROOT
-            self._prefix.acquire(node)
             self._seq_salt[seq_id] = salt
             self._seq_node[seq_id] = node
             self._seq_tail[seq_id] = list(token_ids[shared * ps :])
@@ -869,7 +878,9 @@ class ReferenceBlockManager:
             return pages - skip, [], [], 0
         limit = len(token_ids) // ps if max_cached is None else min(len(token_ids) // ps, max_cached // ps)
         hits, nodes = self._match(token_ids, salt, self.cpu_prefix_cache, limit, skip)
-        if not hits:
+        # NOTE: a hit needs the chain through the released pages, and then a page, unless the
+        # released pages are the whole hit (a chunked group hit at its chunk's start).
+        if len(nodes) < skip or not (skip or hits):
             return pages - skip, [], [], 0
         num_cached = min((skip + len(hits)) * ps, num_tokens - 1)
         copy = 1 if num_cached < len(hits) * ps else 0
@@ -883,7 +894,7 @@ class ReferenceBlockManager:
             if src == NONE:
                 hits.pop()
                 nodes.pop()
-                if not hits:
+                if not (skip or hits):
                     return pages - skip, [], [], 0
                 num_cached, copy = (skip + len(hits)) * ps, 0
             else:

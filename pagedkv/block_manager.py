@@ -631,7 +631,7 @@ class BlockManager:
         seq_id = check.seq_id(seq_id)
         return self._impl.release_window(seq_id, check.count("window", window))
 
-    def pin_prefix(self, token_ids, cache_salt=None) -> int:
+    def pin_prefix(self, token_ids, cache_salt=None, *, release_before: int = 0) -> int:
         """Retention: keep the cached pages of a prefix (a system prompt, say) from eviction.
 
         Holds a reference on each cached full page of ``token_ids``'s longest cached prefix, as
@@ -639,12 +639,17 @@ class BlockManager:
         (they are not free) and are reported in ``prefix_cache_stats().num_pinned_prefix_pages``.
         Pin the prefix once it is cached (after its first request commits it); pinning twice
         holds twice, and each ``unpin_prefix`` releases one pin (the oldest).
+        ``release_before``: the pages wholly before that position are not held, and need only
+        be known to the index (as ``allocate(release_before=...)`` takes a hit).
 
         Returns:
             Pages pinned (0 without prefix caching or when nothing of the prefix is cached).
         """
         tokens = check.int_array("token_ids", token_ids, 0, check.MAX_TOKEN_ID)
         cache_salt = check.cache_salt(cache_salt)
+        release_before = check.as_int("release_before", release_before, 0, check.MAX_SEQ_ID)
+        if release_before:
+            return self._impl.pin_prefix(tokens, salt_hash(cache_salt), release_before)
         return self._impl.pin_prefix(tokens, salt_hash(cache_salt))
 
     def unpin_prefix(self, token_ids, cache_salt=None) -> int:

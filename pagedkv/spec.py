@@ -35,6 +35,13 @@ _DTYPE_ALIASES = {
     "fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "float8_e4m3fn": "fp8", "float8_e5m2": "fp8",
 }
 ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
+#: Layer kinds of a hybrid model (``KVCacheSpec.layer_types``): full attention, sliding-window
+#: attention, chunked local attention, and layers that keep a fixed-size state per sequence
+#: (linear attention, Mamba) instead of a KV cache.
+LAYER_KINDS = ("full", "sliding", "chunked", "state")
+#: Hugging Face ``layer_types`` values -> LAYER_KINDS.
+HF_LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding", "chunked_attention": "chunked",
+                  "linear_attention": "state", "mamba": "state", "mamba2": "state", "conv": "state"}
 #: Scale layouts of quantized caches: no scales, one fp32 scale per layer for K and for V
 #: (nothing per token), or one fp32 scale per (token, layer, K/V, head) stored beside the pages.
 KV_SCALES = ("none", "per_tensor", "per_token_head")
@@ -100,6 +107,10 @@ class KVCacheSpec:
     kv_lora_rank: int = 0
     rope_head_dim: int = 0
     kv_scales: str = "none"
+    layer_types: tuple = ()
+    sliding_window: int = 0
+    attention_chunk_size: int = 0
+    state_bytes: int = 0
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -117,6 +128,31 @@ class KVCacheSpec:
         if self.kv_scales != "none" and self.dtype not in QUANTIZED_DTYPES:
             raise InvalidArgument("kv_scales", self.kv_scales,
                                   f"'none' for a {self.dtype} cache (scales go with {', '.join(QUANTIZED_DTYPES)})")
+        self._check_layer_types()
+
+    def _check_layer_types(self) -> None:
+        put = object.__setattr__
+        types = self.layer_types
+        if isinstance(types, (str, bytes)) or not hasattr(types, "__iter__"):
+            raise InvalidType("layer_types", types, f"a sequence of {', '.join(LAYER_KINDS)}")
+        types = tuple(types)
+        put(self, "layer_types", types)
+        for i, kind in enumerate(types):
+            if kind not in LAYER_KINDS:
+                raise InvalidArgument(f"layer_types[{i}]", kind, f"one of {', '.join(LAYER_KINDS)}")
+        put(self, "sliding_window", check.as_int("sliding_window", self.sliding_window, 0, check.MAX_COUNT))
+        put(self, "attention_chunk_size", check.as_int("attention_chunk_size", self.attention_chunk_size, 0,
+                                                       check.MAX_COUNT))
+        put(self, "state_bytes", check.as_int("state_bytes", self.state_bytes, 0, 2**62))
+        if not types:
+            return
+        attention = sum(kind != "state" for kind in types)
+        if attention != self.num_layers:
+            raise InvalidArgument("layer_types", f"{attention} attention layers",
+                                  f"num_layers ({self.num_layers}) entries other than 'state'")
+        for kind, field in (("sliding", "sliding_window"), ("chunked", "attention_chunk_size"), ("state", "state_bytes")):
+            if kind in types and not getattr(self, field):
+                raise InvalidArgument(field, getattr(self, field), f"an int >= 1 with {kind!r} layers")
 
     def _checked_attention(self) -> str:
         kind, kv, q = self.attention, self.num_kv_heads, self.num_q_heads
@@ -235,8 +271,8 @@ class KVCacheSpec:
         kv = self.num_kv_heads
         if kv % num_gpus and num_gpus % kv:
             raise InvalidArgument("num_gpus", num_gpus, f"a divisor or a multiple of num_kv_heads ({kv})")
-        return KVCacheSpec(self.num_layers, max(1, kv // num_gpus), self.head_dim, self.dtype, self.attention,
-                           kv_scales=self.kv_scales)
+        return dataclasses.replace(self, num_kv_heads=max(1, kv // num_gpus), num_q_heads=None,
+                                   state_bytes=-(-self.state_bytes // num_gpus))
 
     def describe(self) -> str:
         """One line, e.g. ``GQA: 80 layers x 8 KV heads x 128 head dim (64 query heads)``."""
@@ -246,7 +282,119 @@ class KVCacheSpec:
         else:
             text = (f"{self.attention.upper()}: {self.num_layers} layers x {self.num_kv_heads} KV heads"
                     f" x {self.head_dim} head dim")
-        return text if self.num_q_heads is None else f"{text} ({self.num_q_heads} query heads)"
+        text = text if self.num_q_heads is None else f"{text} ({self.num_q_heads} query heads)"
+        if self.is_hybrid:
+            text += f"; {self.describe_layers()}"
+        return text
+
+    # ------------------------------------------------------------ hybrid models
+    @property
+    def is_hybrid(self) -> bool:
+        """Whether some layer is not full attention (``layer_types``)."""
+        return any(kind != "full" for kind in self.layer_types)
+
+    def describe_layers(self) -> str:
+        """E.g. ``layers: 12 sliding (window 128) + 12 full``."""
+        parts = []
+        for kind in LAYER_KINDS:
+            n = self.layer_types.count(kind)
+            if n:
+                extra = {"sliding": f" (window {self.sliding_window:,})",
+                         "chunked": f" (chunk {self.attention_chunk_size:,})",
+                         "state": f" ({self.state_bytes:,} B each per sequence)"}.get(kind, "")
+                parts.append(f"{n} {kind}{extra}")
+        return "layers: " + " + ".join(parts) if parts else f"layers: {self.num_layers} full"
+
+    @property
+    def layer_bytes_per_token(self) -> int:
+        """Bytes per token of one attention layer (K and V, and its scales)."""
+        scales = self.kv_factor * self.num_kv_heads * SCALE_BYTES if self.kv_scales == "per_token_head" else 0
+        return dtype_bytes(self.kv_factor * self.num_kv_heads * self.head_dim, self.dtype) + scales
+
+    def hybrid_layout(self) -> "HybridLayout":
+        """The KV cache groups of ``HybridBlockManager`` for this model (see ``HybridLayout``)."""
+        types = self.layer_types or ("full",) * self.num_layers
+        by_kind = {kind: [i for i, k in enumerate(types) if k == kind] for kind in LAYER_KINDS}
+        by_kind = {kind: layers for kind, layers in by_kind.items() if layers}
+        # NOTE: vLLM's rule: every group holds as many layers as the rarest kind has, so that one
+        # physical page has the same bytes in every group; the other kinds are split into groups
+        # of that size, the last one padded (its missing layers' slots are allocated, unused).
+        size = min(len(layers) for layers in by_kind.values())
+        groups = []
+        for kind, layers in by_kind.items():
+            for start in range(0, len(layers), size):
+                groups.append((kind, tuple(layers[start : start + size])))
+        return HybridLayout(size, tuple(groups))
+
+    def kv_cache_groups(self, page_size: int) -> list:
+        """``KVCacheGroup`` per group of ``hybrid_layout()``, for ``HybridBlockManager``.
+
+        A state group gets ``ceil(state_bytes / page bytes of one layer)`` pages per sequence
+        (the sector scheme: a layer's state spans whole pages of its tensor).
+
+        Raises:
+            InvalidArgument: a chunk that is not a multiple of ``page_size``.
+        """
+        from .hybrid import KVCacheGroup
+
+        page_size = check.count("page_size", page_size)
+        out = []
+        for kind, _ in self.hybrid_layout().groups:
+            if kind == "full":
+                out.append(KVCacheGroup.full())
+            elif kind == "sliding":
+                out.append(KVCacheGroup.sliding(self.sliding_window))
+            elif kind == "chunked":
+                if self.attention_chunk_size % page_size:
+                    raise InvalidArgument("page_size", page_size,
+                                          f"a divisor of attention_chunk_size ({self.attention_chunk_size})")
+                out.append(KVCacheGroup.chunked(self.attention_chunk_size))
+            else:
+                out.append(KVCacheGroup.state(self.state_pages(page_size)))
+        return out
+
+    def state_pages(self, page_size: int) -> int:
+        """Pages of one layer's tensor that hold one sequence's state of a state layer."""
+        return -(-self.state_bytes // (check.count("page_size", page_size) * self.layer_bytes_per_token))
+
+    def group_page_bytes(self, page_size: int) -> int:
+        """Bytes of one physical page of the hybrid pool: a page of every layer of a group."""
+        return self.hybrid_layout().layers_per_group * check.count("page_size", page_size) * self.layer_bytes_per_token
+
+    def hybrid_pages_for(self, num_tokens: int, page_size: int) -> list[int]:
+        """Pages each group holds for one sequence of ``num_tokens`` tokens, decoding: a sliding
+        group the pages from the oldest position its newest token sees, a chunked group those of
+        the newest token's chunk, a state group its state pages, a full group all of them.
+
+        NOTE: a prompt prefilled in one step holds every page in every group until its next
+        step; an engine that prefills in chunks (allocate the first chunk, append the rest)
+        holds ``window + chunk`` tokens at most in a sliding group.
+        """
+        n = check.as_int("num_tokens", num_tokens, 0, 2**62)
+        p = check.count("page_size", page_size)
+        total = -(-n // p)
+        out = []
+        for kind, _ in self.hybrid_layout().groups:
+            if kind == "full":
+                out.append(total)
+            elif kind == "sliding":
+                out.append(total - max(0, n - self.sliding_window) // p if n else 0)
+            elif kind == "chunked":
+                out.append(total - (max(n - 1, 0) // self.attention_chunk_size * self.attention_chunk_size) // p)
+            else:
+                out.append(self.state_pages(p))
+        return out
+
+    def hybrid_bytes_for(self, num_tokens: int, page_size: int) -> int:
+        """Bytes one sequence of ``num_tokens`` tokens holds with hybrid allocation
+        (``hybrid_pages_for`` x ``group_page_bytes``)."""
+        return sum(self.hybrid_pages_for(num_tokens, page_size)) * self.group_page_bytes(page_size)
+
+    def all_full_bytes_for(self, num_tokens: int, page_size: int) -> int:
+        """Bytes one sequence holds when every attention layer is treated as full (what an
+        engine without groups allocates), plus the state layers' state."""
+        states = self.layer_types.count("state") * self.state_bytes
+        return self.bytes_for(num_tokens, page_size) + states
 
     # ----------------------------------------------------- Hugging Face configs
     @classmethod
@@ -260,8 +408,17 @@ class KVCacheSpec:
         config's ``text_config`` is used when the top level has no ``num_hidden_layers``.
         ``dtype`` defaults to the config's ``torch_dtype`` (``dtype`` in newer files), else bf16.
 
-        NOTE: sliding-window layers are sized as full attention (an upper bound: an engine that
-        frees pages outside the window needs less).
+        Hybrid models (``layer_types``): the kind of every decoder layer comes from the config's
+        ``layer_types`` (``full_attention``, ``sliding_attention``, ``chunked_attention``,
+        ``linear_attention``, ``mamba``), else from ``sliding_window_pattern`` (Gemma 3: every
+        N-th layer full), ``no_rope_layers`` with ``attention_chunk_size`` (Llama 4: the NoPE
+        layers are full, the others chunked), ``full_attention_interval`` (Qwen3-Next: every
+        N-th layer full, the others linear attention), or a ``sliding_window`` alone (Mistral:
+        every layer; ignored when ``use_sliding_window`` is false, as Qwen2 configs set). The
+        state of a Gated DeltaNet layer is its recurrent state (value heads x key dim x value
+        dim) plus its convolution state (``linear_conv_kernel_dim - 1`` steps of the q/k/v
+        channels), in the cache dtype. ``bytes_per_token`` still counts every attention layer
+        as full; ``hybrid_bytes_for`` is what groups hold.
 
         Raises:
             InvalidArgument / InvalidType: naming the missing, malformed or contradictory field
@@ -297,7 +454,90 @@ class KVCacheSpec:
                 raise InvalidArgument(_field("hidden_size"), hidden,
                                       f"a multiple of num_attention_heads ({q_heads}) when head_dim is absent")
             head_dim = hidden // q_heads
-        return cls(layers, kv_heads, head_dim, dtype, None, q_heads)
+        types, window, chunk, state_elements = _layer_kinds(cfg, layers)
+        if not types:
+            return cls(layers, kv_heads, head_dim, dtype, None, q_heads)
+        return cls(sum(k != "state" for k in types), kv_heads, head_dim, dtype, None, q_heads,
+                   layer_types=types, sliding_window=window, attention_chunk_size=chunk,
+                   state_bytes=dtype_bytes(state_elements, dtype))
+
+
+@dataclass(frozen=True, slots=True)
+class HybridLayout:
+    """How a hybrid model's layers map to KV cache groups.
+
+    ``layers_per_group``: layers in each group (the same for all, so a page has the same bytes
+    whatever group holds it). ``groups``: ``(kind, layer indices)`` per group, in order; the
+    cache keeps ``layers_per_group`` K/V tensors and layer ``groups[g][1][j]`` uses tensor ``j``
+    through group ``g``'s page table.
+    """
+
+    layers_per_group: int
+    groups: tuple
+
+    def group_of(self, layer: int) -> tuple[int, int]:
+        """``(group, slot)`` of decoder layer ``layer``."""
+        for g, (_, layers) in enumerate(self.groups):
+            if layer in layers:
+                return g, layers.index(layer)
+        raise InvalidArgument("layer", layer, "a layer of the model")
+
+    @property
+    def padded_slots(self) -> int:
+        """Slots allocated for no layer (the last group of a kind that does not fill it)."""
+        return sum(self.layers_per_group - len(layers) for _, layers in self.groups)
+
+
+#: Model types whose ``sliding_window`` alone means every layer slides. Other types with a bare
+#: ``sliding_window`` (Gemma 2's older configs alternate) are sized as full attention: an upper
+#: bound, never an undercount.
+_ALL_SLIDING_MODEL_TYPES = ("mistral", "mixtral", "qwen2", "qwen2_moe", "phi3", "starcoder2")
+
+
+def _layer_kinds(cfg: Mapping[str, Any], num_layers: int) -> tuple[tuple, int, int, int]:
+    """``(layer kinds, sliding window, chunk, state elements per layer)`` of a config; kinds
+    empty when every layer is full attention (see ``KVCacheSpec.from_hf_config``)."""
+    window = cfg.get("sliding_window")
+    if cfg.get("use_sliding_window") is False:
+        window = None
+    chunk = cfg.get("attention_chunk_size")
+    raw = cfg.get("layer_types")
+    if raw is not None:
+        if not isinstance(raw, list) or len(raw) != num_layers:
+            raise InvalidArgument(_field("layer_types"), raw, f"a list of {num_layers} layer types (num_hidden_layers)")
+        kinds = []
+        for i, value in enumerate(raw):
+            if value not in HF_LAYER_TYPES:
+                raise InvalidArgument(_field(f"layer_types[{i}]"), value, f"one of {', '.join(HF_LAYER_TYPES)}")
+            kinds.append(HF_LAYER_TYPES[value])
+    elif cfg.get("sliding_window_pattern") is not None and window is not None:
+        every = _int_field(cfg, "sliding_window_pattern")
+        kinds = ["full" if (i + 1) % every == 0 else "sliding" for i in range(num_layers)]
+    elif cfg.get("no_rope_layers") is not None and chunk is not None:
+        flags = cfg["no_rope_layers"]
+        if not isinstance(flags, list) or len(flags) != num_layers:
+            raise InvalidArgument(_field("no_rope_layers"), flags, f"a list of {num_layers} 0/1 flags")
+        kinds = ["chunked" if flag else "full" for flag in flags]
+    elif cfg.get("full_attention_interval") is not None:
+        every = _int_field(cfg, "full_attention_interval")
+        kinds = ["full" if (i + 1) % every == 0 else "state" for i in range(num_layers)]
+    elif window is not None and cfg.get("model_type") in _ALL_SLIDING_MODEL_TYPES:
+        kinds = ["sliding"] * num_layers
+    else:
+        kinds = []
+    if "full" in kinds and all(k == "full" for k in kinds):
+        kinds = []
+    window = _int_field(cfg, "sliding_window") if "sliding" in kinds else 0
+    chunk = _int_field(cfg, "attention_chunk_size") if "chunked" in kinds else 0
+    state = 0
+    if "state" in kinds:
+        v_heads = _int_field(cfg, "linear_num_value_heads")
+        k_heads = _int_field(cfg, "linear_num_key_heads")
+        k_dim = _int_field(cfg, "linear_key_head_dim")
+        v_dim = _int_field(cfg, "linear_value_head_dim")
+        conv = _int_field(cfg, "linear_conv_kernel_dim")
+        state = v_heads * k_dim * v_dim + (2 * k_heads * k_dim + v_heads * v_dim) * (conv - 1)
+    return tuple(kinds), window, chunk, state
 
 
 class _Missing:
@@ -599,6 +839,53 @@ _MODEL_TABLE = {
                          max_position_embeddings=163840, torch_dtype="bfloat16"),
                     (671 * 10**9, 37 * 10**9), "fp8",
                     "hf.co/deepseek-ai/DeepSeek-V3 config.json; DeepSeek-V3 report (arXiv 2412.19437): 671B/37B"),
+    # Hybrid models (issue 14). gpt-oss: model card (arXiv 2508.10925): alternating 128-token banded
+    # and dense layers, GQA 64 Q / 8 KV heads of 64, learned attention sinks; 21B total / 3.6B active
+    # (20b), 117B / 5.1B (120b). The MoE weights are MXFP4 (4.25 bits) and attention bf16: sized as
+    # int4, about 10% under the real checkpoints.
+    "gpt-oss-20b": ("openai/gpt-oss-20b",
+                    dict(model_type="gpt_oss", num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8,
+                         head_dim=64, hidden_size=2880, sliding_window=128, max_position_embeddings=131072,
+                         layer_types=["sliding_attention", "full_attention"] * 12, torch_dtype="bfloat16"),
+                    (21 * 10**9, 3_600_000_000), "int4",
+                    "hf.co/openai/gpt-oss-20b config.json; gpt-oss model card (arXiv 2508.10925): 21B/3.6B, "
+                    "alternating 128-token sliding and full layers, attention sinks"),
+    "gpt-oss-120b": ("openai/gpt-oss-120b",
+                     dict(model_type="gpt_oss", num_hidden_layers=36, num_attention_heads=64, num_key_value_heads=8,
+                          head_dim=64, hidden_size=2880, sliding_window=128, max_position_embeddings=131072,
+                          layer_types=["sliding_attention", "full_attention"] * 18, torch_dtype="bfloat16"),
+                     (117 * 10**9, 5_100_000_000), "int4",
+                     "hf.co/openai/gpt-oss-120b config.json; gpt-oss model card (arXiv 2508.10925): 117B/5.1B, "
+                     "alternating 128-token sliding and full layers, attention sinks"),
+    # Gemma 3 report (arXiv 2503.19786): 5 local layers per global one, 1024-token window, 128K
+    # context; text config: 62 layers, 32 Q / 16 KV heads of 128. 27B text parameters.
+    "gemma-3-27b": ("google/gemma-3-27b-it",
+                    dict(model_type="gemma3_text", num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16,
+                         head_dim=128, hidden_size=5376, sliding_window=1024, sliding_window_pattern=6,
+                         max_position_embeddings=131072, torch_dtype="bfloat16"),
+                    (27 * 10**9, 27 * 10**9), "bf16",
+                    "hf.co/google/gemma-3-27b-it config.json (text_config); Gemma 3 report (arXiv 2503.19786): 5:1 "
+                    "local/global, window 1024, 128K context"),
+    # Llama 4 Scout: 48 layers, 40 Q / 8 KV heads of 128; chunked attention (8192) in 3 of every 4
+    # layers, every 4th a global NoPE layer (no_rope_layers 0); 109B total / 17B active, 10M context.
+    "llama-4-scout": ("meta-llama/Llama-4-Scout-17B-16E",
+                      dict(model_type="llama4_text", num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                           head_dim=128, hidden_size=5120, attention_chunk_size=8192,
+                           no_rope_layers=[int((i + 1) % 4 != 0) for i in range(48)],
+                           max_position_embeddings=10485760, torch_dtype="bfloat16"),
+                      (109 * 10**9, 17 * 10**9), "bf16",
+                      "hf.co/meta-llama/Llama-4-Scout-17B-16E config.json (text_config); Meta's Llama 4 model card: "
+                      "109B total / 17B active, 10M context"),
+    # Qwen3-Next-80B-A3B: 48 layers, every 4th full attention (16 Q / 2 KV heads of 256), the rest
+    # Gated DeltaNet (32 value / 16 key heads of 128, conv kernel 4); 80B total / 3B active, 256K.
+    "qwen3-next-80b": ("Qwen/Qwen3-Next-80B-A3B-Instruct",
+                       dict(model_type="qwen3_next", num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2,
+                            head_dim=256, hidden_size=2048, full_attention_interval=4, linear_num_value_heads=32,
+                            linear_num_key_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+                            linear_conv_kernel_dim=4, max_position_embeddings=262144, torch_dtype="bfloat16"),
+                       (80 * 10**9, 3 * 10**9), "bf16",
+                       "hf.co/Qwen/Qwen3-Next-80B-A3B-Instruct config.json and model card: 80B total / 3B active, "
+                       "3 Gated DeltaNet layers per full-attention layer"),
     # vLLM paper's example model: 2 x 5120 x 40 x 2 B = 800 KB per token. Params counted from the
     # config (hidden 5120, ffn 20480, 40 layers, vocab 50272, 2050 learned positions, tied, biases).
     "opt-13b": ("facebook/opt-13b",

@@ -272,7 +272,8 @@ def test_from_hf_config_unreadable_inputs(tmp_path):
 PUBLISHED_PARAMS_B = {
     "llama-3-8b": 8.03, "llama-3.1-8b": 8.03, "llama-3-70b": 70.6, "llama-3.1-70b": 70.6, "llama-3.1-405b": 405,
     "mistral-7b": 7.25, "mixtral-8x7b": 46.7, "qwen2.5-7b": 7.61, "qwen2.5-72b": 72.7, "deepseek-v3": 671,
-    "opt-13b": 13,
+    "opt-13b": 13, "gpt-oss-20b": 21, "gpt-oss-120b": 117, "gemma-3-27b": 27, "llama-4-scout": 109,
+    "qwen3-next-80b": 80,
 }
 
 

@@ -252,6 +252,7 @@ def build_report(args: argparse.Namespace) -> dict:
         "usable_bytes_per_gpu": None, "kv_budget_bytes_per_gpu": None, "num_pages_per_gpu": None,
         "max_sequences": None, "decode": None, "table": None,
     }
+    report["hybrid"] = _hybrid(shard, context, page_size) if spec.is_hybrid else None
     if model["num_params"] is not None:
         report["weights_bytes"] = weights_bytes(model["num_params"], model["weights_dtype"])
         report["weights_bytes_per_gpu"] = -(-report["weights_bytes"] // num_gpus)
@@ -264,6 +265,10 @@ def build_report(args: argparse.Namespace) -> dict:
     report["kv_budget_bytes_per_gpu"] = budget
     report["num_pages_per_gpu"] = max(0, budget) // shard.page_bytes(page_size)
     report["max_sequences"] = max_sequences(shard, budget, context, page_size)
+    if report["hybrid"] is not None:
+        h = report["hybrid"]
+        h["max_sequences"] = max(0, budget) // h["kv_per_sequence_bytes_per_gpu"]
+        h["max_sequences_all_full"] = max(0, budget) // h["all_full_bytes_per_gpu"]
 
     bandwidth = gpu["bandwidth_bytes_per_s"]
     active_weights = -(-weights_bytes(model["num_active_params"], model["weights_dtype"]) // num_gpus)
@@ -286,6 +291,42 @@ def build_report(args: argparse.Namespace) -> dict:
         [[b * shard.bytes_for(c) / bandwidth for c in contexts] for b in batches],
     }
     return report
+
+
+def _hybrid(shard: KVCacheSpec, context: int, page_size: int) -> dict:
+    """The hybrid allocation of one sequence per GPU: groups, their pages, bytes, and the same
+    sequence with every attention layer treated as full (page-rounded, plus any state)."""
+    layout = shard.hybrid_layout()
+    pages = shard.hybrid_pages_for(context, page_size)
+    hybrid = shard.hybrid_bytes_for(context, page_size)
+    full = shard.all_full_bytes_for(context, page_size)
+    return dict(layers=shard.describe_layers(), layers_per_group=layout.layers_per_group,
+                groups=[kind for kind, _ in layout.groups], padded_slots=layout.padded_slots,
+                group_page_bytes_per_gpu=shard.group_page_bytes(page_size), pages_per_group=pages,
+                kv_per_sequence_bytes_per_gpu=hybrid, all_full_bytes_per_gpu=full,
+                bytes_per_token_per_gpu=hybrid / context, all_full_bytes_per_token_per_gpu=full / context,
+                saving=full / hybrid, max_sequences=None, max_sequences_all_full=None)
+
+
+def _render_hybrid(r: dict, with_max: bool = False) -> list[str]:
+    h = r["hybrid"]
+    kinds = {}
+    for kind, n in zip(h["groups"], h["pages_per_group"]):
+        kinds.setdefault(kind, []).append(n)
+    pages = ", ".join(f"{len(v)} {k} x {v[0]:,}" for k, v in kinds.items())
+    pad = f", {h['padded_slots']} padded layer slots" if h["padded_slots"] else ""
+    lines = [
+        f"hybrid groups   {h['layers']}: {len(h['groups'])} groups of {h['layers_per_group']} layers{pad}; one "
+        f"page = {fmt_exact(h['group_page_bytes_per_gpu'])} per GPU",
+        f"  per sequence  {fmt_bytes(h['kv_per_sequence_bytes_per_gpu'])} per GPU at {r['context']:,} tokens with "
+        f"groups (pages per group: {pages}), {h['bytes_per_token_per_gpu']:,.0f} B per token",
+        f"  all full      {fmt_bytes(h['all_full_bytes_per_gpu'])} per GPU treating every attention layer as full, "
+        f"{h['all_full_bytes_per_token_per_gpu']:,.0f} B per token: groups need {h['saving']:.2f}x less",
+    ]
+    if h["max_sequences"] is not None and with_max:
+        lines.append(f"  max sequences {h['max_sequences']:,} with groups vs {h['max_sequences_all_full']:,} all full "
+                     f"at {r['context']:,} tokens (decoding; a one-step prefill holds the whole prompt)")
+    return lines
 
 
 def _decode(shard: KVCacheSpec, batch: int, context: int, active_weights: int, bandwidth: float) -> dict:
@@ -367,6 +408,8 @@ def render_text(r: dict) -> str:
     ]
     if m["max_context"] and r["context"] > m["max_context"]:
         lines.append(f"                note: beyond the model's maximum context of {m['max_context']:,} tokens")
+    if r.get("hybrid"):
+        lines += _render_hybrid(r)
     if r["weights_bytes"] is None:
         lines.append("weights         unknown for this config: pass --params to size memory and concurrency")
         return "\n".join(lines)
@@ -397,6 +440,8 @@ def render_text(r: dict) -> str:
         lines.append(f"decode bound    {label}: >= {fmt_seconds(d['kv_seconds'])} per step reading "
                      f"{fmt_bytes(d['kv_bytes_read_per_gpu'])} of KV per GPU at {gpu['bandwidth_bytes_per_s'] / 1e12:g}"
                      f" TB/s; >= {fmt_seconds(d['total_seconds'])} with the active weights")
+    if r.get("hybrid") and r["hybrid"]["max_sequences"] is not None:
+        lines += _render_hybrid(r, with_max=True)[-1:]
     lines += ["", *_render_table(r)]
     return "\n".join(lines)
 
