@@ -47,7 +47,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from pagedkv import BlockManager, OutOfPages
+from pagedkv import BlockManager, HybridBlockManager, OutOfPages
 from pagedkv.cache import PagedKVCache
 from pagedkv.errors import InvalidArgument
 
@@ -211,68 +211,120 @@ class Request:
     num_finished: int = 0
 
 
-class PagedLlama:
-    """Runs a ``transformers`` Llama-family causal LM over a flat batch with a paged KV cache.
+_ATTENTION = "pagedkv"
+#: The forward pass in flight: (runner, plans per group). The attention function reads it.
+_ACTIVE: list = []
+
+
+def _paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                     softcap=None, s_aux=None, **kwargs):
+    """Attention as ``transformers`` calls it (``AttentionInterface``), through pagedkv's pages.
+
+    The model computes q/k/v, its norms and rotary embedding; this writes the new K/V into the
+    layer's pages and attends through the page table of the layer's group. ``s_aux`` is
+    gpt-oss's learned sinks, ``softcap`` Gemma 2's logit soft cap, ``sliding_window`` the
+    layer's window (None for a full layer).
+    """
+    runner, plans = _ACTIVE[-1]
+    group, slot = runner.layer_group[module.layer_idx]
+    plan = plans[group]
+    # [1, heads, tokens, head_dim] -> [tokens, heads, head_dim]
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    cache = runner.cache
+    cache.write(slot, k, v, plan)
+    run = cache.decode if plan.is_decode else cache.prefill
+    out = run(slot, q, plan, sm_scale=scaling, sliding_window=sliding_window, logits_soft_cap=softcap, sinks=s_aux)
+    return out[None], None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(_ATTENTION, _paged_attention)
+    # NOTE: no mask: causality and windows come from the page tables and the kernels.
+    AttentionMaskInterface.register(_ATTENTION, lambda *args, **kwargs: None)
+
+
+class PagedModel:
+    """Runs any ``transformers`` decoder-only causal LM over a flat batch with a paged KV cache.
+
+    The model runs its own forward pass (embeddings, norms, rotary, MoE, sinks, the LM head);
+    pagedkv enters only as its attention implementation (``AttentionInterface.register`` and
+    ``set_attn_implementation``). Each layer's KV cache group comes from the config's layer
+    types (``KVCacheSpec.from_hf_config``): full, or sliding window. Chunked-local (Llama 4) and
+    state layers (Qwen3-Next, Mamba) are refused: the kernels have no chunked mask and the
+    engine keeps no recurrent state.
 
     Args:
-        model: e.g. ``LlamaForCausalLM`` (``model.model.layers[i].self_attn`` with
-            ``q_proj/k_proj/v_proj/o_proj``, ``model.model.rotary_emb``).
+        model: e.g. ``LlamaForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM``,
+            ``Gemma3ForCausalLM``, ``GptOssForCausalLM``, or a tensor-parallel shard of one.
+        page_size: the pool's page size (a group needs it for its pages).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, page_size: int):
+        from pagedkv import KVCacheGroup, KVCacheSpec
+
         self.model = model.eval()
         config = model.config
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        text = getattr(config, "text_config", None) or config
+        spec = KVCacheSpec.from_hf_config(text.to_dict(), dtype="fp32")
+        if {"chunked", "state"} & set(spec.layer_types):
+            raise InvalidArgument("model", type(model).__name__,
+                                  "a model with full and sliding-window layers only (no chunked or state layers)")
+        self.head_dim = spec.head_dim
         # NOTE: counted from the projections, not the config: a tensor-parallel shard
         # (examples/engine_dist.py) has num_heads / N query and num_kv_heads / N KV heads.
         attn = model.model.layers[0].self_attn
         self.num_heads = attn.q_proj.out_features // self.head_dim
         self.num_kv_heads = attn.k_proj.out_features // self.head_dim
-        self.num_layers = config.num_hidden_layers
-        # NOTE: the model's own rotary helper, found in the module that defines its attention
-        # (Llama, Mistral and Qwen2 all define ``apply_rotary_pos_emb`` there).
-        self.apply_rotary = sys.modules[type(model.model.layers[0].self_attn).__module__].apply_rotary_pos_emb
+        self.layout = spec.hybrid_layout()
+        self.groups = spec.kv_cache_groups(page_size) if spec.is_hybrid else [KVCacheGroup.full()]
+        self.layer_group = {layer: self.layout.group_of(layer) for layer in range(text.num_hidden_layers)}
+        self.num_layers = self.layout.layers_per_group  # K/V tensors: one per layer slot of a group
+        self.cache = None
+        _register_attention()
+        # NOTE: pagedkv's attention only inside this runner's forward passes: the model keeps
+        # its own implementation for everything else (model.generate, as the tests compare).
+        self._configs = [c for c in {id(config): config, id(text): text}.values()]
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache, plan,
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache, plans: list,
                 logits_rows: torch.Tensor) -> torch.Tensor:
         """One forward pass over the new tokens of a batch.
 
         Args:
-            token_ids, positions: int64 ``[num_tokens]``, ordered as the plan's query rows.
-            cache, plan: the cache and this batch's ``cache.plan(...)``.
+            token_ids, positions: int64 ``[num_tokens]``, ordered as the plans' query rows.
+            cache, plans: the cache and this batch's ``cache.plan(...)``, one per group.
             logits_rows: int64 ``[R]``; rows whose next-token logits are wanted.
 
         Returns:
             ``[R, vocab_size]`` logits in the model's dtype.
         """
-        inner = self.model.model
-        num_tokens = token_ids.shape[0]
-        x = inner.embed_tokens(token_ids)  # [num_tokens, hidden]
-        cos, sin = inner.rotary_emb(x, positions[None])  # [1, num_tokens, head_dim] each
-        for i, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(num_tokens, self.num_heads, self.head_dim)
-            k = attn.k_proj(h).view(num_tokens, self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(h).view(num_tokens, self.num_kv_heads, self.head_dim)
-            q, k = self.apply_rotary(q, k, cos[0], sin[0], unsqueeze_dim=1)  # heads are dim 1 here
-            # --- the only change to the model: K/V go to pages, attention reads through page tables
-            cache.write(i, k.contiguous(), v.contiguous(), plan)
-            run = cache.decode if plan.is_decode else cache.prefill
-            o = run(i, q.contiguous(), plan, sm_scale=attn.scaling)
-            x = x + attn.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.lm_head(inner.norm(x[logits_rows]))
+        self.cache = cache
+        _ACTIVE.append((self, plans))
+        saved = [c._attn_implementation for c in self._configs]
+        try:
+            for c in self._configs:
+                c._attn_implementation = _ATTENTION
+            out = self.model(input_ids=token_ids[None], position_ids=positions[None], use_cache=False,
+                             logits_to_keep=logits_rows)
+        finally:
+            for c, value in zip(self._configs, saved):
+                c._attn_implementation = value
+            _ACTIVE.pop()
+        return out.logits[0]
 
 
 class ModelInput(NamedTuple):
     """What one forward pass needs, as host arrays: the scheduler's output for a step.
 
     Attributes:
-        table: int32 ``[B, W]``: the batch's page-table rows (``W`` covers the longest).
+        table: int32 ``[B, W]``: the batch's page-table rows (``W`` covers the longest); with
+            several KV cache groups ``[G, B, W]``, one table per group.
         seq_lens, query_lens: int ``[B]``: K/V tokens after the step; new tokens per row.
-        slot_mapping: int ``[num_tokens]``: where each new token's K/V goes.
+        slot_mapping: int ``[num_tokens]``: where each new token's K/V goes (``[G, num_tokens]``
+            with several groups).
         token_ids, positions: int ``[num_tokens]``, in the plan's query-row order.
         logits_rows: int ``[R]``: the token rows whose next-token logits are wanted.
     """
@@ -300,13 +352,16 @@ class Worker:
     """
 
     def __init__(self, model, config: EngineConfig):
-        self.runner = PagedLlama(model)
+        self.runner = PagedModel(model, config.page_size)
+        self.groups = self.runner.groups
         param = next(model.parameters())
         self.device = param.device
         self.cache = PagedKVCache(self.runner.num_layers, config.num_pages, config.page_size, self.runner.num_kv_heads,
                                   self.runner.head_dim, dtype=param.dtype, device=self.device,
                                   backend=config.backend, num_cpu_pages=config.num_cpu_pages)
-        self.buffers = self.cache.plan_buffers(config.max_num_seqs, config.max_num_batched_tokens, config.num_pages)
+        # NOTE: one set of plan buffers per group: each group has its own page tables and slots
+        self.buffers = [self.cache.plan_buffers(config.max_num_seqs, config.max_num_batched_tokens, config.num_pages)
+                        for _ in self.groups]
 
     def copy(self, copies) -> None:
         """Copy-on-write / admission copies, rows ``(src_page, dst_page)``."""
@@ -323,13 +378,20 @@ class Worker:
     def execute(self, step: ModelInput) -> torch.Tensor:
         """Plan the batch once (into the fixed buffers) and run the model; returns the logits
         of ``step.logits_rows``."""
-        plan = self.cache.plan(step.table, step.seq_lens, query_lens=step.query_lens,
-                               slot_mapping=step.slot_mapping, buffers=self.buffers)
+        tables, slots = step.table, step.slot_mapping
+        if tables.ndim == 2:
+            tables, slots = tables[None], slots[None]
+        plans = []
+        for g, group in enumerate(self.groups):
+            # NOTE: a sliding group's rows hold released (-1) entries before its window
+            window = group.window if group.kind == "sliding" else None
+            plans.append(self.cache.plan(tables[g], step.seq_lens, query_lens=step.query_lens, slot_mapping=slots[g],
+                                         buffers=self.buffers[g], sliding_window=window))
 
         def as_tensor(values):
             return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
 
-        return self.runner.forward(as_tensor(step.token_ids), as_tensor(step.positions), self.cache, plan,
+        return self.runner.forward(as_tensor(step.token_ids), as_tensor(step.positions), self.cache, plans,
                                    as_tensor(step.logits_rows))
 
     def flush(self) -> None:
@@ -357,12 +419,20 @@ class Engine:
         self.worker = worker if worker is not None else Worker(model, config)
         self.cache = self.worker.cache
         self.device = self.worker.device
-        self.mgr = BlockManager(config.num_pages, config.page_size, watermark=config.watermark,
-                                enable_prefix_caching=config.enable_prefix_caching,
-                                num_cpu_pages=config.num_cpu_pages, cpu_prefix_cache=config.cpu_prefix_cache,
-                                enable_kv_events=config.kv_events is not None,
-                                prefix_hash="sha256_cbor" if config.kv_events is not None else "pagedkv",
-                                backend=config.block_manager_backend)
+        options = dict(watermark=config.watermark, enable_prefix_caching=config.enable_prefix_caching,
+                       num_cpu_pages=config.num_cpu_pages, cpu_prefix_cache=config.cpu_prefix_cache,
+                       enable_kv_events=config.kv_events is not None,
+                       prefix_hash="sha256_cbor" if config.kv_events is not None else "pagedkv",
+                       backend=config.block_manager_backend)
+        # NOTE: one group of full-attention layers is today's BlockManager; a hybrid model
+        # (sliding-window layers beside full ones) gets one KV cache group per layer group, all
+        # in one pool: the sliding groups release the pages their window has passed.
+        groups = self.worker.groups
+        self.num_groups = len(groups)
+        if self.num_groups == 1 and groups[0].kind == "full":
+            self.mgr = BlockManager(config.num_pages, config.page_size, **options)
+        else:
+            self.mgr = HybridBlockManager(groups, config.num_pages, config.page_size, **options)
         self.publisher = None
         if config.kv_events is not None:
             from pagedkv.events import ZmqPublisher
@@ -372,7 +442,7 @@ class Engine:
         # NOTE: the serving path of a GPU engine: each running sequence has a row of a persistent
         # page table that the block manager keeps current (no page_tables call per step), and
         # every plan is written into fixed buffers (the same device addresses every step).
-        self.table = np.full((config.max_num_seqs, config.num_pages), -1, dtype=np.int32)
+        self.table = np.full((config.max_num_seqs * self.num_groups, config.num_pages), -1, dtype=np.int32)
         self.mgr.bind_table(self.table)
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
         self.stats = EngineStats()
@@ -534,7 +604,8 @@ class Engine:
         while True:
             decoders = sorted((s for s in self.running if not s.is_prefilling), key=lambda s: s.priority)
             if not decoders:
-                return [], np.zeros(0, np.int64), np.zeros((0, 2), np.int32), preempted
+                empty = np.zeros((self.num_groups, 0) if self.num_groups > 1 else 0, np.int64)
+                return [], empty, np.zeros((0, 2), np.int32), preempted
             ids = [s.seq_id for s in decoders]
             # NOTE: the appended token is the last sampled one; with prefix caching its id makes
             # the page it fills matchable by later prompts.
@@ -637,7 +708,11 @@ class Engine:
         query_lens = np.array([n for _, n in batch])
         seq_lens = np.array([s.num_computed + n for s, n in batch])  # K/V present after this step
         width = -(-int(seq_lens.max()) // self.config.page_size)
-        table = self.table[[s.row for s, _ in batch], :width]  # the rows the block manager keeps current
+        g = self.num_groups
+        if g == 1:
+            table = self.table[[s.row for s, _ in batch], :width]  # the rows the block manager keeps current
+        else:  # group j of the sequence in row r is row r * g + j
+            table = np.stack([self.table[[s.row * g + j for s, _ in batch], :width] for j in range(g)])
 
         token_ids = [s.tokens[-1] for s in decoders]
         positions = [s.num_computed for s in decoders]
@@ -654,7 +729,8 @@ class Engine:
         self.stats.num_decode_tokens += len(decoders)
         self.stats.num_prefill_tokens += int(query_lens.sum()) - len(decoders)
         self.stats.num_prefill_chunks += len(chunks)
-        step = ModelInput(table, seq_lens, query_lens, np.concatenate(slots), np.array(token_ids, dtype=np.int64),
+        step = ModelInput(table, seq_lens, query_lens, np.concatenate(slots, axis=-1),
+                          np.array(token_ids, dtype=np.int64),
                           np.array(positions, dtype=np.int64), np.array(rows, dtype=np.int64))
         return self.worker.execute(step), finishing
 
@@ -669,7 +745,9 @@ class Engine:
                 # Parallel sampling: the children share every page of the prompt (ref_count += 1).
                 for child in range(1, request.params.n):
                     sibling = self._new_sequence(request, child, seq.tokens)
-                    self.mgr.fork(seq.seq_id, sibling.seq_id)
+                    copies = self.mgr.fork(seq.seq_id, sibling.seq_id)
+                    if copies is not None and len(copies):
+                        self.worker.copy(copies)  # NOTE: a state group's pages are copied, not shared
                     self._bind(sibling)
                     sibling.num_computed, sibling.prefill_end = seq.num_computed, seq.prefill_end
                     self.running.append(sibling)

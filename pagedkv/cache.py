@@ -505,6 +505,7 @@ class PagedKVCache:
         logits_soft_cap: float | None = None,
         out: torch.Tensor | None = None,
         num_splits: int | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode attention of layer ``layer`` (write the new K/V first).
 
@@ -517,6 +518,8 @@ class PagedKVCache:
                 batch size and head count, or ``warmup``).
             num_splits: split-KV count (Triton backend); default: chosen from the batch shape
                 (with ``PlanBuffers``, from the padded batch size only: fixed per size).
+            sinks: float ``[num_heads]`` attention sinks of this layer (gpt-oss), on the
+                cache's device; see ``kernels.paged_decode``.
 
         Returns:
             ``[num_seqs, num_heads, head_dim]`` in the cache's dtype.
@@ -530,6 +533,8 @@ class PagedKVCache:
                                   "a decode plan (one new token per sequence); use prefill for chunks")
         sm_scale, window, cap = self._query_options(q, plan.num_seqs, out, sm_scale, sliding_window,
                                                     logits_soft_cap, plan, "[num_seqs, num_heads, head_dim]")
+        if sinks is not None:
+            common.check_sinks(sinks, q.shape[1], self.device)
         if out is None:
             out = torch.empty_like(q)
         if self.backend == "torch":
@@ -537,7 +542,7 @@ class PagedKVCache:
                                            plan.seq_lens, None, max_q_len=1, max_seq_len=plan.max_seq_len,
                                            sm_scale=sm_scale, sliding_window=window or None,
                                            logits_soft_cap=cap or None, out=out, first_page=plan.first_page,
-                                           **self._scale_kwargs[layer])
+                                           sinks=sinks, **self._scale_kwargs[layer])
         launch = self._launch or self._launchers()
         num_heads = q.shape[1]
         if num_splits is None:
@@ -551,7 +556,8 @@ class PagedKVCache:
         if num_splits > 1 and plan.buffers is not None:
             workspace = self._workspace(plan.num_seqs, num_heads, num_splits)
         return launch[1](q, self._k_pools[layer], self._v_pools[layer], plan.page_table, plan.seq_lens,
-                         plan.first_page, out, sm_scale, window, cap, self._quant_args[layer], num_splits, workspace)
+                         plan.first_page, out, sm_scale, window, cap, self._quant_args[layer], num_splits, workspace,
+                         sinks=sinks)
 
     def prefill(
         self,
@@ -563,13 +569,14 @@ class PagedKVCache:
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
         out: torch.Tensor | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Prefill / extend attention of layer ``layer`` for a ragged batch (write K/V first).
 
         Args:
             q: ``[num_tokens, num_heads, head_dim]``; rows ordered as the plan's ``query_lens``.
             plan: any plan (decode plans work too: chunks of one token).
-            sm_scale, sliding_window, logits_soft_cap: see ``kernels.paged_prefill``.
+            sm_scale, sliding_window, logits_soft_cap, sinks: see ``kernels.paged_prefill``.
 
         Returns:
             ``[num_tokens, num_heads, head_dim]`` in the cache's dtype.
@@ -580,6 +587,8 @@ class PagedKVCache:
             self._check_plan(plan)
         sm_scale, window, cap = self._query_options(q, plan.num_tokens, out, sm_scale, sliding_window,
                                                     logits_soft_cap, plan, "[num_tokens, num_heads, head_dim]")
+        if sinks is not None:
+            common.check_sinks(sinks, q.shape[1], self.device)
         if out is None:
             out = torch.empty_like(q)
         if self.backend == "torch":
@@ -587,11 +596,11 @@ class PagedKVCache:
                                            plan.seq_lens, plan.qo_indptr, max_q_len=plan.max_q_len,
                                            max_seq_len=plan.max_seq_len, sm_scale=sm_scale,
                                            sliding_window=window or None, logits_soft_cap=cap or None, out=out,
-                                           first_page=plan.first_page, **self._scale_kwargs[layer])
+                                           first_page=plan.first_page, sinks=sinks, **self._scale_kwargs[layer])
         launch = self._launch or self._launchers()
         return launch[2](q, self._k_pools[layer], self._v_pools[layer], plan.page_table, plan.seq_lens,
                          plan.qo_indptr, plan.first_page, out, sm_scale, window, cap, self._quant_args[layer],
-                         plan.max_q_len)
+                         plan.max_q_len, sinks=sinks)
 
     def warmup(
         self,

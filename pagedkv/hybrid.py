@@ -535,6 +535,41 @@ class HybridBlockManager:
     def end_step(self) -> None:
         self._mgr.end_step()
 
+    def take_offload(self):
+        """``BlockManager.take_offload`` of the one pool (every group's demotions and promotions)."""
+        return self._mgr.take_offload()
+
+    def take_events(self) -> list:
+        """``BlockManager.take_events`` of the one pool. NOTE: with several groups, each group's
+        blocks are hashed under its own salt, so a router sees one block per group per page of
+        content (vLLM's events carry a group index instead)."""
+        return self._mgr.take_events()
+
+    # ------------------------------------------------------- persistent table
+    def bind_table(self, page_table, seq_lens=None) -> None:
+        """``BlockManager.bind_table`` for every group: row ``r`` of a caller's sequence in
+        group ``g`` is row ``r * num_groups + g`` of ``page_table`` (so ``page_table[g::G]`` is
+        group ``g``'s table); it needs ``num_groups`` rows per sequence row."""
+        if self._single or page_table is None:
+            self._mgr.bind_table(page_table, seq_lens)
+            return
+        rows = getattr(page_table, "shape", (0,))[0]
+        if rows % self._g:
+            raise InvalidArgument("page_table", f"{rows} rows", f"a multiple of num_groups ({self._g})")
+        self._mgr.bind_table(page_table, seq_lens)
+
+    def set_row(self, seq_id: int, row: int | None) -> None:
+        """Bind ``seq_id`` to row ``row`` (its groups to rows ``row * num_groups + g``), or
+        unbind it (``None``)."""
+        if self._single:
+            self._mgr.set_row(seq_id, row)
+            return
+        seq_id = self._live(seq_id)
+        if row is not None:
+            row = check.as_int("row", row, 0, check.MAX_COUNT)
+        for g in range(self._g):
+            self._mgr.set_row(self._inner(seq_id, g), None if row is None else row * self._g + g)
+
     # ------------------------------------------------------------ batch views
     def page_tables(self, seq_ids, group: int = 0, max_pages: int | None = None):
         """``BlockManager.page_tables`` of one group."""

@@ -215,6 +215,13 @@ def check_group(num_heads: int, num_kv_heads: int) -> int:
     return num_heads // num_kv_heads
 
 
+def check_sinks(sinks, num_heads: int, device) -> None:
+    """Attention sinks: ``None`` or a float ``[num_heads]`` contiguous tensor on ``device``."""
+    if sinks is not None:
+        check_tensor("sinks", sinks, "[num_heads]", (num_heads,), dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                     device=device, contiguous=True)
+
+
 def check_options(sm_scale, sliding_window, logits_soft_cap, head_dim: int) -> tuple[float, int, float]:
     """Normalise the attention options: ``(sm_scale, window or 0, soft_cap or 0.0)``."""
     if sm_scale is None:

@@ -64,6 +64,7 @@ def paged_attention(
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
     first_page: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefill / decode attention over paged K/V for a ragged batch (see ``kernels.paged_prefill``).
 
@@ -116,17 +117,25 @@ def paged_attention(
     # --- attention: [B, H, Q, D] x [B, Hkv, Lk, D]
     qh = q_pad.transpose(1, 2)
     kh, vh = keys.transpose(1, 2), values.transpose(1, 2)
-    if logits_soft_cap is None:
+    if logits_soft_cap is None and sinks is None:
         result = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed[:, None], scale=scale,
                                                                   enable_gqa=num_heads != num_kv_heads)
     else:
         group = num_heads // num_kv_heads
         grouped = qh.reshape(num_seqs, num_kv_heads, group * width, head_dim)
         scores = grouped @ kh.transpose(-1, -2) * scale  # [B, Hkv, G * Q, Lk]
-        scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+        if logits_soft_cap is not None:
+            scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
         mask = allowed[:, None, None].expand(num_seqs, 1, group, width, allowed.shape[-1])
         scores = scores.masked_fill(~mask.reshape(num_seqs, 1, group * width, -1), float("-inf"))
-        result = (torch.softmax(scores, dim=-1) @ vh).reshape(num_seqs, num_heads, width, head_dim)
+        if sinks is None:
+            probs = torch.softmax(scores, dim=-1)
+        else:
+            # NOTE: each head's sink is one more key with that score and a zero value
+            sink = sinks.float().reshape(num_kv_heads, group, 1).expand(num_kv_heads, group, width)
+            sink = sink.reshape(1, num_kv_heads, group * width, 1).expand(num_seqs, -1, -1, 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        result = (probs @ vh).reshape(num_seqs, num_heads, width, head_dim)
     # NOTE: a query with no key (padding rows, q_len 0 rows) gets zeros, not NaN
     result = result.masked_fill(~allowed.any(-1)[:, None, :, None], 0.0).transpose(1, 2)  # [B, Q, H, D]
     if rows is None:

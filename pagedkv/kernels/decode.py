@@ -32,7 +32,7 @@ def soft_cap(scores, cap):
 @triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr, first_page_ptr,
-    out_ptr, part_out_ptr, part_lse_ptr, k_scale_cache_ptr, v_scale_cache_ptr,
+    out_ptr, part_out_ptr, part_lse_ptr, k_scale_cache_ptr, v_scale_cache_ptr, sinks_ptr,
     sm_scale, soft_cap_value, out_scale, window, num_heads, num_splits,
     stride_qs, stride_qh,
     stride_cache_page, stride_cache_token, stride_cache_head,
@@ -43,6 +43,7 @@ def _paged_decode_kernel(
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SOFT_CAP: tl.constexpr, IS_SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CONVERT_KV: tl.constexpr, PER_TOKEN_SCALES: tl.constexpr, HAS_FIRST_PAGE: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -114,6 +115,14 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if HAS_SINKS and not IS_SPLIT:
+        # NOTE: each head's sink is one more softmax term with a zero value (its logit is in
+        # the scaled-score domain, as gpt-oss trains it); the merge kernel adds it after a split.
+        sink = tl.load(sinks_ptr + heads, mask=row_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_f = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_f)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha + tl.exp2(sink - m_f)
     # NOTE: a sequence with no key (seq_len 0, or an empty split) yields zeros, not NaN.
     result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * out_scale
     out_mask = row_mask[:, None] & dim_mask[None, :]
@@ -129,10 +138,10 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _merge_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr,
     num_heads, num_splits,
     stride_os, stride_oh,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -143,10 +152,16 @@ def _merge_splits_kernel(
     row = (seq * num_heads + head) * num_splits + splits
     lse = tl.load(part_lse_ptr + row, mask=split_mask, other=float("-inf"))
     m = tl.max(lse, 0)
-    weights = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        m = tl.maximum(m, sink)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    weights = tl.exp2(lse - m_safe)
     parts = tl.load(part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
                     mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
     total = tl.sum(weights, 0)
+    if HAS_SINKS:
+        total += tl.exp2(sink - m_safe)
     merged = tl.sum(weights[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + seq * stride_os + head * stride_oh + dims, merged.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
@@ -169,6 +184,7 @@ def paged_decode(
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
     first_page: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention: each sequence's single query token over its cached K/V.
 
@@ -203,6 +219,9 @@ def paged_decode(
             ``BlockManager.window_tables`` builds it), and position ``pos`` of sequence ``i`` is
             in column ``pos // page_size - first_page[i]``; ``None``: column ``pos // page_size``.
             The positions attention reads (those inside ``sliding_window``) must be in the row.
+        sinks: float ``[num_heads]`` learned logits (gpt-oss's attention sinks), one per query
+            head, in the scaled-score domain: each joins its head's softmax denominator as a
+            key with a zero value. ``None``: no sinks.
 
     Returns:
         ``out``: ``[num_seqs, num_heads, head_dim]`` in ``q``'s dtype.
@@ -230,6 +249,7 @@ def paged_decode(
                             device=device)
     sm_scale, window, cap = common.check_options(sm_scale, sliding_window, logits_soft_cap, head_dim)
     qa = common.check_quant(k_cache, k_scale, v_scale, k_scale_cache, v_scale_cache)
+    common.check_sinks(sinks, num_heads, device)
     capacity = page_table.shape[1] * page_size
     if max_seq_len is None:
         max_seq_len = capacity
@@ -238,12 +258,13 @@ def paged_decode(
         num_splits = default_num_splits(num_seqs, num_kv_heads, max_seq_len, window, head_dim, group, q.dtype, device)
     common.check_int("num_splits", num_splits, 1, common.MAX_SPLITS)
     return launch_decode(q, k_cache, v_cache, page_table, seq_lens, first_page, out, sm_scale, window, cap, qa,
-                         num_splits)
+                         num_splits, sinks=sinks)
 
 
 @functools.lru_cache(maxsize=1024)
 def _constants(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype, fmt, per_token: bool,
-               has_soft_cap: bool, num_splits: int, has_first_page: bool, interpreting: bool) -> tuple[dict, dict]:
+               has_soft_cap: bool, num_splits: int, has_first_page: bool, interpreting: bool,
+               has_sinks: bool = False) -> tuple[dict, dict]:
     """The compile-time arguments of the decode and merge kernels for one launch shape."""
     group = num_heads // num_kv_heads
     config = common.decode_config(head_dim, group, dtype)
@@ -255,11 +276,11 @@ def _constants(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
         UPCAST=upcast,
         DOT_PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
         CONVERT_KV=upcast or fmt is not None, PER_TOKEN_SCALES=per_token,
-        HAS_FIRST_PAGE=has_first_page,
+        HAS_FIRST_PAGE=has_first_page, HAS_SINKS=has_sinks,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     merge_meta = dict(HEAD_DIM=head_dim, D_PAD=config.d_pad, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-                      num_warps=4)
+                      HAS_SINKS=has_sinks, num_warps=4)
     return meta, merge_meta
 
 
@@ -272,7 +293,7 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, windo
 
 
 def launch_decode(q, k_cache, v_cache, page_table, seq_lens, first_page, out, sm_scale: float, window: int,
-                  cap: float, qa: common.QuantArgs, num_splits: int, workspace=None) -> torch.Tensor:
+                  cap: float, qa: common.QuantArgs, num_splits: int, workspace=None, sinks=None) -> torch.Tensor:
     """``paged_decode`` after its checks (``PagedKVCache`` calls it with tensors it validated
     once). ``workspace``: optional contiguous fp32 ``(part_out [num_seqs, num_heads, num_splits,
     head_dim], part_lse [num_seqs, num_heads, num_splits])`` for the split-KV partials, so that
@@ -283,7 +304,8 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, first_page, out, sm
     num_kv_heads, page_size = k_cache.shape[2], k_cache.shape[1]
     is_split = num_splits > 1
     meta, merge_meta = _constants(num_heads, num_kv_heads, head_dim, page_size, q.dtype, qa.fmt, qa.per_token,
-                                  cap > 0, num_splits, first_page is not None, common.is_interpreting())
+                                  cap > 0, num_splits, first_page is not None, common.is_interpreting(),
+                                  sinks is not None)
     if not is_split:
         part_out = part_lse = out  # unused by the kernel when IS_SPLIT is false
     elif workspace is None:
@@ -298,7 +320,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, first_page, out, sm
     scale_strides = k_scales.stride() if qa.per_token else (0, 0)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, seq_lens if first_page is None else first_page,
-        out, part_out, part_lse, k_scales, v_scales,
+        out, part_out, part_lse, k_scales, v_scales, seq_lens if sinks is None else sinks,
         sm_scale * qa.k_scale, cap, qa.v_scale, window, num_heads, num_splits,
         q_strides[0], q_strides[1],
         cache_strides[0], cache_strides[1], cache_strides[2],
@@ -309,7 +331,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, first_page, out, sm
     )
     if is_split:
         _merge_splits_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out,
+            part_out, part_lse, out, seq_lens if sinks is None else sinks,
             num_heads, num_splits,
             out_strides[0], out_strides[1],
             **merge_meta,

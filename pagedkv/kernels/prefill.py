@@ -26,7 +26,7 @@ from .decode import soft_cap  # noqa: E402
 @triton.jit
 def _paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, page_table_ptr, seq_lens_ptr, qo_indptr_ptr, first_page_ptr, out_ptr,
-    k_scale_cache_ptr, v_scale_cache_ptr,
+    k_scale_cache_ptr, v_scale_cache_ptr, sinks_ptr,
     sm_scale, soft_cap_value, out_scale, window,
     stride_qt, stride_qh,
     stride_cache_page, stride_cache_token, stride_cache_head,
@@ -37,6 +37,7 @@ def _paged_prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS_PER_BLOCK: tl.constexpr,
     HAS_SOFT_CAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     CONVERT_KV: tl.constexpr, PER_TOKEN_SCALES: tl.constexpr, HAS_FIRST_PAGE: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -106,6 +107,12 @@ def _paged_prefill_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if HAS_SINKS:  # one more softmax term per head, with a zero value (see the decode kernel)
+        sink = tl.load(sinks_ptr + heads, mask=row_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_f = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_f)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha + tl.exp2(sink - m_f)
     result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * out_scale
     tl.store(out_ptr + token_offsets[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
              result.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
@@ -129,6 +136,7 @@ def paged_prefill(
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
     first_page: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefill / extend attention over paged K/V for a ragged batch of query chunks.
 
@@ -155,6 +163,7 @@ def paged_prefill(
         k_scale, v_scale, k_scale_cache, v_scale_cache: scales of quantized pages, as in
             ``paged_decode``.
         first_page: int32 ``[num_seqs]`` for live-pages-only tables, as in ``paged_decode``.
+        sinks: float ``[num_heads]`` attention sinks, as in ``paged_decode``.
 
     Returns:
         ``out``: ``[num_tokens, num_heads, head_dim]`` in ``q``'s dtype.
@@ -187,13 +196,14 @@ def paged_prefill(
                             device=device)
     sm_scale, window, cap = common.check_options(sm_scale, sliding_window, logits_soft_cap, head_dim)
     qa = common.check_quant(k_cache, k_scale, v_scale, k_scale_cache, v_scale_cache)
+    common.check_sinks(sinks, num_heads, device)
     max_q_len = num_tokens if max_q_len is None else common.check_int("max_q_len", max_q_len, 0, 2**31 - 1)
     return launch_prefill(q, k_cache, v_cache, page_table, seq_lens, qo_indptr, first_page, out, sm_scale, window,
-                          cap, qa, max_q_len)
+                          cap, qa, max_q_len, sinks=sinks)
 
 
 def launch_prefill(q, k_cache, v_cache, page_table, seq_lens, qo_indptr, first_page, out, sm_scale: float,
-                   window: int, cap: float, qa: common.QuantArgs, max_q_len: int) -> torch.Tensor:
+                   window: int, cap: float, qa: common.QuantArgs, max_q_len: int, sinks=None) -> torch.Tensor:
     """``paged_prefill`` after its checks (``PagedKVCache`` calls it with tensors it validated once)."""
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = page_table.shape[0]
@@ -210,7 +220,7 @@ def launch_prefill(q, k_cache, v_cache, page_table, seq_lens, qo_indptr, first_p
     v_scales = qa.v_scale_cache if qa.per_token else seq_lens
     _paged_prefill_kernel[grid](
         q, k_cache, v_cache, page_table, seq_lens, qo_indptr, seq_lens if first_page is None else first_page, out,
-        k_scales, v_scales,
+        k_scales, v_scales, seq_lens if sinks is None else sinks,
         sm_scale * qa.k_scale, cap, qa.v_scale, window,
         *q.stride()[:2],
         *k_cache.stride()[:3],
@@ -223,7 +233,7 @@ def launch_prefill(q, k_cache, v_cache, page_table, seq_lens, qo_indptr, first_p
         UPCAST=upcast,
         DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         CONVERT_KV=upcast or qa.fmt is not None, PER_TOKEN_SCALES=qa.per_token,
-        HAS_FIRST_PAGE=first_page is not None,
+        HAS_FIRST_PAGE=first_page is not None, HAS_SINKS=sinks is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -98,6 +98,7 @@ def attend(
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
     key_start: int = 0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of queries at ``q_positions`` over keys at positions ``key_start, ...``.
 
@@ -106,6 +107,9 @@ def attend(
         keys, values: ``[num_keys, num_kv_heads, head_dim]``, positions ``key_start`` onwards.
         q_positions: int ``[num_queries]``; query ``j`` sees key positions ``p <= q_positions[j]``
             (and ``p > q_positions[j] - sliding_window`` with a window).
+        sinks: ``[num_heads]`` learned logits (gpt-oss's attention sinks): each head's sink
+            joins the softmax as one more key with that score and a zero value, so the weights
+            of the real keys add up to less than one.
 
     Returns:
         ``[num_queries, num_heads, head_dim]`` in ``q``'s dtype; a query with no key gets zeros.
@@ -123,7 +127,11 @@ def attend(
     if sliding_window is not None:
         allowed &= key_positions[None, :] > q_positions[:, None] - sliding_window
     scores = scores.masked_fill(~allowed[None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key -> zeros
+    if sinks is not None:
+        sink = sinks.float()[:, None, None].expand(num_heads, scores.shape[1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no key -> zeros
     return torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
 
 
@@ -143,6 +151,7 @@ def paged_decode(
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
     first_page: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention; see ``kernels.paged_decode``. Returns ``[num_seqs, num_heads, head_dim]``.
 
@@ -153,7 +162,7 @@ def paged_decode(
     return paged_prefill(q, k_cache, v_cache, page_table, seq_lens, qo_indptr, sm_scale=sm_scale,
                          sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, out=out, k_scale=k_scale,
                          v_scale=v_scale, k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache,
-                         first_page=first_page)
+                         first_page=first_page, sinks=sinks)
 
 
 def paged_prefill(
@@ -173,6 +182,7 @@ def paged_prefill(
     k_scale_cache: torch.Tensor | None = None,
     v_scale_cache: torch.Tensor | None = None,
     first_page: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefill/extend attention; see ``kernels.paged_prefill``. Returns ``[num_tokens, num_heads, head_dim]``.
 
@@ -192,7 +202,7 @@ def paged_prefill(
         keys, values = gather_kv(k_cache, v_cache, page_table[i], seq_len, start, first_page=firsts[i], **scales)
         q_positions = torch.arange(seq_len - (hi - lo), seq_len, device=q.device)
         out[lo:hi] = attend(q[lo:hi], keys, values, q_positions, sm_scale=sm_scale, sliding_window=sliding_window,
-                            logits_soft_cap=logits_soft_cap, key_start=start)
+                            logits_soft_cap=logits_soft_cap, key_start=start, sinks=sinks)
     return out
 
 

@@ -82,6 +82,8 @@ def _call_launcher(case: dict, modules: dict) -> None:
     options = dict(sliding_window=case.get("window"), logits_soft_cap=case.get("soft_cap"))
     if case.get("first_page"):
         options["first_page"] = torch.empty((num_seqs,), dtype=torch.int32, device=meta)
+    if case.get("sinks"):
+        options["sinks"] = torch.empty((num_kv_heads * group,), dtype=torch.float32, device=meta)
     kernel = case["kernel"]
     if kernel == "decode":
         q = torch.empty((num_seqs, num_kv_heads * group, head_dim), dtype=dtype, device=meta)

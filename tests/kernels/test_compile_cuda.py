@@ -49,6 +49,15 @@ def _cases() -> list[dict]:
         if kernel == "decode":
             case["num_splits"] = 4
         cases.append(case)
+    # gpt-oss's attention: learned sinks with a 128-token window or without, head dim 64, 8:1 GQA
+    for i, (kernel, splits, window) in enumerate([("decode", 1, 128), ("decode", 4, None), ("prefill", None, 128),
+                                                  ("prefill", None, None)]):
+        for arch in (80, 90):
+            case = dict(kernel=kernel, arch=arch, dtype=("bf16", "fp16")[i % 2], head_dim=64, group=8, page_size=16,
+                        soft_cap=None, window=window, sinks=True)
+            if kernel == "decode":
+                case["num_splits"] = splits
+            cases.append(case)
     return cases
 
 
