@@ -359,8 +359,14 @@ class Worker:
         self.cache = PagedKVCache(self.runner.num_layers, config.num_pages, config.page_size, self.runner.num_kv_heads,
                                   self.runner.head_dim, dtype=param.dtype, device=self.device,
                                   backend=config.backend, num_cpu_pages=config.num_cpu_pages)
+        # NOTE: a sliding group's table keeps every position (released entries read -1), so a
+        # row must cover the longest sequence, which may hold more pages than the pool has.
+        self.max_pages = config.num_pages
+        if any(g.kind != "full" for g in self.groups):
+            text = getattr(model.config, "text_config", None) or model.config
+            self.max_pages = max(config.num_pages, -(-text.max_position_embeddings // config.page_size))
         # NOTE: one set of plan buffers per group: each group has its own page tables and slots
-        self.buffers = [self.cache.plan_buffers(config.max_num_seqs, config.max_num_batched_tokens, config.num_pages)
+        self.buffers = [self.cache.plan_buffers(config.max_num_seqs, config.max_num_batched_tokens, self.max_pages)
                         for _ in self.groups]
 
     def copy(self, copies) -> None:
@@ -380,7 +386,9 @@ class Worker:
         of ``step.logits_rows``."""
         tables, slots = step.table, step.slot_mapping
         if tables.ndim == 2:
-            tables, slots = tables[None], slots[None]
+            tables = tables[None]
+        if slots.ndim == 1:
+            slots = slots[None]
         plans = []
         for g, group in enumerate(self.groups):
             # NOTE: a sliding group's rows hold released (-1) entries before its window
@@ -433,6 +441,7 @@ class Engine:
             self.mgr = BlockManager(config.num_pages, config.page_size, **options)
         else:
             self.mgr = HybridBlockManager(groups, config.num_pages, config.page_size, **options)
+        self.hybrid = isinstance(self.mgr, HybridBlockManager)
         self.publisher = None
         if config.kv_events is not None:
             from pagedkv.events import ZmqPublisher
@@ -442,7 +451,8 @@ class Engine:
         # NOTE: the serving path of a GPU engine: each running sequence has a row of a persistent
         # page table that the block manager keeps current (no page_tables call per step), and
         # every plan is written into fixed buffers (the same device addresses every step).
-        self.table = np.full((config.max_num_seqs * self.num_groups, config.num_pages), -1, dtype=np.int32)
+        self.table = np.full((config.max_num_seqs * self.num_groups, getattr(self.worker, "max_pages", config.num_pages)),
+                             -1, dtype=np.int32)
         self.mgr.bind_table(self.table)
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
         self.stats = EngineStats()
@@ -604,7 +614,7 @@ class Engine:
         while True:
             decoders = sorted((s for s in self.running if not s.is_prefilling), key=lambda s: s.priority)
             if not decoders:
-                empty = np.zeros((self.num_groups, 0) if self.num_groups > 1 else 0, np.int64)
+                empty = np.zeros((self.num_groups, 0) if self.hybrid else 0, np.int64)
                 return [], empty, np.zeros((0, 2), np.int32), preempted
             ids = [s.seq_id for s in decoders]
             # NOTE: the appended token is the last sampled one; with prefix caching its id makes
@@ -709,7 +719,7 @@ class Engine:
         seq_lens = np.array([s.num_computed + n for s, n in batch])  # K/V present after this step
         width = -(-int(seq_lens.max()) // self.config.page_size)
         g = self.num_groups
-        if g == 1:
+        if not self.hybrid:
             table = self.table[[s.row for s, _ in batch], :width]  # the rows the block manager keeps current
         else:  # group j of the sequence in row r is row r * g + j
             table = np.stack([self.table[[s.row * g + j for s, _ in batch], :width] for j in range(g)])

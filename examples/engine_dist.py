@@ -122,6 +122,7 @@ class TPDriver:
         self.group = group
         self.local = Worker(model, config)
         self.cache, self.device = self.local.cache, self.local.device
+        self.groups, self.max_pages = self.local.groups, self.local.max_pages  # one full group: Llama
         self.pending: list[tuple[int, list]] = []
         self.num_messages = 0
         self.num_ops = dict.fromkeys(("copy", "swap out", "swap in", "forward"), 0)

@@ -1,0 +1,134 @@
+"""The example engine serves any Hugging Face decoder through ``AttentionInterface``: tiny
+random-weight Llama, Qwen3, Mistral (sliding window), Gemma 3 (5 local layers per global one)
+and gpt-oss (alternating sliding/full layers with sinks and MoE) give ``model.generate``'s
+greedy tokens, with prefix caching on and under preemption, on both block-manager backends.
+Hybrid models run on a ``HybridBlockManager`` (one KV cache group per layer group, one pool)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from test_engine_e2e import MIN_GREEDY_MARGIN, engine  # noqa: E402
+from test_parity import HAVE_CPP  # noqa: E402
+
+from pagedkv import HybridBlockManager  # noqa: E402
+
+VOCAB = 128
+SEEDS = {"mistral": 1}
+WINDOW = 8
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
+              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def tiny(arch: str):
+    """A random-weight causal LM of ``arch`` (nothing downloaded), fp32, in eval mode."""
+    t = transformers
+    if arch == "llama":
+        config, cls = t.LlamaConfig(num_hidden_layers=2, **COMMON), t.LlamaForCausalLM
+    elif arch == "qwen3":
+        config, cls = t.Qwen3Config(num_hidden_layers=2, **COMMON), t.Qwen3ForCausalLM
+    elif arch == "mistral":
+        config, cls = t.MistralConfig(num_hidden_layers=2, sliding_window=WINDOW, **COMMON), t.MistralForCausalLM
+    elif arch == "gemma3":
+        config = t.Gemma3TextConfig(num_hidden_layers=6, sliding_window=WINDOW, query_pre_attn_scalar=16,
+                                    layer_types=["sliding_attention"] * 5 + ["full_attention"], **COMMON)
+        cls = t.Gemma3ForCausalLM
+    elif arch == "gpt_oss":
+        config = t.GptOssConfig(num_hidden_layers=4, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
+                                layer_types=["sliding_attention", "full_attention"] * 2, **COMMON)
+        cls = t.GptOssForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(SEEDS.get(arch, 0))  # NOTE: seeds whose greedy decoding has no near-tie here
+    model = cls(config).eval()
+    if arch == "gpt_oss":
+        with torch.no_grad():  # learned sinks: make them matter
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 2.0)
+    return model
+
+
+ARCHS = ["llama", "qwen3", "mistral", "gemma3", "gpt_oss"]
+BACKENDS = ["python"] + (["cpp"] if HAVE_CPP else [])
+
+
+def _prompts():
+    gen = torch.Generator().manual_seed(7)
+    system = torch.randint(0, VOCAB, (20,), generator=gen).tolist()
+    tails = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (3, 11, 6, 17)]
+    return [system + t for t in tails] + [system[:9]]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_model(request):
+    return request.param, tiny(request.param)
+
+
+def _reference(model, prompt, max_new):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    margins = [float(l[0].topk(2).values[0] - l[0].topk(2).values[1]) for l in out.logits]
+    return out.sequences[0, len(prompt):].tolist(), min(margins)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tokens_equal_generate_with_prefix_caching_and_preemption(arch_model, backend):
+    arch, model = arch_model
+    prompts, max_new = _prompts(), 10
+    preemption = "swap" if backend == "cpp" else "recompute"
+    groups = len(engine.PagedModel(model, 4).groups)  # a page per group per page of tokens
+    config = engine.EngineConfig(num_pages=15 * groups, page_size=4, max_num_seqs=8, max_num_batched_tokens=32, chunk_size=12,
+                                 enable_prefix_caching=True, preemption=preemption,
+                                 num_cpu_pages=64 if preemption == "swap" else 0, block_manager_backend=backend)
+    eng = engine.Engine(model, config)
+    hybrid = arch in ("mistral", "gemma3", "gpt_oss")
+    assert isinstance(eng.mgr, HybridBlockManager) == hybrid
+    # the first request alone, so the others find its prompt in the prefix cache
+    first = eng.generate(prompts[:1], engine.SamplingParams(max_new_tokens=max_new))
+    rest = eng.generate(prompts[1:], engine.SamplingParams(max_new_tokens=max_new))
+    outputs = first + rest
+    for prompt, out in zip(prompts, outputs):
+        want, margin = _reference(model, prompt, max_new)
+        assert margin > MIN_GREEDY_MARGIN, f"{arch}: a near-tie in greedy decoding; pick another seed"
+        assert out.output_ids == [want], f"{arch}: prompt of {len(prompt)} tokens"
+    assert sum(o.num_cached_tokens for o in rest) > 0, "no prefix-cache hit"
+    if arch == "mistral":
+        # NOTE: every layer slides, so a decoding sequence never needs more than its window's
+        # pages and nothing is preempted; the pool is smaller than all-full layers would need.
+        need = sum(-(-(len(p) + max_new) // 4) for p in prompts)
+        assert eng.stats.peak_pages_in_use <= config.num_pages < need
+    else:
+        assert eng.stats.num_preemptions > 0, "no preemption"
+    assert not eng.has_unfinished() and eng.mgr.num_free_pages == eng.mgr.num_pages
+    eng.mgr.check_invariants()
+
+
+def test_sliding_groups_release_pages_while_decoding():
+    """gpt-oss: during a long decode the sliding group holds its window's pages only, so the
+    pool holds about half of what all-full layers would."""
+    model = tiny("gpt_oss")
+    config = engine.EngineConfig(num_pages=64, page_size=4, max_num_seqs=2, max_num_batched_tokens=32, chunk_size=16)
+    eng = engine.Engine(model, config)
+    eng.add_request(list(range(30)), engine.SamplingParams(max_new_tokens=60))
+    for _ in range(40):
+        eng.step()
+    (seq,) = eng.running
+    full, sliding = eng.mgr.group_pages()
+    n = eng.mgr.num_tokens(seq.seq_id)
+    assert full == -(-n // 4) and sliding <= -(-WINDOW // 4) + 1
+    while eng.has_unfinished():
+        eng.step()
+
+
+def test_models_the_engine_cannot_serve_are_refused():
+    config = transformers.LlamaConfig(num_hidden_layers=2, **COMMON)
+    config.layer_types = ["chunked_attention", "full_attention"]
+    config.attention_chunk_size = 8
+    model = transformers.LlamaForCausalLM(config)
+    with pytest.raises(engine.InvalidArgument) as info:
+        engine.Engine(model, engine.EngineConfig(num_pages=16, page_size=4))
+    assert "chunked" in str(info.value)
