@@ -172,11 +172,20 @@ class HybridBlockManager:
         return self._g
 
     num_pages = property(lambda self: self._mgr.num_pages)
+    num_cpu_pages = property(lambda self: self._mgr.num_cpu_pages)
+    num_free_cpu_pages = property(lambda self: self._mgr.num_free_cpu_pages)
+    cpu_prefix_cache = property(lambda self: self._mgr.cpu_prefix_cache)
     page_size = property(lambda self: self._mgr.page_size)
     num_free_pages = property(lambda self: self._mgr.num_free_pages)
     watermark_pages = property(lambda self: self._mgr.watermark_pages)
     enable_prefix_caching = property(lambda self: self._mgr.enable_prefix_caching)
     backend = property(lambda self: self._mgr.backend)
+
+    def pages_for(self, num_tokens: int) -> int:
+        """Pages a new sequence of ``num_tokens`` tokens takes when allocated whole, with no
+        prefix hit: a page per ``page_size`` tokens in every token group, and the state pages."""
+        n = -(-check.as_int("num_tokens", num_tokens, 0, 2**62) // self.page_size)
+        return sum(g.state_pages if g.kind == "state" else n for g in self.groups)
 
     def usage(self) -> float:
         return self._mgr.usage()

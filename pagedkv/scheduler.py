@@ -124,6 +124,8 @@ class ServeResult:
         tpot_p50_s, tpot_p99_s: time per output token after the first (requests of 2+ tokens).
         output_tokens_per_s: output tokens / ``duration_s``.
         mean_running, peak_running: running requests per step. peak_pages_used: pages held.
+        group_pages_mean, group_pages_peak: with a ``HybridBlockManager``, the pages each KV cache
+            group holds, sampled every 8th step (``None`` otherwise).
         mean_batch_tokens: tokens per step.
         ttft_s, finish_s: per request (``nan`` if rejected), for routers and tests.
     """
@@ -147,6 +149,8 @@ class ServeResult:
     mean_running: float
     peak_running: int
     peak_pages_used: int
+    group_pages_mean: list | None
+    group_pages_peak: list | None
     mean_batch_tokens: float
     ttft_s: np.ndarray
     finish_s: np.ndarray
@@ -209,6 +213,10 @@ class _Replica:
         self.preemptions = self.recomputed = self.hits = self.queried = self.saved = 0
         self.steps = self.sum_running = self.sum_tokens = self.peak_running = self.peak_pages = 0
         self.tokens_computed = self.num_requests = 0
+        # NOTE: per-group memory of a hybrid pool, sampled (group_pages walks the page tables)
+        self.track_groups = getattr(mgr, "num_groups", 1) > 1
+        self.group_samples = 0
+        self.group_sum = self.group_peak = None
 
     @property
     def busy(self) -> bool:
@@ -330,6 +338,13 @@ class _Replica:
         self.tokens_computed += num_tokens_step
         self.peak_running = max(self.peak_running, len(running))
         self.peak_pages = max(self.peak_pages, mgr.num_pages - mgr.num_free_pages)
+        if self.track_groups and self.steps % 8 == 1:
+            held = mgr.group_pages()
+            if self.group_sum is None:
+                self.group_sum, self.group_peak = [0] * len(held), [0] * len(held)
+            self.group_samples += 1
+            self.group_sum = [a + b for a, b in zip(self.group_sum, held)]
+            self.group_peak = [max(a, b) for a, b in zip(self.group_peak, held)]
         done = []
         for r, n in scheduled:
             computed[r] += n
@@ -366,7 +381,9 @@ def _run(work: Workload, replicas: list[_Replica], state: dict, max_len, route, 
         first = min(busy, key=lambda rep: rep.clock) if busy else None
         if i < N and (first is None or arrivals[i] <= first.clock):
             total = prompts[i] + outputs[i]
-            reason = "too_long" if total > max_len else "exceeds_pool" if -(-total // ps) > usable else None
+            # NOTE: a hybrid pool allocates a whole prompt in every group at admission
+            pages = replicas[0].mgr.pages_for(total) if hasattr(replicas[0].mgr, "pages_for") else -(-total // ps)
+            reason = "too_long" if total > max_len else "exceeds_pool" if pages > usable else None
             if reason is None:
                 replicas[route(i)].enqueue(i)
             else:
@@ -407,7 +424,16 @@ def _result(work: Workload, replicas: list[_Replica], state: dict, rejected: dic
         mean_running=total["sum_running"] / steps if steps else 0.0,
         peak_running=max(rep.peak_running for rep in replicas), peak_pages_used=max(rep.peak_pages for rep in replicas),
         mean_batch_tokens=total["sum_tokens"] / steps if steps else 0.0, ttft_s=ttft, finish_s=finish,
+        **_group_memory(replicas),
     )
+
+
+def _group_memory(replicas) -> dict:
+    """Per-group pages of the hybrid pools (the first replica's sampling, mean and peak)."""
+    rep = replicas[0]
+    if not rep.track_groups or not rep.group_samples:
+        return {"group_pages_mean": None, "group_pages_peak": None}
+    return {"group_pages_mean": [s / rep.group_samples for s in rep.group_sum], "group_pages_peak": rep.group_peak}
 
 
 def _state(work: Workload) -> dict:

@@ -108,3 +108,48 @@ def test_size_cli_reports_hybrid_and_all_full(capsys):
     text = capsys.readouterr().out
     assert "groups need 5.92x less" in text
     assert all(MODEL_PRESETS[m].spec.is_hybrid for m in ("gpt-oss-20b", "llama-4-scout", "qwen3-next-80b"))
+
+
+def test_v1_scheduler_on_one_full_group_is_the_block_manager_run():
+    """simulate_v1 over HybridBlockManager([full]) and over BlockManager: the same run."""
+    from pagedkv import BlockManager, KVCacheGroup
+    from pagedkv.scheduler import simulate_v1
+    from pagedkv.workload import synthetic
+
+    work = synthetic("sharegpt", 200, seed=3, rate=8.0)
+    a = simulate_v1(work, BlockManager(600, 16), max_num_batched_tokens=1024, max_num_seqs=64, max_len=2048)
+    b = simulate_v1(work, HybridBlockManager([KVCacheGroup.full()], 600, 16), max_num_batched_tokens=1024,
+                    max_num_seqs=64, max_len=2048)
+    assert a.to_dict() == b.to_dict()
+    assert a.preemptions > 0 and a.group_pages_mean is None
+
+
+def test_v1_scheduler_reports_per_group_memory():
+    """Full + sliding over one pool: the sliding group's mean pages stay near the window's per
+    running request, the full group's grow with the context, and fewer preemptions than all-full
+    layers in the same bytes (the same page size: twice the pages, since a page holds half the
+    layers)."""
+    from pagedkv import BlockManager, KVCacheGroup
+    from pagedkv.scheduler import simulate_v1
+    from pagedkv.workload import synthetic
+
+    work = synthetic("sharegpt", 200, seed=3, rate=8.0)
+    options = dict(max_num_batched_tokens=1024, max_num_seqs=64, max_len=2048)
+    full = simulate_v1(work, BlockManager(600, 16), **options)
+    groups = [KVCacheGroup.full(), KVCacheGroup.sliding(64)]
+    hybrid = simulate_v1(work, HybridBlockManager(groups, 1200, 16), **options)
+    assert hybrid.completed == full.completed == 200
+    mean_full, mean_sliding = hybrid.group_pages_mean
+    assert mean_sliding < mean_full and hybrid.group_pages_peak[1] <= hybrid.peak_pages_used
+    assert hybrid.preemptions < full.preemptions
+
+
+def test_frag_cli_runs_a_hybrid_model(capsys, tmp_path):
+    args = ["frag", "--model", "gpt-oss-20b", "--gpu", "a100-40gb", "--page-sizes", "16", "--num-requests", "120",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "page 16 groups" in text and "KV cache groups (layers: 12 full + 12 sliding (window 128))" in text
+    report = json.loads((tmp_path / "frag.json").read_text())
+    grouped = [s for s in report["serving"] if s.get("groups")]
+    assert grouped and grouped[0]["groups"] == ["full", "sliding"] and len(grouped[0]["group_pages_mean"]) == 2

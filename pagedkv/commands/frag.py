@@ -197,10 +197,16 @@ def resolve_budget(args: argparse.Namespace) -> dict:
             raise InvalidArgument("--gpu", args.gpu, f"a GPU whose memory x {args.mem_fraction} holds the "
                                   f"{weights:,} bytes of {model.name} weights and a KV cache")
         slots = budget // kv.bytes_per_token
-        return {"num_slots": slots, "bytes_per_token": kv.bytes_per_token, "budget_bytes": budget,
-                "kv_dtype": kv.dtype, "kv_scales": kv.kv_scales,
-                "source": f"{model.name} ({kv.dtype}) on {gpu.name} at mem_fraction {args.mem_fraction}",
-                "pages": lambda ps: spec.num_pages_for_budget(kv, budget, ps)}
+        out = {"num_slots": slots, "bytes_per_token": kv.bytes_per_token, "budget_bytes": budget,
+               "kv_dtype": kv.dtype, "kv_scales": kv.kv_scales,
+               "source": f"{model.name} ({kv.dtype}) on {gpu.name} at mem_fraction {args.mem_fraction}",
+               "pages": lambda ps: spec.num_pages_for_budget(kv, budget, ps)}
+        if kv.is_hybrid:
+            # NOTE: the same bytes as pages of the hybrid pool (a page of every layer of a group)
+            out["layers"] = kv.describe_layers()
+            out["hybrid"] = lambda ps: (budget // kv.group_page_bytes(ps), kv.kv_cache_groups(ps),
+                                        kv.group_page_bytes(ps))
+        return out
     for option in ("--dtype", "--kv-scales"):
         value = getattr(args, option[2:].replace("-", "_"), None)
         if value is not None:
@@ -309,12 +315,14 @@ def sweep(args: argparse.Namespace) -> dict:
              + [("capacity", c, ps, cpu) for c in capacities for ps in page_sizes for cpu in cpu_capacities
                 if c // ps >= 1]
              + ([("serving", ps) for ps in page_sizes] if v1 else [])
+             + ([("serving", ps, "groups") for ps in page_sizes] if v1 and "hybrid" in budget else [])
              + [("fleet", ps, router) for ps in page_sizes for router in routers])
     context = {"work": work, "C": C, "max_len": max_len, "n": n, "step_time": step_time,
                "max_running": args.max_running, "prefix": prefix, "watermark": args.watermark,
                "placement": args.placement, "pages": {ps: budget["pages"](ps) for ps in page_sizes},
                "budget_tokens": budget_tokens if v1 else None, "max_seqs": max_seqs if v1 else None,
-               "time_model": time_model, "replicas": replicas, "preemption": preemption, "cpu_slots": cpu_slots}
+               "time_model": time_model, "replicas": replicas, "preemption": preemption, "cpu_slots": cpu_slots,
+               "hybrid": {ps: budget["hybrid"](ps) for ps in page_sizes} if v1 and "hybrid" in budget else {}}
     bar = _progress(len(tasks) * len(work))
     try:
         if jobs == 1:
@@ -340,7 +348,14 @@ def sweep(args: argparse.Namespace) -> dict:
     by_kind = {kind: [r for t, r in zip(tasks, results) if t[0] == kind]
                for kind in ("point", "capacity", "serving", "fleet")}
     points, capacity_sweep, serving, fleet = (by_kind[k] for k in ("point", "capacity", "serving", "fleet"))
-    for entry in serving:
+    grouped = [entry for entry in serving if "groups" in entry]
+    serving = [entry for entry in serving if "groups" not in entry]
+    for entry in grouped:
+        entry["label"] += " groups"
+        full = next(p for p in serving if p["page_size"] == entry["page_size"])
+        entry["all_full_pages"] = context["pages"][entry["page_size"]]
+        entry["all_full_peak_running"] = full["peak_running"]
+    for entry in serving + grouped:
         simple = next(p for p in points if p["page_size"] == entry["page_size"])
         entry["simple_preemptions_per_request"] = (
             simple["preemptions"] / max(1, simple["num_requests"] - sum(simple["rejected"].values())))
@@ -350,7 +365,7 @@ def sweep(args: argparse.Namespace) -> dict:
     return {
         "command": "pagedkv frag",
         "workload": work.describe(),
-        "budget": {k: v for k, v in budget.items() if k != "pages"},
+        "budget": {k: v for k, v in budget.items() if k not in ("pages", "hybrid")},
         "config": {"max_len": max_len, "parallel_samples": n, "step_time": step_time, "watermark": args.watermark,
                    "placement": args.placement, "max_running": args.max_running, "seed": args.seed,
                    "rate": args.rate, "page_sizes": page_sizes, "policies": policies, "backend": backend,
@@ -359,7 +374,7 @@ def sweep(args: argparse.Namespace) -> dict:
                        "cpu_slots": cpu_slots,
                        "time_model": None if time_model is None else time_model.name} if v1 else {})},
         "points": points,
-        **({"serving": serving} if v1 else {}),
+        **({"serving": serving + grouped} if v1 else {}),
         **({"replicas": fleet} if routers else {}),
         **({"capacity_sweep": capacity_sweep} if capacities else {}),
     }
@@ -413,6 +428,15 @@ def _execute(task: tuple, ctx: dict, progress) -> dict:
                    time_model=ctx["time_model"], step_time=ctx["step_time"], max_len=ctx["max_len"], progress=progress,
                    preemption=ctx["preemption"])
     cpu_pages = ctx["cpu_slots"] // ps
+    if task[0] == "serving" and len(task) == 3:  # a hybrid model's KV cache groups over the same bytes
+        from ..hybrid import HybridBlockManager
+
+        pages, groups, page_bytes = ctx["hybrid"][ps]
+        alloc = HybridBlockManager(groups, pages, ps, watermark=ctx["watermark"], enable_prefix_caching=prefix,
+                                   num_cpu_pages=cpu_pages * ctx["pages"][ps] // max(pages, 1))
+        result = simulate_v1(work, alloc, **options)
+        return {"label": f"page {ps}", "page_size": ps, "groups": [g.kind for g in groups], "group_page_bytes": page_bytes,
+                "num_pages": pages, "elapsed_s": time.perf_counter() - start, **result.to_dict()}
     if task[0] == "serving":
         alloc = BlockManager(ctx["pages"][ps], ps, watermark=ctx["watermark"], enable_prefix_caching=prefix,
                              num_cpu_pages=cpu_pages)
@@ -492,12 +516,12 @@ def render(report: dict) -> str:
         lines += ["", f"serving under the vLLM-v1-like scheduler ({c['max_num_batched_tokens']} tokens and "
                   f"{c['max_num_seqs']} sequences per step; "
                   + (f"roofline step time of {c['time_model']})" if timed else f"{c['step_time']} s per step)")]
-        head = (f"{'allocator':<10} {'preempt/req':>11} {'simple':>7} {'steps':>7} {'run':>6} {'tok/step':>8}"
+        head = (f"{'allocator':<14} {'preempt/req':>11} {'simple':>7} {'steps':>7} {'run':>6} {'tok/step':>8}"
                 + (f" {'hit%':>6}" if prefix else "")
                 + (f" {'TTFT p50':>9} {'p99':>8} {'TPOT p50':>9} {'p99':>8} {'tok/s':>9}" if timed else ""))
         lines += [head, "-" * len(head)]
         for p in serving:
-            row = (f"{p['label']:<10} {p['preemptions_per_request']:11.3f} {p['simple_preemptions_per_request']:7.3f} "
+            row = (f"{p['label']:<14} {p['preemptions_per_request']:11.3f} {p['simple_preemptions_per_request']:7.3f} "
                    f"{p['steps']:7d} {p['mean_running']:6.1f} {p['mean_batch_tokens']:8.1f}")
             if prefix:
                 row += f" {100 * p['prefix_hit_rate']:6.1f}"
@@ -505,6 +529,25 @@ def render(report: dict) -> str:
                 row += (f" {p['ttft_p50_s']:8.3f}s {p['ttft_p99_s']:7.3f}s {1000 * p['tpot_p50_s']:7.2f}ms "
                         f"{1000 * p['tpot_p99_s']:6.2f}ms {p['output_tokens_per_s']:9.0f}")
             lines.append(row)
+        grouped = [p for p in serving if p.get("groups")]
+        if grouped:
+            budget = report["budget"]
+            lines += ["", f"KV cache groups ({budget.get('layers', '')}), one pool of the same "
+                      f"{budget.get('budget_bytes', 0):,} bytes; '<page> groups' rows above:"]
+            for p in grouped:
+                kinds = p["groups"]
+                mean = p.get("group_pages_mean") or [0.0] * len(kinds)
+                peak = p.get("group_pages_peak") or [0] * len(kinds)
+                per_kind = {}
+                for k, m, x in zip(kinds, mean, peak):
+                    n, total, top = per_kind.get(k, (0, 0.0, 0))
+                    per_kind[k] = (n + 1, total + m, max(top, x))
+                per = ", ".join(f"{k}{f' ({n} groups)' if n > 1 else ''} {m:,.0f} (peak {x:,} per group)"
+                                for k, (n, m, x) in per_kind.items())
+                lines.append(f"  page {p['page_size']}: {p['num_pages']:,} pages of {p['group_page_bytes']:,} B "
+                             f"(all-full: {p['all_full_pages']:,} pages of the same bytes per token); pages held per "
+                             f"kind, mean over steps: {per}; peak running {p['peak_running']} vs "
+                             f"{p['all_full_peak_running']} all-full")
         lines.append("preempt/req: preemptions per admitted request, v1 and (simple) the simple scheduler of the "
                      "table above; run = running requests, tok/step = tokens computed per step"
                      + ("; TTFT/TPOT from arrival times and the roofline model (no kernel efficiency, attention "
