@@ -16,12 +16,15 @@ from .._optional import require
 
 require("hypothesis", "pagedkv.testing")  # NOTE: before the submodules, for the message naming [testing]
 
+from .hybrid_machine import HybridBlockManagerMachine, hybrid_block_manager_machine  # noqa: E402
 from .machine import BlockManagerMachine, block_manager_machine  # noqa: E402
 from .strategies import block_manager_configs, operations, token_counts  # noqa: E402
 
 __all__ = [
     "BlockManagerMachine",
     "block_manager_machine",
+    "HybridBlockManagerMachine",
+    "hybrid_block_manager_machine",
     "block_manager_configs",
     "operations",
     "token_counts",
