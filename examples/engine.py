@@ -1,7 +1,7 @@
-"""How to put pagedkv into your engine: a compact continuous-batching loop around a Hugging Face Llama.
+"""How to put pagedkv into your engine: a compact continuous-batching loop around any Hugging Face decoder.
 
 The engine keeps the model's own modules (embedding, norms, q/k/v/o projections, rotary
-embedding, MLP, LM head) and replaces only attention's KV handling: K/V live in the pages of a
+embedding, MLP or MoE, LM head) and replaces only attention's KV handling: K/V live in the pages of a
 ``PagedKVCache``, the ``BlockManager`` decides which pages each sequence owns, and attention
 reads through page tables. Each ``Engine.step``:
 
@@ -252,13 +252,16 @@ class PagedModel:
     The model runs its own forward pass (embeddings, norms, rotary, MoE, sinks, the LM head);
     pagedkv enters only as its attention implementation (``AttentionInterface.register`` and
     ``set_attn_implementation``). Each layer's KV cache group comes from the config's layer
-    types (``KVCacheSpec.from_hf_config``): full, or sliding window. Chunked-local (Llama 4) and
-    state layers (Qwen3-Next, Mamba) are refused: the kernels have no chunked mask and the
-    engine keeps no recurrent state.
+    types (``KVCacheSpec.from_hf_config``): full, sliding window, or state (linear attention:
+    Qwen3-Next's Gated DeltaNet). A state layer's mixer runs per sequence (decodes batched)
+    against a cache object with transformers' conv/recurrent-state API whose states live in
+    the pages of the sequence's state group (``StateStore``). Chunked-local layers (Llama 4)
+    are refused: the kernels have no chunked mask.
 
     Args:
         model: e.g. ``LlamaForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM``,
-            ``Gemma3ForCausalLM``, ``GptOssForCausalLM``, or a tensor-parallel shard of one.
+            ``Gemma3ForCausalLM``, ``GptOssForCausalLM``, ``Qwen3NextForCausalLM``, or a
+            tensor-parallel shard of one.
         page_size: the pool's page size (a group needs it for its pages).
     """
 
@@ -269,20 +272,23 @@ class PagedModel:
         config = model.config
         text = getattr(config, "text_config", None) or config
         spec = KVCacheSpec.from_hf_config(text.to_dict(), dtype="fp32")
-        if {"chunked", "state"} & set(spec.layer_types):
+        if "chunked" in spec.layer_types:
             raise InvalidArgument("model", type(model).__name__,
-                                  "a model with full and sliding-window layers only (no chunked or state layers)")
+                                  "a model without chunked-local layers (the kernels have no chunked mask)")
         self.head_dim = spec.head_dim
+        layers = model.model.layers
+        kinds = spec.layer_types or ("full",) * len(layers)
         # NOTE: counted from the projections, not the config: a tensor-parallel shard
         # (examples/engine_dist.py) has num_heads / N query and num_kv_heads / N KV heads.
-        attn = model.model.layers[0].self_attn
-        self.num_heads = attn.q_proj.out_features // self.head_dim
+        attn = next(layers[i].self_attn for i, kind in enumerate(kinds) if kind != "state")
+        self.num_heads = attn.o_proj.in_features // self.head_dim  # q_proj may also hold a gate (Qwen3-Next)
         self.num_kv_heads = attn.k_proj.out_features // self.head_dim
         self.layout = spec.hybrid_layout()
         self.groups = spec.kv_cache_groups(page_size) if spec.is_hybrid else [KVCacheGroup.full()]
         self.layer_group = {layer: self.layout.group_of(layer) for layer in range(text.num_hidden_layers)}
         self.num_layers = self.layout.layers_per_group  # K/V tensors: one per layer slot of a group
         self.cache = None
+        self.states = StateStore(self, [i for i, kind in enumerate(kinds) if kind == "state"])
         _register_attention()
         # NOTE: pagedkv's attention only inside this runner's forward passes: the model keeps
         # its own implementation for everything else (model.generate, as the tests compare).
@@ -290,13 +296,15 @@ class PagedModel:
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache, plans: list,
-                logits_rows: torch.Tensor) -> torch.Tensor:
+                logits_rows: torch.Tensor, state: "StateBatch | None" = None) -> torch.Tensor:
         """One forward pass over the new tokens of a batch.
 
         Args:
             token_ids, positions: int64 ``[num_tokens]``, ordered as the plans' query rows.
-            cache, plans: the cache and this batch's ``cache.plan(...)``, one per group.
+            cache, plans: the cache and this batch's ``cache.plan(...)``, one per group
+                (``None`` for a state group).
             logits_rows: int64 ``[R]``; rows whose next-token logits are wanted.
+            state: the batch's rows and state pages (a model with state layers only).
 
         Returns:
             ``[R, vocab_size]`` logits in the model's dtype.
@@ -307,13 +315,211 @@ class PagedModel:
         try:
             for c in self._configs:
                 c._attn_implementation = _ATTENTION
-            out = self.model(input_ids=token_ids[None], position_ids=positions[None], use_cache=False,
-                             logits_to_keep=logits_rows)
+            with self.states.active(state):
+                out = self.model(input_ids=token_ids[None], position_ids=positions[None], use_cache=False,
+                                 logits_to_keep=logits_rows)
         finally:
             for c, value in zip(self._configs, saved):
                 c._attn_implementation = value
             _ACTIVE.pop()
         return out.logits[0]
+
+
+class StateBatch(NamedTuple):
+    """What the state layers need of a step, per row of the batch (the plans' row order).
+
+    Attributes:
+        starts, query_lens: the row's first token (in the flat batch) and its new tokens.
+        has_state: whether the sequence has state from earlier steps (tokens computed before).
+        pages: ``{group: int64 [B, state_pages]}``: each state group's pages of every row.
+    """
+
+    starts: list
+    query_lens: list
+    has_state: list
+    pages: dict
+
+
+class StateStore:
+    """The recurrent state of a model's state layers, kept in the pages of their KV cache group.
+
+    A sequence's state in a state layer (Gated DeltaNet: a convolution state and a recurrent
+    state) lives in the ``k`` pages its state group holds, in that layer's slot of the
+    ``PagedKVCache``: the raw bytes of ``cache.kv[slot, :, pages]`` (the sector scheme of
+    ``KVCacheSpec.state_pages``; full precision whatever the KV dtype). So the block manager's
+    swaps, copies (``fork`` copies state pages) and frees carry the state with no extra code.
+
+    During a forward pass each state layer's mixer (the decoder layer's child module with the
+    layer's ``layer_idx``: ``linear_attn`` in Qwen3-Next) is called once for the step's decodes
+    together and once per prefill chunk, each time with a ``_SequenceStates`` as its cache:
+    transformers' conv/recurrent-state methods over states loaded from the rows' pages, which
+    are written back after the call. The byte layout of a layer (the states it keeps, their
+    shapes and dtypes) is learned from its first prefill.
+    """
+
+    def __init__(self, runner: PagedModel, layers: list[int]):
+        import inspect
+
+        self.runner = runner
+        self.mixers = {}
+        for i in layers:
+            found = [m for _, m in runner.model.model.layers[i].named_children() if getattr(m, "layer_idx", None) == i]
+            if len(found) != 1:
+                raise InvalidArgument("model", type(runner.model).__name__,
+                                      f"state layer {i} with one mixer module carrying layer_idx={i} "
+                                      f"(found {len(found)})")
+            params = inspect.signature(found[0].forward).parameters
+            name = next((n for n in ("cache", "cache_params", "past_key_values") if n in params), None)
+            if name is None:
+                raise InvalidArgument("model", type(runner.model).__name__,
+                                      f"a state mixer in layer {i} that takes a cache (cache= or cache_params=)")
+            self.mixers[i] = (found[0], name)
+        self.formats: dict[int, list] = {}  # layer -> [(key, shape per row, dtype, bytes per row)]
+        self._batch = None
+
+    def active(self, batch: StateBatch | None):
+        """A context in which the state mixers run over ``batch`` (nothing without state layers)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def installed():
+            if not self.mixers:
+                yield
+                return
+            if batch is None:
+                raise InvalidArgument("state", None, "the batch's StateBatch (the model has state layers)")
+            self._batch = batch
+            saved = {}
+            try:
+                for layer, (module, name) in self.mixers.items():
+                    saved[layer] = module.__dict__.get("forward")
+                    original = module.forward
+                    module.forward = (lambda *args, _layer=layer, _fwd=original, _name=name, **kw:
+                                      self._run(_layer, _fwd, _name, *args, **kw))
+                yield
+            finally:
+                for layer, value in saved.items():
+                    module = self.mixers[layer][0]
+                    if value is None:
+                        del module.forward
+                    else:
+                        module.forward = value
+                self._batch = None
+
+        return installed()
+
+    def _run(self, layer: int, forward, cache_name: str, hidden_states: torch.Tensor, *args, **kwargs):
+        batch = self._batch
+        for name in ("cache", "cache_params", "past_key_values", "attention_mask"):
+            kwargs.pop(name, None)  # NOTE: no padding in a flat batch; the cache is ours
+        group, slot = self.runner.layer_group[layer]
+        pages = batch.pages[group]
+        flat = hidden_states[0]
+        # NOTE: the step's decodes (1 token on top of a state) in one call; each prefill chunk
+        # alone, since the mixer runs a recurrence over its sequence axis.
+        rows = range(len(batch.query_lens))
+        decodes = [b for b in rows if batch.query_lens[b] == 1 and batch.has_state[b]]
+        calls = ([decodes] if decodes else []) + [[b] for b in rows if b not in set(decodes)]
+        out = None
+        for call in calls:
+            n = batch.query_lens[call[0]]
+            index = torch.tensor([batch.starts[b] + i for b in call for i in range(n)], device=flat.device)
+            x = flat[index].reshape(len(call), n, -1)
+            view = _SequenceStates(layer, self._load(layer, slot, pages[call]) if batch.has_state[call[0]] else None)
+            y = forward(x, *args, **{cache_name: view}, **kwargs)
+            if isinstance(y, tuple):
+                y = y[0]
+            self._store(layer, slot, pages[call], view.states)
+            if out is None:
+                out = flat.new_empty((flat.shape[0], y.shape[-1]), dtype=y.dtype)
+            out[index] = y.reshape(len(call) * n, -1)
+        return out[None]
+
+    def _capacity(self, pages: torch.Tensor) -> int:
+        kv = self.runner.cache.kv
+        return 2 * pages.shape[1] * kv[0, 0, 0].numel() * kv.element_size()
+
+    def _load(self, layer: int, slot: int, pages: torch.Tensor) -> dict:
+        if layer not in self.formats:
+            raise InvalidArgument("state", layer, "a state layer whose first prefill ran in this process")
+        kv = self.runner.cache.kv[slot]  # [2, num_pages, page_size, heads, head_dim]
+        raw = kv[:, pages].transpose(0, 1).reshape(pages.shape[0], -1).view(torch.uint8)
+        states, offset = {}, 0
+        for key, shape, dtype, size in self.formats[layer]:
+            states[key] = raw[:, offset:offset + size].view(dtype).reshape(pages.shape[0], *shape).clone()
+            offset += size
+        return states
+
+    def _store(self, layer: int, slot: int, pages: torch.Tensor, states: dict) -> None:
+        fmt = [(key, tuple(t.shape[1:]), t.dtype, t[0].numel() * t.element_size()) for key, t in sorted(states.items())]
+        known = self.formats.setdefault(layer, fmt)
+        if fmt != known:
+            raise InvalidArgument("state", layer, f"the states {known} of its first prefill (got {fmt})")
+        size, capacity = sum(f[3] for f in fmt), self._capacity(pages)
+        if size > capacity:
+            raise InvalidArgument("state", layer, f"a state that fits its {pages.shape[1]} pages ({capacity} B per "
+                                  f"sequence); it keeps {size} B: KVCacheSpec.state_bytes undercounts this model")
+        kv = self.runner.cache.kv[slot]
+        raw = torch.zeros((pages.shape[0], capacity), dtype=torch.uint8, device=kv.device)
+        offset = 0
+        for key, _, _, nbytes in fmt:
+            raw[:, offset:offset + nbytes] = states[key].reshape(pages.shape[0], -1).contiguous().view(torch.uint8)
+            offset += nbytes
+        kv[:, pages] = raw.view(kv.dtype).reshape(pages.shape[0], 2, pages.shape[1], *kv.shape[2:]).transpose(0, 1)
+
+
+class _SequenceStates:
+    """The cache a state mixer sees: transformers' conv/recurrent-state methods (``Cache``'s
+    ``get_conv_state``, ``update_conv_state``, ``get_recurrent_state``, ...) over the states
+    of the sequences in one call, loaded from their pages (``None``: a prompt's first chunk)."""
+
+    def __init__(self, layer: int, loaded: dict | None):
+        self.layer = layer
+        self.has_state = loaded is not None
+        self.states = dict(loaded or {})
+
+    def _check(self, layer_idx: int) -> None:
+        if layer_idx != self.layer:
+            raise InvalidArgument("layer_idx", layer_idx, f"this mixer's layer ({self.layer})")
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        return self.has_state
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return False
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        self._check(layer_idx)
+        return self.states.get(("conv", state_idx)) if self.has_state else None
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        self._check(layer_idx)
+        return self.states.get(("recurrent", state_idx)) if self.has_state else None
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                          conv_kernel_size: int | None = None, **kwargs) -> torch.Tensor:
+        """Returns the earlier state followed by ``conv_states`` (the convolution's left context
+        and the new inputs) and keeps the last ``conv_kernel_size - 1`` inputs: all a causal
+        convolution of that kernel needs next (vLLM keeps as many; transformers keeps one more)."""
+        self._check(layer_idx)
+        key = ("conv", state_idx)
+        prior = self.states.get(key) if self.has_state else None
+        full = conv_states if prior is None else torch.cat([prior, conv_states], dim=-1)
+        if conv_kernel_size is not None:
+            width = conv_kernel_size - 1
+        else:
+            width = prior.shape[-1] if prior is not None else conv_states.shape[-1]
+        kept = full[..., max(0, full.shape[-1] - width):]
+        if kept.shape[-1] < width:
+            kept = torch.nn.functional.pad(kept, (width - kept.shape[-1], 0))
+        self.states[key] = kept.clone()
+        return full
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                               **kwargs) -> torch.Tensor:
+        self._check(layer_idx)
+        self.states[("recurrent", state_idx)] = recurrent_states.clone()
+        return self.states[("recurrent", state_idx)]
 
 
 class ModelInput(NamedTuple):
@@ -347,7 +553,7 @@ class Worker:
     the same calls (``examples/engine_dist.py``).
 
     Args:
-        model: a ``transformers`` Llama-family causal LM, or a tensor-parallel shard of one.
+        model: a ``transformers`` decoder-only causal LM (see ``PagedModel``), or a tensor-parallel shard of one.
         config: the ``EngineConfig`` the pool and buffers are sized from.
     """
 
@@ -389,18 +595,31 @@ class Worker:
             tables = tables[None]
         if slots.ndim == 1:
             slots = slots[None]
-        plans = []
+        def as_tensor(values):
+            return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
+
+        plans, state_pages = [], {}
         for g, group in enumerate(self.groups):
+            if group.kind == "state":  # NOTE: no attention reads it: the state layers read its pages
+                pages = tables[g][:, :group.state_pages]
+                if pages.shape[1] < group.state_pages or (pages < 0).any():
+                    raise InvalidArgument("step.table", f"state group {g} rows {pages.tolist()}",
+                                          f"{group.state_pages} pages per row")
+                state_pages[g] = as_tensor(pages)
+                plans.append(None)
+                continue
             # NOTE: a sliding group's rows hold released (-1) entries before its window
             window = group.window if group.kind == "sliding" else None
             plans.append(self.cache.plan(tables[g], step.seq_lens, query_lens=step.query_lens, slot_mapping=slots[g],
                                          buffers=self.buffers[g], sliding_window=window))
-
-        def as_tensor(values):
-            return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
-
+        state = None
+        if state_pages:
+            query_lens = np.asarray(step.query_lens, dtype=np.int64)
+            starts = np.concatenate([[0], np.cumsum(query_lens)[:-1]])
+            state = StateBatch(starts.tolist(), query_lens.tolist(),
+                               (np.asarray(step.seq_lens) > query_lens).tolist(), state_pages)
         return self.runner.forward(as_tensor(step.token_ids), as_tensor(step.positions), self.cache, plans,
-                                   as_tensor(step.logits_rows))
+                                   as_tensor(step.logits_rows), state)
 
     def flush(self) -> None:
         """The end of a step without a forward pass (a local worker has nothing queued)."""
@@ -410,7 +629,7 @@ class Engine:
     """Continuous batching over a ``BlockManager`` + ``PagedKVCache``.
 
     Args:
-        model: a ``transformers`` Llama-family causal LM (its dtype and device are the cache's).
+        model: a ``transformers`` decoder-only causal LM (see ``PagedModel``; its dtype and device are the cache's).
         config: ``EngineConfig``.
         worker: what executes the device work (default: a ``Worker`` of ``model`` in this
             process; ``examples/engine_dist.py`` passes one that broadcasts each step to the
@@ -442,6 +661,7 @@ class Engine:
         else:
             self.mgr = HybridBlockManager(groups, config.num_pages, config.page_size, **options)
         self.hybrid = isinstance(self.mgr, HybridBlockManager)
+        self.state_pages = max((g.state_pages for g in groups if g.kind == "state"), default=0)
         self.publisher = None
         if config.kv_events is not None:
             from pagedkv.events import ZmqPublisher
@@ -663,6 +883,8 @@ class Engine:
     def _prefix_in_flight(self, seq: Sequence) -> bool:
         """Whether a prefill in flight will commit full pages of ``seq``'s prefix that are not
         matchable yet (same salt): ``seq`` would find more of its prompt cached by waiting."""
+        if self.state_pages:
+            return False  # NOTE: a state group accepts no hit, so waiting would find nothing
         ps = self.config.page_size
         for other in self.running:
             if not other.is_prefilling or other.request.cache_salt != seq.request.cache_salt:
@@ -717,7 +939,7 @@ class Engine:
         slots = [decode_slots] + [self.mgr.slots(s.seq_id, s.num_computed, s.num_computed + n) for s, n in chunks]
         query_lens = np.array([n for _, n in batch])
         seq_lens = np.array([s.num_computed + n for s, n in batch])  # K/V present after this step
-        width = -(-int(seq_lens.max()) // self.config.page_size)
+        width = max(-(-int(seq_lens.max()) // self.config.page_size), self.state_pages)
         g = self.num_groups
         if not self.hybrid:
             table = self.table[[s.row for s, _ in batch], :width]  # the rows the block manager keeps current

@@ -1,8 +1,10 @@
 """The example engine serves any Hugging Face decoder through ``AttentionInterface``: tiny
 random-weight Llama, Qwen3, Mistral (sliding window), Gemma 3 (5 local layers per global one)
-and gpt-oss (alternating sliding/full layers with sinks and MoE) give ``model.generate``'s
-greedy tokens, with prefix caching on and under preemption, on both block-manager backends.
-Hybrid models run on a ``HybridBlockManager`` (one KV cache group per layer group, one pool)."""
+gpt-oss (alternating sliding/full layers with sinks and MoE) and Qwen3-Next (Gated DeltaNet
+state layers beside full ones, MoE) give ``model.generate``'s greedy tokens, with prefix caching
+on and under preemption, on both block-manager backends. Hybrid models run on a
+``HybridBlockManager`` (one KV cache group per layer group, one pool); a state layer's
+recurrent state lives in its state group's pages."""
 
 from __future__ import annotations
 
@@ -41,6 +43,13 @@ def tiny(arch: str):
         config = t.GptOssConfig(num_hidden_layers=4, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
                                 layer_types=["sliding_attention", "full_attention"] * 2, **COMMON)
         cls = t.GptOssForCausalLM
+    elif arch == "qwen3_next":
+        config = t.Qwen3NextConfig(num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2,
+                                   linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                                   linear_value_head_dim=8, linear_conv_kernel_dim=4, num_experts=4,
+                                   num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                   **COMMON)
+        cls = t.Qwen3NextForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(SEEDS.get(arch, 0))  # NOTE: seeds whose greedy decoding has no near-tie here
@@ -52,7 +61,9 @@ def tiny(arch: str):
     return model
 
 
-ARCHS = ["llama", "qwen3", "mistral", "gemma3", "gpt_oss"]
+ARCHS = ["llama", "qwen3", "mistral", "gemma3", "gpt_oss", "qwen3_next"]
+#: pages per KV cache group in the test's pool: small enough that the engine preempts
+POOL = {"qwen3_next": 10}
 BACKENDS = ["python"] + (["cpp"] if HAVE_CPP else [])
 
 
@@ -81,11 +92,12 @@ def test_tokens_equal_generate_with_prefix_caching_and_preemption(arch_model, ba
     prompts, max_new = _prompts(), 10
     preemption = "swap" if backend == "cpp" else "recompute"
     groups = len(engine.PagedModel(model, 4).groups)  # a page per group per page of tokens
-    config = engine.EngineConfig(num_pages=15 * groups, page_size=4, max_num_seqs=8, max_num_batched_tokens=32, chunk_size=12,
+    config = engine.EngineConfig(num_pages=POOL.get(arch, 15) * groups, page_size=4, max_num_seqs=8,
+                                 max_num_batched_tokens=32, chunk_size=12,
                                  enable_prefix_caching=True, preemption=preemption,
                                  num_cpu_pages=64 if preemption == "swap" else 0, block_manager_backend=backend)
     eng = engine.Engine(model, config)
-    hybrid = arch in ("mistral", "gemma3", "gpt_oss")
+    hybrid = arch in ("mistral", "gemma3", "gpt_oss", "qwen3_next")
     assert isinstance(eng.mgr, HybridBlockManager) == hybrid
     # the first request alone, so the others find its prompt in the prefix cache
     first = eng.generate(prompts[:1], engine.SamplingParams(max_new_tokens=max_new))
@@ -95,7 +107,12 @@ def test_tokens_equal_generate_with_prefix_caching_and_preemption(arch_model, ba
         want, margin = _reference(model, prompt, max_new)
         assert margin > MIN_GREEDY_MARGIN, f"{arch}: a near-tie in greedy decoding; pick another seed"
         assert out.output_ids == [want], f"{arch}: prompt of {len(prompt)} tokens"
-    assert sum(o.num_cached_tokens for o in rest) > 0, "no prefix-cache hit"
+    if arch == "qwen3_next":
+        # NOTE: a state group accepts no hit (a recurrent state cannot start mid-prompt from
+        # cached K/V), so every prompt is computed in full, and correctly
+        assert sum(o.num_cached_tokens for o in outputs) == 0
+    else:
+        assert sum(o.num_cached_tokens for o in rest) > 0, "no prefix-cache hit"
     if arch == "mistral":
         # NOTE: every layer slides, so a decoding sequence never needs more than its window's
         # pages and nothing is preempted; the pool is smaller than all-full layers would need.
@@ -122,6 +139,52 @@ def test_sliding_groups_release_pages_while_decoding():
     assert full == -(-n // 4) and sliding <= -(-WINDOW // 4) + 1
     while eng.has_unfinished():
         eng.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_layers_fork_copies_the_state(backend):
+    """Qwen3-Next, parallel sampling: the children of one prompt start from copies of its state
+    pages (``fork`` copies a state group's pages), so child ``i`` samples what a request of its
+    own with ``seed + i`` samples; a recurrent state shared between children would diverge."""
+    model = tiny("qwen3_next")
+    config = engine.EngineConfig(num_pages=64, page_size=4, max_num_seqs=8, max_num_batched_tokens=32, chunk_size=8,
+                                 block_manager_backend=backend)
+    prompt = _prompts()[1]
+    params = dict(max_new_tokens=8, temperature=1.0, seed=3)
+    (both,) = engine.Engine(model, config).generate([prompt], engine.SamplingParams(n=2, **params))
+    eng = engine.Engine(model, config)
+    alone = [eng.generate([prompt], engine.SamplingParams(**{**params, "seed": 3 + i}))[0].output_ids[0]
+             for i in range(2)]
+    assert both.output_ids == alone
+    assert alone[0] != alone[1], "the two seeds sample the same tokens; pick others"
+
+
+def test_state_layers_keep_their_state_in_the_state_groups_pages():
+    """Qwen3-Next: a sequence's conv and recurrent states are bytes of its state group's pages:
+    zeroing those pages once the prompt is computed changes the tokens decoded after it, and
+    leaving them gives ``model.generate``'s."""
+    model = tiny("qwen3_next")
+    config = engine.EngineConfig(num_pages=64, page_size=4, max_num_seqs=2, max_num_batched_tokens=32, chunk_size=16)
+    prompt, max_new = _prompts()[3], 8
+    outputs = []
+    for wipe in (False, True):
+        eng = engine.Engine(model, config)
+        eng.add_request(prompt, engine.SamplingParams(max_new_tokens=max_new))
+        while not eng.running or eng.running[0].is_prefilling:
+            eng.step()
+        (seq,) = eng.running
+        (group,) = [g for g, kind in enumerate(eng.mgr.groups) if kind.kind == "state"]
+        pages = eng.mgr.page_table(seq.seq_id, group)
+        assert len(pages) == eng.mgr.groups[group].state_pages and min(pages) >= 0
+        if wipe:
+            eng.cache.kv[:, :, torch.as_tensor(pages)] = 0
+        finished = []
+        while eng.has_unfinished():
+            finished += eng.step()
+        outputs.append(finished[0].output_ids[0])
+    assert outputs[0] == _reference(model, prompt, max_new)[0]
+    assert outputs[1][0] == outputs[0][0]  # sampled from the prompt's logits, before the wipe
+    assert outputs[1] != outputs[0]
 
 
 def test_models_the_engine_cannot_serve_are_refused():
