@@ -323,7 +323,8 @@ NB_MODULE(_core, m) {
         out.max_tokens = static_cast<int64_t>(out_slots.shape(0));
         out.first_page = first_page.is_valid() ? out_first_page.data() : nullptr;
         out.rows = rows;
-        if (page_size < 1 || num_pages < 0 || window < 0 || num_pages > (INT64_MAX / page_size))
+        // NOTE: window < 0 is a chunk (-C); bounded so that negating it cannot overflow
+        if (page_size < 1 || num_pages < 0 || window < -(INT64_C(1) << 62) || num_pages > (INT64_MAX / page_size))
           return refused();
         // NOTE: the core reads its inputs again after writing outputs: an input sharing memory
         // with an output would be read back changed (and could send reads out of bounds).

@@ -31,8 +31,14 @@ PlanResult fill_plan(const PlanInput& in, const PlanOutput& out, std::vector<int
     const int32_t* row = in.table + i * in.width;
     for (int64_t c = 0; c < in.width; ++c)
       if (row[c] < -1 || row[c] >= in.num_pages) return result;
-    const int64_t first_key_page =
-        in.window > 0 ? std::max<int64_t>(len - q_len - in.window + 1, 0) / ps : 0;
+    // The first key the sequence's first new token sees: its window's, or its chunk's start.
+    int64_t first_key_page = 0;
+    if (in.window > 0) {
+      first_key_page = std::max<int64_t>(len - q_len - in.window + 1, 0) / ps;
+    } else if (in.window < 0) {
+      const int64_t chunk = -in.window;
+      first_key_page = (len - q_len) / chunk * chunk / ps;
+    }
     if (in.first_page && first_key_page < start) return result;
     for (int64_t c = std::max<int64_t>(first_key_page - start, 0); c < used - start; ++c)
       if (row[c] < 0) return result;

@@ -23,7 +23,7 @@ struct PlanInput {
   const int32_t* first_page = nullptr;  // [num_seqs], or nullptr: rows start at page 0
   int64_t page_size = 1;
   int64_t num_pages = 0;
-  int64_t window = 0;  // 0: no sliding window
+  int64_t window = 0;  // W > 0: a sliding window of W tokens; -C < 0: chunked-local of C; 0: neither
 };
 
 struct PlanOutput {

@@ -222,18 +222,20 @@ def _paged_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     The model computes q/k/v, its norms and rotary embedding; this writes the new K/V into the
     layer's pages and attends through the page table of the layer's group. ``s_aux`` is
-    gpt-oss's learned sinks, ``softcap`` Gemma 2's logit soft cap, ``sliding_window`` the
-    layer's window (None for a full layer).
+    gpt-oss's learned sinks, ``softcap`` Gemma 2's logit soft cap. The mask is the layer's
+    group's: its sliding window, or its chunk (Llama 4's chunked-local layers), or neither.
     """
     runner, plans = _ACTIVE[-1]
     group, slot = runner.layer_group[module.layer_idx]
     plan = plans[group]
+    kind = runner.groups[group]
+    mask = dict(attention_chunk_size=kind.chunk) if kind.kind == "chunked" else dict(sliding_window=sliding_window)
     # [1, heads, tokens, head_dim] -> [tokens, heads, head_dim]
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
     cache = runner.cache
     cache.write(slot, k, v, plan)
     run = cache.decode if plan.is_decode else cache.prefill
-    out = run(slot, q, plan, sm_scale=scaling, sliding_window=sliding_window, logits_soft_cap=softcap, sinks=s_aux)
+    out = run(slot, q, plan, sm_scale=scaling, logits_soft_cap=softcap, sinks=s_aux, **mask)
     return out[None], None
 
 
@@ -252,16 +254,15 @@ class PagedModel:
     The model runs its own forward pass (embeddings, norms, rotary, MoE, sinks, the LM head);
     pagedkv enters only as its attention implementation (``AttentionInterface.register`` and
     ``set_attn_implementation``). Each layer's KV cache group comes from the config's layer
-    types (``KVCacheSpec.from_hf_config``): full, sliding window, or state (linear attention:
-    Qwen3-Next's Gated DeltaNet). A state layer's mixer runs per sequence (decodes batched)
-    against a cache object with transformers' conv/recurrent-state API whose states live in
-    the pages of the sequence's state group (``StateStore``). Chunked-local layers (Llama 4)
-    are refused: the kernels have no chunked mask.
+    types (``KVCacheSpec.from_hf_config``): full, sliding window, chunked local (Llama 4), or
+    state (linear attention: Qwen3-Next's Gated DeltaNet). A state layer's mixer runs per
+    sequence (decodes batched) against a cache object with transformers' conv/recurrent-state
+    API whose states live in the pages of the sequence's state group (``StateStore``).
 
     Args:
         model: e.g. ``LlamaForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM``,
-            ``Gemma3ForCausalLM``, ``GptOssForCausalLM``, ``Qwen3NextForCausalLM``, or a
-            tensor-parallel shard of one.
+            ``Gemma3ForCausalLM``, ``GptOssForCausalLM``, ``Llama4ForCausalLM``,
+            ``Qwen3NextForCausalLM``, or a tensor-parallel shard of one.
         page_size: the pool's page size (a group needs it for its pages).
     """
 
@@ -272,9 +273,6 @@ class PagedModel:
         config = model.config
         text = getattr(config, "text_config", None) or config
         spec = KVCacheSpec.from_hf_config(text.to_dict(), dtype="fp32")
-        if "chunked" in spec.layer_types:
-            raise InvalidArgument("model", type(model).__name__,
-                                  "a model without chunked-local layers (the kernels have no chunked mask)")
         self.head_dim = spec.head_dim
         layers = model.model.layers
         kinds = spec.layer_types or ("full",) * len(layers)
@@ -285,6 +283,13 @@ class PagedModel:
         self.num_kv_heads = attn.k_proj.out_features // self.head_dim
         self.layout = spec.hybrid_layout()
         self.groups = spec.kv_cache_groups(page_size) if spec.is_hybrid else [KVCacheGroup.full()]
+        if "state" in kinds:
+            # NOTE: the spec counts state in fp32 (the recurrent state stays fp32 in a bf16
+            # model), but the pages hold the model's dtype: count pages of those bytes
+            dtype_bytes = next(model.parameters()).element_size()
+            page_bytes = page_size * spec.layer_bytes_per_token // 4 * dtype_bytes
+            pages = -(-spec.state_bytes // page_bytes)
+            self.groups = [KVCacheGroup.state(pages) if g.kind == "state" else g for g in self.groups]
         self.layer_group = {layer: self.layout.group_of(layer) for layer in range(text.num_hidden_layers)}
         self.num_layers = self.layout.layers_per_group  # K/V tensors: one per layer slot of a group
         self.cache = None
@@ -608,10 +613,12 @@ class Worker:
                 state_pages[g] = as_tensor(pages)
                 plans.append(None)
                 continue
-            # NOTE: a sliding group's rows hold released (-1) entries before its window
+            # NOTE: a sliding (chunked) group's rows hold released (-1) entries before its
+            # window (chunk)
             window = group.window if group.kind == "sliding" else None
+            chunk = group.chunk if group.kind == "chunked" else None
             plans.append(self.cache.plan(tables[g], step.seq_lens, query_lens=step.query_lens, slot_mapping=slots[g],
-                                         buffers=self.buffers[g], sliding_window=window))
+                                         buffers=self.buffers[g], sliding_window=window, attention_chunk_size=chunk))
         state = None
         if state_pages:
             query_lens = np.asarray(step.query_lens, dtype=np.int64)
@@ -975,15 +982,24 @@ class Engine:
             if request.first_logits is None:
                 request.first_logits = row.float().cpu()
                 # Parallel sampling: the children share every page of the prompt (ref_count += 1).
+                later = []
                 for child in range(1, request.params.n):
                     sibling = self._new_sequence(request, child, seq.tokens)
-                    copies = self.mgr.fork(seq.seq_id, sibling.seq_id)
+                    try:
+                        copies = self.mgr.fork(seq.seq_id, sibling.seq_id)
+                    except OutOfPages:
+                        # NOTE: no pages for the child's own copy of the state (a state group's
+                        # pages are copied, not shared): it computes the prompt itself later,
+                        # and samples its first token from those (equal) logits.
+                        later.append(sibling)
+                        continue
                     if copies is not None and len(copies):
                         self.worker.copy(copies)  # NOTE: a state group's pages are copied, not shared
                     self._bind(sibling)
                     sibling.num_computed, sibling.prefill_end = seq.num_computed, seq.prefill_end
                     self.running.append(sibling)
                     targets.append(sibling)
+                self.waiting.extendleft(reversed(later))  # NOTE: first in line: the oldest request
             for target in targets:
                 token = best if request.params.temperature == 0 else self._sample(row, target)
                 target.tokens.append(token)

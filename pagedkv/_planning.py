@@ -37,6 +37,7 @@ class HostPlan(NamedTuple):
     max_seq_len: int
     max_q_len: int
     sliding_window: int | None
+    attention_chunk_size: int | None = None
 
 
 def host_array(name: str, value: object) -> object:
@@ -108,7 +109,7 @@ def _query_lens(query_lens: object, num_seqs: int) -> np.ndarray:
 
 
 def host_plan(page_tables, seq_lens, query_lens, slot_mapping, max_pages, sliding_window, first_page, *,
-              num_pages: int, page_size: int) -> HostPlan:
+              num_pages: int, page_size: int, attention_chunk_size=None) -> HostPlan:
     """Check one batch (the arguments of ``PagedKVCache.plan``) and return it as host arrays."""
     table, lens, first = host_tables(page_tables, seq_lens, first_page, page_size)
     num_seqs = lens.shape[0]
@@ -131,23 +132,29 @@ def host_plan(page_tables, seq_lens, query_lens, slot_mapping, max_pages, slidin
         raise InvalidArgument("query_lens", int(q_lens[row]), f"at most seq_lens[{row}] = {int(lens[row])}")
     # Every page an attention call may read must be a real page: from the page holding the
     # first key the sequence's first new token sees (position 0 without a window).
+    if sliding_window is not None and attention_chunk_size is not None:
+        raise InvalidArgument("attention_chunk_size", attention_chunk_size,
+                              "None with a sliding_window (a layer has one mask or the other)")
     if sliding_window is not None:
         sliding_window = check.count("sliding_window", sliding_window)
         first_key_page = np.maximum(lens - q_lens - sliding_window + 1, 0) // page_size
+    elif attention_chunk_size is not None:
+        chunk = attention_chunk_size = check.count("attention_chunk_size", attention_chunk_size)
+        first_key_page = (lens - q_lens) // chunk * chunk // page_size
     else:
         first_key_page = np.zeros_like(lens)
     if first is not None and (first_key_page < start).any():
         row = int(np.argmax(first_key_page < start))
         raise InvalidArgument("first_page", int(start[row]),
                               f"at most the first page attention reads for row {row} "
-                              f"({int(first_key_page[row])}; pass the sliding_window)")
+                              f"({int(first_key_page[row])}; pass the sliding_window or attention_chunk_size)")
     if num_seqs:
         beyond = used_pages - start > table.shape[1]  # pages past the given columns (max_pages pads them)
         if beyond.any():
             row = int(np.argmax(beyond))
             raise InvalidArgument(f"page_table[{row}]", table[row].tolist() + [-1] * (width - table.shape[1]),
                                   f"a page id for every page attention reads (the first {int(used_pages[row])} "
-                                  "entries, or those inside sliding_window)")
+                                  "entries, or those inside sliding_window or the chunk)")
         cols = np.arange(table.shape[1])[None, :] + start[:, None]
         needed = (cols >= first_key_page[:, None]) & (cols < used_pages[:, None])
         missing = needed & (table < 0)
@@ -155,7 +162,7 @@ def host_plan(page_tables, seq_lens, query_lens, slot_mapping, max_pages, slidin
             row = int(np.argmax(missing.any(axis=1)))
             raise InvalidArgument(f"page_table[{row}]", table[row].tolist(),
                                   f"a page id for every page attention reads (the first {int(used_pages[row])} "
-                                  "entries, or those inside sliding_window)")
+                                  "entries, or those inside sliding_window or the chunk)")
     qo_indptr = np.zeros(num_seqs + 1, dtype=np.int64)
     np.cumsum(q_lens, out=qo_indptr[1:])
     num_tokens = int(qo_indptr[-1])
@@ -179,7 +186,8 @@ def host_plan(page_tables, seq_lens, query_lens, slot_mapping, max_pages, slidin
             raise InvalidArgument("slot_mapping", f"{slots.shape[0]} slots", f"one per new token ({num_tokens})")
     _check_distinct_slots(slots)
     return HostPlan(table, lens, q_lens, qo_indptr, slots, first,
-                    int(lens.max()) if num_seqs else 0, int(q_lens.max()) if num_seqs else 0, sliding_window)
+                    int(lens.max()) if num_seqs else 0, int(q_lens.max()) if num_seqs else 0, sliding_window,
+                    attention_chunk_size)
 
 
 def _check_distinct_slots(slots: np.ndarray) -> None:
@@ -316,10 +324,10 @@ def _int32_array(value: object, ndim: int) -> bool:
 
 
 def fast_fill(core, buffers: PlanBuffers, page_tables, seq_lens, query_lens, slot_mapping, max_pages,
-              sliding_window, first_page, pad_to, num_pages: int, page_size: int):
+              sliding_window, first_page, pad_to, num_pages: int, page_size: int, attention_chunk_size=None):
     """The C++ core's plan of a batch of the usual kinds (``PageTables`` / ``WindowTables`` from
     the block manager, decode or one chunk length or int64 lengths, int64 slots) into
-    ``buffers``: ``(views, tokens, max_seq_len, max_q_len)``, or ``None`` for anything else
+    ``buffers``: ``(views, tokens, max_seq_len, max_q_len, window, chunk)``, or ``None`` for anything else
     or anything it refuses; the caller then runs ``host_plan``, which raises the typed error."""
     if seq_lens is not None or first_page is not None or not isinstance(page_tables, (PageTables, WindowTables)):
         return None
@@ -356,13 +364,18 @@ def fast_fill(core, buffers: PlanBuffers, page_tables, seq_lens, query_lens, slo
         if not (type(sliding_window) is int and 1 <= sliding_window <= check.MAX_COUNT):
             return None
         window = sliding_window
+    if attention_chunk_size is not None:
+        if window or not (type(attention_chunk_size) is int and 1 <= attention_chunk_size <= check.MAX_COUNT):
+            return None
+        window = -attention_chunk_size  # NOTE: the core's mask code: -C is a chunk
     host = buffers.staging()
     ok, tokens, max_seq_len, max_q_len = core.fill_plan(
         table, lens, q_array, q_len, slot_mapping, first, page_size, num_pages, window, host["page_table"],
         host["seq_lens"], host["qo_indptr"], host["slot_mapping"], host["first_page"], rows)
     if not ok:
         return None
-    return buffers.commit(rows, tokens, first is not None), tokens, max_seq_len, max_q_len, window or None
+    return (buffers.commit(rows, tokens, first is not None), tokens, max_seq_len, max_q_len, sliding_window,
+            attention_chunk_size)
 
 
 def upload(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -73,6 +73,8 @@ class BatchPlan:
         max_seq_len, max_q_len: host-side maxima, used to size launches without a device sync.
         sliding_window: the window the plan was validated for (page-table entries before it
             may be ``NULL_PAGE``), or ``None``: every entry below ``seq_len`` is a page.
+        attention_chunk_size: the chunk of chunked-local attention the plan was validated for
+            (entries before the chunk of a sequence's first new token may be ``NULL_PAGE``).
         first_page: int32 ``[num_seqs]`` when the page table holds live pages only
             (``BlockManager.window_tables``): position ``pos`` of sequence ``i`` is in column
             ``pos // page_size - first_page[i]``; ``None``: column ``pos // page_size``.
@@ -94,6 +96,7 @@ class BatchPlan:
     first_page: torch.Tensor | None = None
     buffers: object = None
     owner: object = None
+    attention_chunk_size: int | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -354,6 +357,7 @@ class PagedKVCache:
         first_page: object = None,
         buffers: _planning.PlanBuffers | None = None,
         pad_to: int | None = None,
+        attention_chunk_size: int | None = None,
     ) -> BatchPlan:
         """Validate one batch's page tables on the host and upload them once for every layer.
 
@@ -378,6 +382,10 @@ class PagedKVCache:
                 ``BlockManager.release_window`` has released pages: entries wholly before the
                 window of a sequence's first new token may then be ``NULL_PAGE`` (-1), and
                 ``decode`` / ``prefill`` refuse a larger window or none.
+            attention_chunk_size: the same for chunked-local attention (a ``chunked`` KV cache
+                group of ``HybridBlockManager``): entries wholly before the chunk of a
+                sequence's first new token may be ``NULL_PAGE``, and ``decode`` / ``prefill``
+                refuse any other mask. At most one of it and ``sliding_window``.
             first_page: int ``[num_seqs]`` with a plain array whose rows start at these page
                 indices (as a ``WindowTables`` does); every page attention reads must be at or
                 after it.
@@ -404,11 +412,13 @@ class PagedKVCache:
                 # NOTE: the usual batch in one C++ pass straight into the staging; anything it
                 # does not take (or refuses) goes the checked way below, which raises the error.
                 fast = _planning.fast_fill(core, buffers, page_tables, seq_lens, query_lens, slot_mapping, max_pages,
-                                           sliding_window, first_page, pad_to, self.num_pages, self.page_size)
+                                           sliding_window, first_page, pad_to, self.num_pages, self.page_size,
+                                           attention_chunk_size)
                 if fast is not None:
                     return self._buffered_plan(buffers, *fast)
         host = _planning.host_plan(page_tables, seq_lens, query_lens, slot_mapping, max_pages, sliding_window,
-                                   first_page, num_pages=self.num_pages, page_size=self.page_size)
+                                   first_page, num_pages=self.num_pages, page_size=self.page_size,
+                                   attention_chunk_size=attention_chunk_size)
         num_seqs, num_tokens = host.lens.shape[0], host.slots.shape[0]
         if buffers is None:
             if pad_to is not None:
@@ -424,7 +434,7 @@ class PagedKVCache:
                 qo_indptr=_planning.upload(host.qo_indptr, torch.int32, device),
                 slot_mapping=_planning.upload(host.slots, torch.int64, device),
                 num_seqs=num_seqs, num_tokens=num_tokens, max_seq_len=host.max_seq_len, max_q_len=host.max_q_len,
-                sliding_window=host.sliding_window,
+                sliding_window=host.sliding_window, attention_chunk_size=host.attention_chunk_size,
                 first_page=None if host.first is None else _planning.upload(host.first, torch.int32, device),
                 owner=self,
             )
@@ -439,10 +449,11 @@ class PagedKVCache:
         if tokens > buffers.max_num_tokens:
             raise InvalidArgument("query_lens", num_tokens, f"a total of at most max_num_tokens = {buffers.max_num_tokens}")
         views = buffers.fill(host, rows, tokens)
-        return self._buffered_plan(buffers, views, tokens, host.max_seq_len, host.max_q_len, host.sliding_window)
+        return self._buffered_plan(buffers, views, tokens, host.max_seq_len, host.max_q_len, host.sliding_window,
+                                   host.attention_chunk_size)
 
     def _buffered_plan(self, buffers, views: tuple, tokens: int, max_seq_len: int, max_q_len: int,
-                       sliding_window: int | None) -> BatchPlan:
+                       sliding_window: int | None, attention_chunk_size: int | None = None) -> BatchPlan:
         table, lens, qo_indptr, slots, first = views
         rows = table.shape[0]
         decode = tokens == rows and max_q_len <= 1
@@ -451,6 +462,7 @@ class PagedKVCache:
             num_tokens=tokens,
             max_seq_len=max_seq_len, max_q_len=max(max_q_len, 1 if decode and rows else 0),
             sliding_window=sliding_window, first_page=first, buffers=buffers, owner=self,
+            attention_chunk_size=attention_chunk_size,
         )
 
     def plan_buffers(self, max_num_seqs: int, max_num_tokens: int, max_pages: int) -> _planning.PlanBuffers:
@@ -506,13 +518,15 @@ class PagedKVCache:
         out: torch.Tensor | None = None,
         num_splits: int | None = None,
         sinks: torch.Tensor | None = None,
+        attention_chunk_size: int | None = None,
     ) -> torch.Tensor:
         """Decode attention of layer ``layer`` (write the new K/V first).
 
         Args:
             q: ``[num_seqs, num_heads, head_dim]``; ``num_heads`` a multiple of ``num_kv_heads``.
             plan: a decode plan (``query_lens`` 1 per sequence).
-            sm_scale, sliding_window, logits_soft_cap: see ``kernels.paged_decode``.
+            sm_scale, sliding_window, logits_soft_cap, attention_chunk_size: see
+                ``kernels.paged_decode``.
             out: optional output ``[num_seqs, num_heads, head_dim]``; with it, and a plan in
                 ``PlanBuffers``, the call allocates nothing (after its first call for that
                 batch size and head count, or ``warmup``).
@@ -532,7 +546,8 @@ class PagedKVCache:
             raise InvalidArgument("plan", f"a plan with {plan.num_tokens} tokens for {plan.num_seqs} sequences",
                                   "a decode plan (one new token per sequence); use prefill for chunks")
         sm_scale, window, cap = self._query_options(q, plan.num_seqs, out, sm_scale, sliding_window,
-                                                    logits_soft_cap, plan, "[num_seqs, num_heads, head_dim]")
+                                                    logits_soft_cap, plan, "[num_seqs, num_heads, head_dim]",
+                                                    attention_chunk_size)
         if sinks is not None:
             common.check_sinks(sinks, q.shape[1], self.device)
         if out is None:
@@ -540,7 +555,7 @@ class PagedKVCache:
         if self.backend == "torch":
             return batched.paged_attention(q, self._k_pools[layer], self._v_pools[layer], plan.page_table,
                                            plan.seq_lens, None, max_q_len=1, max_seq_len=plan.max_seq_len,
-                                           sm_scale=sm_scale, sliding_window=window or None,
+                                           sm_scale=sm_scale, **common.mask_kwargs(window),
                                            logits_soft_cap=cap or None, out=out, first_page=plan.first_page,
                                            sinks=sinks, **self._scale_kwargs[layer])
         launch = self._launch or self._launchers()
@@ -570,13 +585,15 @@ class PagedKVCache:
         logits_soft_cap: float | None = None,
         out: torch.Tensor | None = None,
         sinks: torch.Tensor | None = None,
+        attention_chunk_size: int | None = None,
     ) -> torch.Tensor:
         """Prefill / extend attention of layer ``layer`` for a ragged batch (write K/V first).
 
         Args:
             q: ``[num_tokens, num_heads, head_dim]``; rows ordered as the plan's ``query_lens``.
             plan: any plan (decode plans work too: chunks of one token).
-            sm_scale, sliding_window, logits_soft_cap, sinks: see ``kernels.paged_prefill``.
+            sm_scale, sliding_window, logits_soft_cap, sinks, attention_chunk_size: see
+                ``kernels.paged_prefill``.
 
         Returns:
             ``[num_tokens, num_heads, head_dim]`` in the cache's dtype.
@@ -586,7 +603,8 @@ class PagedKVCache:
         if plan.__class__ is not BatchPlan or plan.owner is not self:
             self._check_plan(plan)
         sm_scale, window, cap = self._query_options(q, plan.num_tokens, out, sm_scale, sliding_window,
-                                                    logits_soft_cap, plan, "[num_tokens, num_heads, head_dim]")
+                                                    logits_soft_cap, plan, "[num_tokens, num_heads, head_dim]",
+                                                    attention_chunk_size)
         if sinks is not None:
             common.check_sinks(sinks, q.shape[1], self.device)
         if out is None:
@@ -595,7 +613,7 @@ class PagedKVCache:
             return batched.paged_attention(q, self._k_pools[layer], self._v_pools[layer], plan.page_table,
                                            plan.seq_lens, plan.qo_indptr, max_q_len=plan.max_q_len,
                                            max_seq_len=plan.max_seq_len, sm_scale=sm_scale,
-                                           sliding_window=window or None, logits_soft_cap=cap or None, out=out,
+                                           **common.mask_kwargs(window), logits_soft_cap=cap or None, out=out,
                                            first_page=plan.first_page, sinks=sinks, **self._scale_kwargs[layer])
         launch = self._launch or self._launchers()
         return launch[2](q, self._k_pools[layer], self._v_pools[layer], plan.page_table, plan.seq_lens,
@@ -853,7 +871,7 @@ class PagedKVCache:
         return self._launch
 
     def _query_options(self, q, rows: int, out, sm_scale, sliding_window, logits_soft_cap, plan: BatchPlan,
-                       names: str) -> tuple[float, int, float]:
+                       names: str, attention_chunk_size=None) -> tuple[float, int, float]:
         """Check a query (and ``out``) cheaply, and the options once per distinct value."""
         if not (q.__class__ is _Tensor and q.dim() == 3 and q.shape[0] == rows and q.shape[2] == self.head_dim
                 and q.dtype == self.dtype and q.device == self.device and q.stride(-1) == 1
@@ -866,16 +884,20 @@ class PagedKVCache:
             common.check_tensor("out", out, names, tuple(q.shape), like=("q", q), device=self.device)
         # NOTE: keyed by type too: True == 1 == 1.0 hash alike, and only some of them are valid
         key = (sm_scale.__class__, sm_scale, sliding_window.__class__, sliding_window, logits_soft_cap.__class__,
-               logits_soft_cap)
+               logits_soft_cap, attention_chunk_size.__class__, attention_chunk_size)
         try:
             options = self._options[key]
         except (KeyError, TypeError):  # NOTE: TypeError: an unhashable (bad) value, checked below
-            options = common.check_options(sm_scale, sliding_window, logits_soft_cap, self.head_dim)
+            options = common.check_options(sm_scale, sliding_window, logits_soft_cap, self.head_dim,
+                                           attention_chunk_size)
             if len(self._options) < 64:
                 self._options[key] = options
-        if plan.sliding_window is not None and (not options[1] or options[1] > plan.sliding_window):
+        if plan.sliding_window is not None and not 0 < options[1] <= plan.sliding_window:
             raise InvalidArgument("sliding_window", sliding_window,
                                   f"at most {plan.sliding_window}, the window the plan was built for")
+        if plan.attention_chunk_size is not None and options[1] != -plan.attention_chunk_size:
+            raise InvalidArgument("attention_chunk_size", attention_chunk_size,
+                                  f"{plan.attention_chunk_size}, the chunk the plan was built for")
         return options
 
     def _check_plan(self, plan) -> None:

@@ -33,7 +33,8 @@ import numpy as np
 
 from . import _validate as check
 from .block_manager import BlockManager, StepPlan, SwapPlan, _copy_plan
-from .errors import InvalidArgument, InvalidType, OutOfPages, SequenceExists, UnknownSequence
+from .errors import (DuplicateSequence, InvalidArgument, InvalidType, OutOfPages, SequenceExists, SequenceSwapped,
+                     SequenceTooLong, UnknownSequence)
 
 KINDS = ("full", "sliding", "chunked", "state")
 
@@ -150,14 +151,17 @@ class HybridBlockManager:
     def __init__(self, groups, num_pages: int, page_size: int, **options):
         page_size = check.count("page_size", page_size)
         self.groups = _check_groups(groups, page_size)
-        self._mgr = BlockManager(num_pages, page_size, **options)
+        self._manager = BlockManager(num_pages, page_size, **options)
         g = len(self.groups)
         self._g = g
         self._single = g == 1 and self.groups[0].kind == "full"  # NOTE: today's BlockManager
+        # NOTE: with several groups, the inner manager's errors name inner ids (seq * G + g):
+        # the proxy names the caller's sequence instead.
+        self._mgr = self._manager if self._single else _CallerIds(self._manager, g)
         self._token_groups = [i for i, grp in enumerate(self.groups) if grp.kind != "state"]
         self._windowed = [i for i, grp in enumerate(self.groups) if grp.kind in ("sliding", "chunked")]
         self._state_groups = [i for i, grp in enumerate(self.groups) if grp.kind == "state"]
-        self._max_seq_id = check.MAX_SEQ_ID // g
+        self._max_seq_id = (check.MAX_SEQ_ID - (g - 1)) // g  # NOTE: inner ids up to seq * G + G - 1
         self._num_tokens: dict[int, int] = {}
         self._start: dict[int, int] = {}  # seq -> first position its last allocate/append computes
 
@@ -165,7 +169,7 @@ class HybridBlockManager:
     @property
     def manager(self) -> BlockManager:
         """The one ``BlockManager`` every group allocates from (read its stats, events, ...)."""
-        return self._mgr
+        return self._manager
 
     @property
     def num_groups(self) -> int:
@@ -439,6 +443,10 @@ class HybridBlockManager:
             self._live(s)
         inner, counts = self._batch(ids, num_tokens)
         if token_ids is not None:
+            total = int(counts[: ids.shape[0]].sum())
+            given = len(token_ids) if hasattr(token_ids, "__len__") else None
+            if given is not None and given != total:  # NOTE: checked here so the counts are the caller's
+                raise InvalidArgument("token_ids", f"{given} token ids", f"sum(num_tokens) = {total}")
             token_ids = np.tile(check.int_array("token_ids", token_ids, 0, check.MAX_TOKEN_ID), len(self._token_groups))
         starts = [self._num_tokens[s] for s in ids.tolist()]
         plan: StepPlan = self._mgr.append_batch(inner, counts, token_ids=token_ids)
@@ -498,9 +506,11 @@ class HybridBlockManager:
             raise SequenceExists(child_id)
         if self._mgr.is_swapped(self._inner(parent_id, 0)):
             self._mgr.fork(self._inner(parent_id, 0), self._inner(child_id, 0))  # NOTE: raises SequenceSwapped
+        # NOTE: the children's state pages are allocations, so the watermark holds for them too
         need = sum(self.groups[g].state_pages for g in self._state_groups)
-        if need > self._mgr.num_free_pages:
-            raise OutOfPages(need, self._mgr.num_free_pages, self._mgr.num_pages)
+        usable = self._mgr.num_free_pages - self._mgr.watermark_pages
+        if need and need > usable:
+            raise OutOfPages(need, max(usable, 0), self._mgr.num_pages)
         pairs = []
         for g in self._state_groups:
             self._mgr.allocate(self._inner(child_id, g), self.groups[g].state_pages * self.page_size)
@@ -654,3 +664,37 @@ class HybridBlockManager:
         kinds = ",".join(g.kind for g in self.groups)
         return (f"HybridBlockManager(groups=[{kinds}], num_pages={self.num_pages}, page_size={self.page_size}, "
                 f"free={self.num_free_pages}, sequences={self.num_sequences}, backend={self.backend!r})")
+
+
+class _CallerIds:
+    """The inner ``BlockManager`` of a multi-group manager, whose sequence errors name the
+    caller's sequence (inner id ``seq * G + g`` -> ``seq``) rather than the inner one."""
+
+    __slots__ = ("_mgr", "_g")
+
+    def __init__(self, mgr: BlockManager, g: int):
+        self._mgr = mgr
+        self._g = g
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self._mgr
+
+    def __getattr__(self, name: str):
+        value = getattr(self._mgr, name)
+        if not callable(value):
+            return value
+        g = self._g
+
+        def call(*args, **kwargs):
+            try:
+                return value(*args, **kwargs)
+            except DuplicateSequence as error:
+                raise DuplicateSequence(error.name, error.value // g) from None
+            except (UnknownSequence, SequenceExists) as error:
+                raise type(error)(error.seq_id // g) from None
+            except SequenceSwapped as error:
+                raise SequenceSwapped(error.seq_id // g, error.on_cpu) from None
+            except SequenceTooLong as error:
+                raise SequenceTooLong(error.seq_id // g, error.num_tokens) from None
+
+        return call

@@ -1,7 +1,8 @@
 """The example engine serves any Hugging Face decoder through ``AttentionInterface``: tiny
 random-weight Llama, Qwen3, Mistral (sliding window), Gemma 3 (5 local layers per global one)
-gpt-oss (alternating sliding/full layers with sinks and MoE) and Qwen3-Next (Gated DeltaNet
-state layers beside full ones, MoE) give ``model.generate``'s greedy tokens, with prefix caching
+gpt-oss (alternating sliding/full layers with sinks and MoE), Llama 4 (chunked-local layers
+beside a NoPE full one, MoE) and Qwen3-Next (Gated DeltaNet state layers beside full ones, MoE)
+give ``model.generate``'s greedy tokens, with prefix caching
 on and under preemption, on both block-manager backends. Hybrid models run on a
 ``HybridBlockManager`` (one KV cache group per layer group, one pool); a state layer's
 recurrent state lives in its state group's pages."""
@@ -21,6 +22,7 @@ from pagedkv import HybridBlockManager  # noqa: E402
 VOCAB = 128
 SEEDS = {"mistral": 1}
 WINDOW = 8
+CHUNK = 8
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=False,
               bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -43,6 +45,11 @@ def tiny(arch: str):
         config = t.GptOssConfig(num_hidden_layers=4, sliding_window=WINDOW, num_local_experts=4, num_experts_per_tok=2,
                                 layer_types=["sliding_attention", "full_attention"] * 2, **COMMON)
         cls = t.GptOssForCausalLM
+    elif arch == "llama4":
+        config = t.Llama4TextConfig(num_hidden_layers=4, attention_chunk_size=CHUNK, no_rope_layers=[1, 1, 1, 0],
+                                    intermediate_size_mlp=96, num_local_experts=4, num_experts_per_tok=1,
+                                    interleave_moe_layer_step=1, **COMMON)
+        cls = t.Llama4ForCausalLM
     elif arch == "qwen3_next":
         config = t.Qwen3NextConfig(num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2,
                                    linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
@@ -61,9 +68,9 @@ def tiny(arch: str):
     return model
 
 
-ARCHS = ["llama", "qwen3", "mistral", "gemma3", "gpt_oss", "qwen3_next"]
+ARCHS = ["llama", "qwen3", "mistral", "gemma3", "gpt_oss", "llama4", "qwen3_next"]
 #: pages per KV cache group in the test's pool: small enough that the engine preempts
-POOL = {"qwen3_next": 10}
+POOL = {"qwen3_next": 10, "llama4": 11}
 BACKENDS = ["python"] + (["cpp"] if HAVE_CPP else [])
 
 
@@ -97,7 +104,7 @@ def test_tokens_equal_generate_with_prefix_caching_and_preemption(arch_model, ba
                                  enable_prefix_caching=True, preemption=preemption,
                                  num_cpu_pages=64 if preemption == "swap" else 0, block_manager_backend=backend)
     eng = engine.Engine(model, config)
-    hybrid = arch in ("mistral", "gemma3", "gpt_oss", "qwen3_next")
+    hybrid = arch in ("mistral", "gemma3", "gpt_oss", "llama4", "qwen3_next")
     assert isinstance(eng.mgr, HybridBlockManager) == hybrid
     # the first request alone, so the others find its prompt in the prefix cache
     first = eng.generate(prompts[:1], engine.SamplingParams(max_new_tokens=max_new))
@@ -187,11 +194,35 @@ def test_state_layers_keep_their_state_in_the_state_groups_pages():
     assert outputs[1] != outputs[0]
 
 
-def test_models_the_engine_cannot_serve_are_refused():
-    config = transformers.LlamaConfig(num_hidden_layers=2, **COMMON)
-    config.layer_types = ["chunked_attention", "full_attention"]
-    config.attention_chunk_size = 8
-    model = transformers.LlamaForCausalLM(config)
-    with pytest.raises(engine.InvalidArgument) as info:
-        engine.Engine(model, engine.EngineConfig(num_pages=16, page_size=4))
-    assert "chunked" in str(info.value)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_child_without_pages_for_its_state_recomputes_the_prompt(backend):
+    """Qwen3-Next, n=2 in a pool too small for every child's copy of the state at once: a child
+    whose fork finds no pages computes the prompt itself later; each child still samples what a
+    request of its own with ``seed + i`` samples, and nothing leaks."""
+    model = tiny("qwen3_next")
+    config = engine.EngineConfig(num_pages=14, page_size=4, max_num_seqs=8, max_num_batched_tokens=32, chunk_size=8,
+                                 block_manager_backend=backend)
+    prompts = [p[:8] for p in _prompts()[:3]]
+    params = dict(max_new_tokens=6, temperature=1.0, seed=11)
+    eng = engine.Engine(model, config)
+    outputs = eng.generate(prompts, engine.SamplingParams(n=2, **params))
+    alone = engine.Engine(model, config)
+    for prompt, out in zip(prompts, outputs):
+        want = [alone.generate([prompt], engine.SamplingParams(**{**params, "seed": 11 + i}))[0].output_ids[0]
+                for i in range(2)]
+        assert out.output_ids == want
+    assert eng.mgr.num_free_pages == eng.mgr.num_pages
+    eng.mgr.check_invariants()
+
+
+def test_state_layers_in_bf16_fit_their_pages():
+    """The recurrent state stays fp32 in a bf16 model: the state group's pages are counted in
+    the pool's dtype, so the state fits; greedy tokens equal ``model.generate``'s."""
+    model = tiny("qwen3_next").to(torch.bfloat16)
+    config = engine.EngineConfig(num_pages=64, page_size=4, max_num_seqs=4, max_num_batched_tokens=32, chunk_size=8)
+    eng = engine.Engine(model, config)
+    (state,) = [g for g in eng.mgr.groups if g.kind == "state"]
+    assert state.state_pages == 2 * engine.PagedModel(tiny("qwen3_next"), 4).groups[1].state_pages
+    prompt = _prompts()[2][:12]
+    (out,) = eng.generate([prompt], engine.SamplingParams(max_new_tokens=3))
+    assert out.output_ids == [_reference(model, prompt, 3)[0]]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from pagedkv import BlockManager, HybridBlockManager, KVCacheGroup
-from pagedkv.errors import InvalidArgument, InvalidType, OutOfPages, PagedKVError, SequenceExists, UnknownSequence
+from pagedkv.errors import (DuplicateSequence, InvalidArgument, InvalidType, OutOfPages, PagedKVError, SequenceExists,
+                            SequenceSwapped, UnknownSequence)
 
 from test_parity import HAVE_CPP
 
@@ -297,6 +298,64 @@ def test_failures_leave_the_manager_as_it_was(backend):
         assert mgr.snapshot() == before, fn.__name__
     assert not mgr.can_allocate(token_ids=list(range(30)))
     mgr.check_invariants()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_largest_seq_id_fits_every_group(backend):
+    """With G groups, seq s uses inner ids s * G .. s * G + G - 1: the largest id accepted must
+    keep the last of them an int64; one more is refused before anything is taken."""
+    for groups in ([G.full(), G.sliding(4), G.chunked(4)], [G.state(1), G.full(), G.sliding(4), G.full(), G.full()]):
+        mgr = HybridBlockManager(groups, 40, 4, backend=backend)
+        largest = (2**63 - 1 - (len(groups) - 1)) // len(groups)
+        mgr.allocate(0, 5)
+        before = mgr.snapshot()
+        for fn, args in ((mgr.allocate, (largest + 1, 5)), (mgr.fork, (0, largest + 1))):
+            with pytest.raises(InvalidArgument) as info:
+                fn(*args)
+            assert str(largest) in str(info.value)
+            assert mgr.snapshot() == before
+        mgr.allocate(largest, 5)
+        mgr.fork(largest, 1)
+        mgr.free(largest)
+        mgr.check_invariants()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fork_with_state_groups_respects_the_watermark_and_takes_nothing_when_short(backend):
+    mgr = HybridBlockManager([G.full(), G.state(1), G.state(2)], 10, 4, watermark=0.2, backend=backend)
+    mgr.allocate(0, 12)  # 3 + 1 + 2 pages: 4 free, 2 of them the watermark's
+    before = mgr.snapshot()
+    with pytest.raises(OutOfPages):
+        mgr.fork(0, 1)  # needs 3 state pages above the watermark
+    assert mgr.snapshot() == before and 1 not in mgr
+    mgr.check_invariants()
+    mgr.free(0)
+    assert mgr.num_free_pages == 10
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_errors_name_the_callers_sequences_and_counts(backend):
+    """The groups are inner sequences seq * G + g; an error must name the caller's sequence
+    (and the caller's token counts), never an inner one."""
+    mgr = HybridBlockManager([G.full(), G.sliding(4)], 40, 4, num_cpu_pages=20, backend=backend)
+    mgr.allocate(3, 5)
+    mgr.allocate(5, 5)
+    mgr.swap_out([3])
+    for fn, args, kwargs, error in [
+        (mgr.swap_in, ([5],), {}, SequenceSwapped),
+        (mgr.append_batch, ([5, 3],), {}, SequenceSwapped),
+        (mgr.swap_out, ([3],), {}, SequenceSwapped),
+        (mgr.fork, (3, 7), {}, SequenceSwapped),
+        (mgr.slots, (3,), {}, SequenceSwapped),
+        (mgr.append_batch, ([5, 5],), {}, DuplicateSequence),
+    ]:
+        with pytest.raises(error) as info:
+            fn(*args, **kwargs)
+        named = getattr(info.value, "seq_id", getattr(info.value, "value", None))
+        assert named in (3, 5), (fn.__name__, str(info.value))
+    with pytest.raises(InvalidArgument) as info:
+        mgr.append_batch([5], 1, token_ids=[1, 2])
+    assert "sum(num_tokens) = 1" in str(info.value) and "2 token ids" in str(info.value)
 
 
 def test_bad_groups_are_named():

@@ -222,8 +222,13 @@ def check_sinks(sinks, num_heads: int, device) -> None:
                      device=device, contiguous=True)
 
 
-def check_options(sm_scale, sliding_window, logits_soft_cap, head_dim: int) -> tuple[float, int, float]:
-    """Normalise the attention options: ``(sm_scale, window or 0, soft_cap or 0.0)``."""
+def check_options(sm_scale, sliding_window, logits_soft_cap, head_dim: int,
+                  attention_chunk_size=None) -> tuple[float, int, float]:
+    """Normalise the attention options: ``(sm_scale, window, soft_cap or 0.0)``.
+
+    ``window`` is the kernels' one mask code: ``W > 0`` a sliding window of ``W`` tokens,
+    ``-C < 0`` chunked-local attention of chunk ``C`` (Llama 4), ``0`` neither.
+    """
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(head_dim)
     if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
@@ -237,6 +242,15 @@ def check_options(sm_scale, sliding_window, logits_soft_cap, head_dim: int) -> t
         if sliding_window < 1:
             raise InvalidArgument("sliding_window", sliding_window, "an int >= 1 or None")
         window = sliding_window
+    if attention_chunk_size is not None:
+        if isinstance(attention_chunk_size, bool) or not isinstance(attention_chunk_size, int):
+            raise InvalidType("attention_chunk_size", attention_chunk_size, "an int >= 1 or None")
+        if attention_chunk_size < 1:
+            raise InvalidArgument("attention_chunk_size", attention_chunk_size, "an int >= 1 or None")
+        if window:
+            raise InvalidArgument("attention_chunk_size", attention_chunk_size,
+                                  "None with a sliding_window (a layer has one mask or the other)")
+        window = -attention_chunk_size
     cap = 0.0
     if logits_soft_cap is not None:
         if isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap, (int, float)):
@@ -245,6 +259,16 @@ def check_options(sm_scale, sliding_window, logits_soft_cap, head_dim: int) -> t
             raise InvalidArgument("logits_soft_cap", logits_soft_cap, "a positive finite float or None")
         cap = float(logits_soft_cap)
     return float(sm_scale), window, cap
+
+
+def mask_kwargs(window: int) -> dict:
+    """The public options of a mask code of ``check_options`` (for the torch paths)."""
+    return dict(sliding_window=window if window > 0 else None, attention_chunk_size=-window if window < 0 else None)
+
+
+def keys_per_query(window: int) -> int:
+    """At most how many keys one query of a mask code reads (0: all of them)."""
+    return abs(window)
 
 
 def check_int(name: str, value: object, lo: int, hi: int) -> int:

@@ -65,6 +65,7 @@ def paged_attention(
     v_scale_cache: torch.Tensor | None = None,
     first_page: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Prefill / decode attention over paged K/V for a ragged batch (see ``kernels.paged_prefill``).
 
@@ -114,6 +115,8 @@ def paged_attention(
     allowed = key_ok[:, None, :] & (key_pos[:, None, :] <= q_pos[:, :, None])  # [B, Q, Lk]
     if sliding_window is not None:
         allowed &= key_pos[:, None, :] > q_pos[:, :, None] - sliding_window
+    if attention_chunk_size is not None:
+        allowed &= key_pos[:, None, :] >= q_pos[:, :, None] // attention_chunk_size * attention_chunk_size
     # --- attention: [B, H, Q, D] x [B, Hkv, Lk, D]
     qh = q_pad.transpose(1, 2)
     kh, vh = keys.transpose(1, 2), values.transpose(1, 2)

@@ -50,8 +50,11 @@ def _paged_decode_kernel(
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
-    # Keys attended: positions [first, seq_len); the query is at position seq_len - 1.
-    first = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
+    # Keys attended: positions [first, seq_len); the query is at position seq_len - 1. A window
+    # W > 0 slides (the last W tokens); -C < 0 is chunked-local (the query's chunk of C tokens).
+    span = tl.where(window < 0, -window, 1)
+    first = tl.where(window > 0, tl.maximum(seq_len - window, 0),
+                     tl.where(window < 0, (tl.maximum(seq_len - 1, 0) // span) * span, 0))
     aligned = (first // BLOCK_N) * BLOCK_N
     chunk = tl.cdiv(tl.cdiv(seq_len - aligned, num_splits), BLOCK_N) * BLOCK_N
     start = aligned + split * chunk
@@ -178,6 +181,7 @@ def paged_decode(
     logits_soft_cap: float | None = None,
     out: torch.Tensor | None = None,
     max_seq_len: int | None = None,
+    attention_chunk_size: int | None = None,
     num_splits: int | None = None,
     k_scale: float | None = None,
     v_scale: float | None = None,
@@ -207,6 +211,9 @@ def paged_decode(
         sm_scale: score scale; default ``1 / sqrt(head_dim)``.
         sliding_window: attend only to the last ``sliding_window`` tokens (query included),
             i.e. key positions ``> seq_len - 1 - sliding_window``; ``None`` for all tokens.
+        attention_chunk_size: chunked-local attention (Llama 4): the query at position ``p``
+            attends to key positions ``[p // C * C, p]`` of its own chunk of ``C`` tokens;
+            ``None`` for all tokens. At most one of it and ``sliding_window``.
         logits_soft_cap: if set, scores become ``cap * tanh(scores / cap)`` (after scaling).
         out: optional ``[num_seqs, num_heads, head_dim]`` output tensor (same dtype).
         max_seq_len: host-side upper bound of ``seq_lens`` used to pick the split count;
@@ -218,7 +225,8 @@ def paged_decode(
         first_page: int32 ``[num_seqs]``: ``page_table`` holds live pages only (as
             ``BlockManager.window_tables`` builds it), and position ``pos`` of sequence ``i`` is
             in column ``pos // page_size - first_page[i]``; ``None``: column ``pos // page_size``.
-            The positions attention reads (those inside ``sliding_window``) must be in the row.
+            The positions attention reads (those inside ``sliding_window`` or the query's
+            chunk) must be in the row.
         sinks: float ``[num_heads]`` learned logits (gpt-oss's attention sinks), one per query
             head, in the scaled-score domain: each joins its head's softmax denominator as a
             key with a zero value. ``None``: no sinks.
@@ -247,7 +255,8 @@ def paged_decode(
     else:
         common.check_tensor("out", out, "[num_seqs, num_heads, head_dim]", tuple(q.shape), like=("q", q),
                             device=device)
-    sm_scale, window, cap = common.check_options(sm_scale, sliding_window, logits_soft_cap, head_dim)
+    sm_scale, window, cap = common.check_options(sm_scale, sliding_window, logits_soft_cap, head_dim,
+                                                 attention_chunk_size)
     qa = common.check_quant(k_cache, k_scale, v_scale, k_scale_cache, v_scale_cache)
     common.check_sinks(sinks, num_heads, device)
     capacity = page_table.shape[1] * page_size
@@ -288,7 +297,8 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, windo
                        group: int, dtype: torch.dtype, device: torch.device) -> int:
     """The split-KV count ``paged_decode`` picks when none is given (host facts only)."""
     block_n = common.decode_config(head_dim, group, dtype).block_n
-    span = min(max_seq_len, window + block_n) if window else max_seq_len
+    keys = common.keys_per_query(window)
+    span = min(max_seq_len, keys + block_n) if keys else max_seq_len
     return common.choose_num_splits(num_seqs, num_kv_heads, span, common.num_sms(device))
 
 

@@ -65,7 +65,12 @@ def _paged_prefill_kernel(
     # one visible key (itself) and the online softmax never sees a fully masked row of NaN.
     q_positions = prefix + tl.minimum(tokens, q_len - 1)
     last = prefix + tl.minimum(first_token + TOKENS_PER_BLOCK, q_len)  # keys [first, last)
-    first = tl.where(window > 0, tl.maximum(prefix + first_token - window + 1, 0), 0)
+    # A window W > 0 slides; -C < 0 is chunked-local: each query sees its own chunk of C tokens.
+    span = tl.where(window < 0, -window, 1)
+    first = tl.where(window > 0, tl.maximum(prefix + first_token - window + 1, 0),
+                     tl.where(window < 0, ((prefix + first_token) // span) * span, 0))
+    lowest = tl.where(window > 0, q_positions - window + 1,
+                      tl.where(window < 0, (q_positions // span) * span, 0))  # each row's first key
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -97,7 +102,7 @@ def _paged_prefill_kernel(
         if HAS_SOFT_CAP:
             scores = soft_cap(scores, soft_cap_value)
         visible = valid[None, :] & (positions[None, :] <= q_positions[:, None])
-        visible = visible & ((window == 0) | (positions[None, :] > q_positions[:, None] - window))
+        visible = visible & (positions[None, :] >= lowest[:, None])
         scores = tl.where(visible, scores * 1.4426950408889634, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -131,6 +136,7 @@ def paged_prefill(
     logits_soft_cap: float | None = None,
     out: torch.Tensor | None = None,
     max_q_len: int | None = None,
+    attention_chunk_size: int | None = None,
     k_scale: float | None = None,
     v_scale: float | None = None,
     k_scale_cache: torch.Tensor | None = None,
@@ -156,7 +162,8 @@ def paged_prefill(
         qo_indptr: int32 ``[num_seqs + 1]``; ``qo_indptr[0] == 0``, non-decreasing,
             ``qo_indptr[-1] == num_tokens``, ``q_len <= seq_len`` (checked by
             ``PagedKVCache.plan``, not on the device).
-        sm_scale, sliding_window, logits_soft_cap: as in ``paged_decode``.
+        sm_scale, sliding_window, logits_soft_cap, attention_chunk_size: as in ``paged_decode``
+            (a query at position ``p`` of a chunked-local layer sees ``[p // C * C, p]``).
         out: optional ``[num_tokens, num_heads, head_dim]`` output (same dtype).
         max_q_len: host-side bound on the longest chunk, sizes the grid; default
             ``num_tokens`` (always safe, launches idle programs for batches of many chunks).
@@ -194,7 +201,8 @@ def paged_prefill(
     else:
         common.check_tensor("out", out, "[num_tokens, num_heads, head_dim]", tuple(q.shape), like=("q", q),
                             device=device)
-    sm_scale, window, cap = common.check_options(sm_scale, sliding_window, logits_soft_cap, head_dim)
+    sm_scale, window, cap = common.check_options(sm_scale, sliding_window, logits_soft_cap, head_dim,
+                                                 attention_chunk_size)
     qa = common.check_quant(k_cache, k_scale, v_scale, k_scale_cache, v_scale_cache)
     common.check_sinks(sinks, num_heads, device)
     max_q_len = num_tokens if max_q_len is None else common.check_int("max_q_len", max_q_len, 0, 2**31 - 1)

@@ -99,6 +99,7 @@ def attend(
     logits_soft_cap: float | None = None,
     key_start: int = 0,
     sinks: torch.Tensor | None = None,
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of queries at ``q_positions`` over keys at positions ``key_start, ...``.
 
@@ -106,7 +107,8 @@ def attend(
         q: ``[num_queries, num_heads, head_dim]``.
         keys, values: ``[num_keys, num_kv_heads, head_dim]``, positions ``key_start`` onwards.
         q_positions: int ``[num_queries]``; query ``j`` sees key positions ``p <= q_positions[j]``
-            (and ``p > q_positions[j] - sliding_window`` with a window).
+            (and ``p > q_positions[j] - sliding_window`` with a window, or
+            ``p >= q_positions[j] // C * C`` with an ``attention_chunk_size`` ``C``).
         sinks: ``[num_heads]`` learned logits (gpt-oss's attention sinks): each head's sink
             joins the softmax as one more key with that score and a zero value, so the weights
             of the real keys add up to less than one.
@@ -126,6 +128,8 @@ def attend(
     allowed = key_positions[None, :] <= q_positions[:, None]
     if sliding_window is not None:
         allowed &= key_positions[None, :] > q_positions[:, None] - sliding_window
+    if attention_chunk_size is not None:
+        allowed &= key_positions[None, :] >= q_positions[:, None] // attention_chunk_size * attention_chunk_size
     scores = scores.masked_fill(~allowed[None], float("-inf"))
     if sinks is not None:
         sink = sinks.float()[:, None, None].expand(num_heads, scores.shape[1], 1)
@@ -152,6 +156,7 @@ def paged_decode(
     v_scale_cache: torch.Tensor | None = None,
     first_page: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Decode attention; see ``kernels.paged_decode``. Returns ``[num_seqs, num_heads, head_dim]``.
 
@@ -162,7 +167,7 @@ def paged_decode(
     return paged_prefill(q, k_cache, v_cache, page_table, seq_lens, qo_indptr, sm_scale=sm_scale,
                          sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, out=out, k_scale=k_scale,
                          v_scale=v_scale, k_scale_cache=k_scale_cache, v_scale_cache=v_scale_cache,
-                         first_page=first_page, sinks=sinks)
+                         first_page=first_page, sinks=sinks, attention_chunk_size=attention_chunk_size)
 
 
 def paged_prefill(
@@ -183,6 +188,7 @@ def paged_prefill(
     v_scale_cache: torch.Tensor | None = None,
     first_page: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    attention_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Prefill/extend attention; see ``kernels.paged_prefill``. Returns ``[num_tokens, num_heads, head_dim]``.
 
@@ -197,12 +203,15 @@ def paged_prefill(
         if hi == lo:
             continue
         # NOTE: only keys some query may see are gathered, so pages released before the window
-        # (NULL_PAGE entries) are never touched.
+        # or the first query's chunk (NULL_PAGE entries) are never touched.
         start = max(seq_len - (hi - lo) - sliding_window + 1, 0) if sliding_window else 0
+        if attention_chunk_size:
+            start = max(seq_len - (hi - lo), 0) // attention_chunk_size * attention_chunk_size
         keys, values = gather_kv(k_cache, v_cache, page_table[i], seq_len, start, first_page=firsts[i], **scales)
         q_positions = torch.arange(seq_len - (hi - lo), seq_len, device=q.device)
         out[lo:hi] = attend(q[lo:hi], keys, values, q_positions, sm_scale=sm_scale, sliding_window=sliding_window,
-                            logits_soft_cap=logits_soft_cap, key_start=start, sinks=sinks)
+                            logits_soft_cap=logits_soft_cap, key_start=start, sinks=sinks,
+                            attention_chunk_size=attention_chunk_size)
     return out
 
 

@@ -79,7 +79,8 @@ def _call_launcher(case: dict, modules: dict) -> None:
     v_cache = torch.empty_like(k_cache)
     table = torch.empty((num_seqs, 37), dtype=torch.int32, device=meta)
     seq_lens = torch.empty((num_seqs,), dtype=torch.int32, device=meta)
-    options = dict(sliding_window=case.get("window"), logits_soft_cap=case.get("soft_cap"))
+    options = dict(sliding_window=case.get("window"), logits_soft_cap=case.get("soft_cap"),
+                   attention_chunk_size=case.get("chunk"))
     if case.get("first_page"):
         options["first_page"] = torch.empty((num_seqs,), dtype=torch.int32, device=meta)
     if case.get("sinks"):

@@ -58,6 +58,14 @@ def _cases() -> list[dict]:
             if kernel == "decode":
                 case["num_splits"] = splits
             cases.append(case)
+    # Llama 4's chunked-local attention: 8192-token chunks, head dim 128, 5:1 GQA (Scout)
+    for i, (kernel, splits) in enumerate([("decode", 1), ("decode", 4), ("prefill", None)]):
+        for arch in (80, 90):
+            case = dict(kernel=kernel, arch=arch, dtype="bf16", head_dim=128, group=5, page_size=16,
+                        soft_cap=None, window=None, chunk=8192, first_page=i == 1)
+            if kernel == "decode":
+                case["num_splits"] = splits
+            cases.append(case)
     return cases
 
 
