@@ -64,6 +64,9 @@ class StepTimeModel:
         name: what it models, for reports.
         host_bytes_per_s: host link bandwidth for swaps (default 32 GB/s: PCIe 4.0 x16, one
             direction, theoretical).
+        attn_flops_per_pair: attention FLOPs of one (query token, key token) pair over all
+            layers: ``4 x layers x query heads x head_dim`` (QK^T and PV, a multiply-add each);
+            0 leaves attention out of the compute bound.
     """
 
     weights_bytes: int
@@ -73,9 +76,10 @@ class StepTimeModel:
     peak_flops: float
     name: str = ""
     host_bytes_per_s: float = 32e9
+    attn_flops_per_pair: int = 0
 
     def __post_init__(self):
-        for field in ("weights_bytes", "active_params", "kv_bytes_per_token"):
+        for field in ("weights_bytes", "active_params", "kv_bytes_per_token", "attn_flops_per_pair"):
             check.as_int(field, getattr(self, field), 0, 2**62)
         for field in ("bandwidth_bytes_per_s", "peak_flops", "host_bytes_per_s"):
             value = getattr(self, field)
@@ -93,15 +97,25 @@ class StepTimeModel:
 
         m = model if isinstance(model, ModelPreset) else model_preset(model)
         g = gpu if isinstance(gpu, GPUPreset) else gpu_preset(gpu)
-        return cls(weights_bytes(m.num_params, m.weights_dtype), m.num_active_params, m.spec.bytes_per_token,
-                   g.bandwidth_bytes_per_s, g.peak_flops, f"{m.name} on {g.name}")
+        spec = m.spec
+        # NOTE: every layer counted as full attention: an upper bound for hybrid models
+        pair = 4 * spec.num_layers * (spec.num_q_heads or spec.num_kv_heads) * spec.head_dim
+        return cls(weights_bytes(m.num_params, m.weights_dtype), m.num_active_params, spec.bytes_per_token,
+                   g.bandwidth_bytes_per_s, g.peak_flops, f"{m.name} on {g.name}", attn_flops_per_pair=pair)
 
-    def step_time(self, num_tokens: int, kv_tokens: int) -> float:
+    def step_time(self, num_tokens: int, kv_tokens: int, attention_pairs: int = 0) -> float:
         """Seconds for a step that computes ``num_tokens`` new tokens whose attention reads
-        ``kv_tokens`` tokens of K/V in all (each scheduled sequence's length after the step)."""
+        ``kv_tokens`` tokens of K/V in all (each scheduled sequence's length after the step),
+        and scores ``attention_pairs`` (query, key) pairs (``attention_pairs(...)``)."""
         memory = (self.weights_bytes + kv_tokens * self.kv_bytes_per_token) / self.bandwidth_bytes_per_s
-        compute = 2.0 * self.active_params * num_tokens / self.peak_flops
+        compute = (2.0 * self.active_params * num_tokens + self.attn_flops_per_pair * attention_pairs) / self.peak_flops
         return max(memory, compute)
+
+    @staticmethod
+    def attention_pairs(computed: int, num_tokens: int) -> int:
+        """Causal (query, key) pairs of ``num_tokens`` new tokens after ``computed`` cached ones:
+        the token at position ``p`` scores ``p + 1`` keys."""
+        return num_tokens * computed + num_tokens * (num_tokens + 1) // 2
 
     def swap_time(self, num_tokens: int) -> float:
         """Seconds to move ``num_tokens`` tokens of K/V over the host link."""
@@ -328,7 +342,9 @@ class _Replica:
         num_tokens_step = sum(n for _, n in scheduled)
         kv = sum(computed[r] + n for r, n in scheduled)
         if self.time_model is not None:
-            self.clock += self.time_model.step_time(num_tokens_step, kv) + self.time_model.swap_time(self.swapped_tokens)
+            model = self.time_model
+            pairs = sum(model.attention_pairs(computed[r], n) for r, n in scheduled) if model.attn_flops_per_pair else 0
+            self.clock += model.step_time(num_tokens_step, kv, pairs) + model.swap_time(self.swapped_tokens)
         else:
             self.clock += self.fixed_step
         self.swapped_tokens = 0

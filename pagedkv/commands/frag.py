@@ -550,8 +550,8 @@ def render(report: dict) -> str:
                              f"{p['all_full_peak_running']} all-full")
         lines.append("preempt/req: preemptions per admitted request, v1 and (simple) the simple scheduler of the "
                      "table above; run = running requests, tok/step = tokens computed per step"
-                     + ("; TTFT/TPOT from arrival times and the roofline model (no kernel efficiency, attention "
-                        "FLOPs or host overhead)" if timed else "") + ".")
+                     + ("; TTFT/TPOT from arrival times and the roofline model (attention FLOPs as if every "
+                        "layer were full; no kernel efficiency or host overhead)" if timed else "") + ".")
     fleet = report.get("replicas") or []
     if fleet:
         timed = c.get("time_model") is not None
