@@ -630,6 +630,7 @@ class PagedKVCache:
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
         live_pages: bool = False,
+        attention_chunk_size: int | None = None,
     ) -> None:
         """Compile every kernel variant serving through ``buffers`` can launch, before serving.
 
@@ -644,8 +645,9 @@ class PagedKVCache:
             num_heads: query heads of the model.
             batch_sizes: the padded batch sizes (each at most ``buffers.max_num_seqs`` and
                 ``buffers.max_num_tokens``).
-            sm_scale, sliding_window, logits_soft_cap: as serving will pass them (a soft cap
-                or a window is a variant of its own).
+            sm_scale, sliding_window, logits_soft_cap, attention_chunk_size: as serving will
+                pass them (a soft cap is a variant of its own; a window or a chunk sets the
+                split-KV count).
             live_pages: serving plans ``window_tables`` (rows that start at ``first_page``).
         """
         num_heads = check.count("num_heads", num_heads)
@@ -654,10 +656,12 @@ class PagedKVCache:
         empty = np.zeros((0, width), dtype=np.int32), np.zeros(0, dtype=np.int32)
         tables = WindowTables(*empty, np.zeros(0, dtype=np.int32)) if live_pages else PageTables(*empty)
         for size in batch_sizes:
-            plan = self.plan(tables, buffers=buffers, pad_to=size, sliding_window=sliding_window)
+            plan = self.plan(tables, buffers=buffers, pad_to=size, sliding_window=sliding_window,
+                             attention_chunk_size=attention_chunk_size)
             kv = torch.zeros((plan.num_tokens, self.num_kv_heads, self.head_dim), dtype=self.dtype, device=self.device)
             q = torch.zeros((plan.num_tokens, num_heads, self.head_dim), dtype=self.dtype, device=self.device)
-            options = dict(sm_scale=sm_scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+            options = dict(sm_scale=sm_scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                           attention_chunk_size=attention_chunk_size)
             self.write(0, kv, kv, plan)
             self.decode(0, q, plan, out=torch.empty_like(q), **options)
             self.prefill(0, q, plan, out=torch.empty_like(q), **options)

@@ -414,6 +414,34 @@ def test_warmup_compiles_every_variant_serving_launches(stubbed_kernels):
     assert not variants() <= warmed
 
 
+def test_warmup_with_a_chunk_compiles_what_chunked_serving_launches(stubbed_kernels):
+    # A chunk bounds the keys a query reads, so it sets the split-KV count (and its mask value
+    # is a specialised int): warmup must be told it, as it is told a sliding window.
+    mgr, cache = BlockManager(200, 4), PagedKVCache(1, 200, 4, 2, 16, dtype=torch.float16, device="cpu",
+                                                    backend="triton")
+    buffers = cache.plan_buffers(4, 64, 256)
+    q = torch.zeros(4, 4, 16, dtype=torch.float16)
+
+    def serve():
+        for recorder in stubbed_kernels.values():
+            recorder.launches.clear()
+        for seq in range(4):
+            if seq not in mgr:
+                mgr.allocate(seq, 40 + 30 * seq)
+        plan = cache.plan(mgr.page_tables(range(4)), buffers=buffers, attention_chunk_size=8)
+        cache.decode(0, q, plan, out=torch.empty_like(q), attention_chunk_size=8)
+        return {(name, _variant(a, k)) for name, rec in stubbed_kernels.items() for _, a, k in rec.launches}
+
+    def warm(**options):
+        for recorder in stubbed_kernels.values():
+            recorder.launches.clear()
+        cache.warmup(buffers, 4, (4,), **options)
+        return {(name, _variant(a, k)) for name, rec in stubbed_kernels.items() for _, a, k in rec.launches}
+
+    assert not serve() <= warm()  # warmed without the chunk: another split count
+    assert serve() <= warm(attention_chunk_size=8)
+
+
 def test_per_layer_argument_checks_found_in_review():
     mgr, cache = _setup()
     plan = cache.plan(mgr.page_tables([0, 1]))

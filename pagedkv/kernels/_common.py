@@ -245,8 +245,8 @@ def check_options(sm_scale, sliding_window, logits_soft_cap, head_dim: int,
     if attention_chunk_size is not None:
         if isinstance(attention_chunk_size, bool) or not isinstance(attention_chunk_size, int):
             raise InvalidType("attention_chunk_size", attention_chunk_size, "an int >= 1 or None")
-        if attention_chunk_size < 1:
-            raise InvalidArgument("attention_chunk_size", attention_chunk_size, "an int >= 1 or None")
+        if not 1 <= attention_chunk_size <= 2**31 - 1:  # NOTE: as plan bounds it (an int32 position)
+            raise InvalidArgument("attention_chunk_size", attention_chunk_size, "an int in [1, 2**31 - 1] or None")
         if window:
             raise InvalidArgument("attention_chunk_size", attention_chunk_size,
                                   "None with a sliding_window (a layer has one mask or the other)")

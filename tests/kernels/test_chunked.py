@@ -101,6 +101,7 @@ def test_bad_chunk_options_are_named(paged_batch, device):
     q = torch.randn(1, 2, 64).to(device)
     for options, error in [(dict(attention_chunk_size=0), InvalidArgument), (dict(attention_chunk_size=2.0), InvalidType),
                            (dict(attention_chunk_size=True), InvalidType),
+                           (dict(attention_chunk_size=2**31), InvalidArgument),  # plan's int32 bound
                            (dict(attention_chunk_size=8, sliding_window=4), InvalidArgument)]:
         with pytest.raises(error) as info:
             paged_decode(q, batch.k_cache, batch.v_cache, batch.page_table, batch.seq_lens, **options)
