@@ -422,7 +422,7 @@ class StateStore:
         flat = hidden_states[0]
         # NOTE: the step's decodes (1 token on top of a state) in one call; each prefill chunk
         # alone, since the mixer runs a recurrence over its sequence axis.
-        rows = range(len(batch.query_lens))
+        rows = [b for b in range(len(batch.query_lens)) if batch.query_lens[b] > 0]
         decodes = [b for b in rows if batch.query_lens[b] == 1 and batch.has_state[b]]
         calls = ([decodes] if decodes else []) + [[b] for b in rows if b not in set(decodes)]
         out = None
@@ -438,7 +438,7 @@ class StateStore:
             if out is None:
                 out = flat.new_empty((flat.shape[0], y.shape[-1]), dtype=y.dtype)
             out[index] = y.reshape(len(call) * n, -1)
-        return out[None]
+        return torch.zeros_like(hidden_states) if out is None else out[None]
 
     def _capacity(self, pages: torch.Tensor) -> int:
         kv = self.runner.cache.kv

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import re
-import sys
 from fractions import Fraction
 
 from .. import _validate as check
