@@ -670,16 +670,20 @@ class _CallerIds:
     """The inner ``BlockManager`` of a multi-group manager, whose sequence errors name the
     caller's sequence (inner id ``seq * G + g`` -> ``seq``) rather than the inner one."""
 
-    __slots__ = ("_mgr", "_g")
+    __slots__ = ("_mgr", "_g", "_calls")
 
     def __init__(self, mgr: BlockManager, g: int):
         self._mgr = mgr
         self._g = g
+        self._calls: dict = {}  # NOTE: each method wrapped once, not on every call
 
     def __contains__(self, seq_id: object) -> bool:
         return seq_id in self._mgr
 
     def __getattr__(self, name: str):
+        call = self._calls.get(name)
+        if call is not None:
+            return call
         value = getattr(self._mgr, name)
         if not callable(value):
             return value
@@ -697,4 +701,5 @@ class _CallerIds:
             except SequenceTooLong as error:
                 raise SequenceTooLong(error.seq_id // g, error.num_tokens) from None
 
+        self._calls[name] = call
         return call
